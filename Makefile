@@ -1,0 +1,88 @@
+# mmalign: the pipeline as one readable script. `make help` prints the stage graph.
+#
+# Every stage writes runs/$(RUN)/<stage>/ atomically and finishes with a marker file (manifest.json,
+# build.json or the exported model's config.json). Make skips a stage whose marker is newer than its
+# inputs; the stage scripts themselves also compare the input hashes in their manifest.
+
+SHELL := /bin/bash
+RUN ?= demo
+OUT := runs/$(RUN)
+SEED ?= 0
+VENV ?= .venv
+# The project's Python: .venv if `make venv` made one, else the active environment.
+PY = $(shell [ -x $(VENV)/bin/python ] && echo $(VENV)/bin/python || echo python3)
+# `torch==2.13.0` is the CPU wheel on the CI machine. Elsewhere PyPI's Linux wheel is a
+# multi-GB CUDA build: pass TORCH_INDEX=https://download.pytorch.org/whl/cpu for a CPU one.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+FIT = $(PY) -m mmalign.cli fit
+
+.PHONY: help install venv deps data tiny-model sft eval-sft demo test test-slow clean
+
+help:
+	@echo "mmalign stages (make <target> [RUN=name] [SEED=n]); outputs under runs/<RUN>/"
+	@echo ""
+	@echo "  data        synthetic scenes -> $(OUT)/data/{train,val,test}/sft.jsonl + images + manifest.json"
+	@echo "    |"
+	@echo "  tiny-model  tokenizer trained on the world's text + tiny LLaVA built from config -> $(OUT)/tiny-model"
+	@echo "    |"
+	@echo "  sft         visual instruction tuning (mmalign fit, configs/sft/tiny.yaml) -> $(OUT)/sft/model"
+	@echo "    |"
+	@echo "  eval-sft    held-out captions: exact-caption rate, object hallucination -> $(OUT)/eval/sft"
+	@echo ""
+	@echo "  demo        all of the above, in order"
+	@echo "  test        the test suite (fast tests; 'make test-slow' for the slow ones)"
+	@echo "  install     pip install into the active Python ($(PY)); 'make venv' makes and fills $(VENV)/"
+
+# --- environment --------------------------------------------------------------------------------
+
+install:
+	@$(PY) -c "import torch" 2>/dev/null || { echo "no torch: installing $(TORCH_SPEC) (CPU)"; \
+	  $(PY) -m pip install $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); }
+	$(PY) -m pip install -e ".[dev]"
+
+venv:
+	python3 -m venv $(VENV)
+	$(MAKE) install PY=$(VENV)/bin/python
+
+# Fresh machine: if the active Python cannot import the stack, make a .venv and install there.
+deps:
+	@$(PY) -c "import mmalign, torch, transformers, lightning, faiss, peft, hypothesis" 2>/dev/null || $(MAKE) venv
+
+# --- stages ---------------------------------------------------------------------------------------
+
+data: deps $(OUT)/data/manifest.json
+$(OUT)/data/manifest.json: data_pipelines/scenes.py mmalign/world.py
+	$(PY) -m data_pipelines.scenes --out $(OUT)/data --seed $(SEED)
+
+tiny-model: deps $(OUT)/tiny-model/build.json
+$(OUT)/tiny-model/build.json: $(OUT)/data/manifest.json models/tiny.py
+	$(PY) -m models.tiny --data $(OUT)/data --out $(OUT)/tiny-model --seed $(SEED)
+
+sft: deps $(OUT)/sft/model/config.json
+$(OUT)/sft/model/config.json: $(OUT)/tiny-model/build.json configs/sft/tiny.yaml
+	$(FIT) --config configs/sft/tiny.yaml --seed_everything $(SEED) \
+	  --trainer.default_root_dir $(OUT)/sft \
+	  --model.init_args.policy.init_args.path $(OUT)/tiny-model \
+	  --model.init_args.export_dir $(OUT)/sft/model \
+	  --data.init_args.train_file $(OUT)/data/train/sft.jsonl \
+	  --data.init_args.val_file $(OUT)/data/val/sft.jsonl \
+	  --data.init_args.data_root $(OUT)/data
+
+eval-sft: deps $(OUT)/eval/sft/metrics.json
+$(OUT)/eval/sft/metrics.json: $(OUT)/sft/model/config.json data_pipelines/evaluate.py
+	$(PY) -m data_pipelines.evaluate --model $(OUT)/sft/model --data $(OUT)/data --split test --out $(OUT)/eval/sft
+
+demo: data tiny-model sft eval-sft
+	@echo "demo done: see $(OUT)/eval/sft/metrics.json"
+
+# --- tests ----------------------------------------------------------------------------------------
+
+test: deps
+	$(PY) -m pytest -q
+
+test-slow: deps
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf runs/$(RUN)

@@ -1,0 +1,177 @@
+"""Collators: chat records -> padded, masked model batches.
+
+The collator owns padding and masking, and passes model-specific keys (``pixel_values``,
+``image_grid_thw``, ``image_sizes`` …) through untouched, so method code never special-cases a
+model family (TRL's ``DataCollatorForVisionPreference`` does the same). Everything family-specific
+is done by the Hugging Face processor: it renders the chat template and expands image
+placeholders into the right number of image tokens.
+
+Label masking: only assistant turns carry loss. The token span of an assistant turn is found by
+rendering the conversation up to that turn and tokenising the *text after* the images (assistant
+turns and later user turns hold no images), then checking that those tokens really are the tail
+of the full sequence — so a chat template whose tokenisation is not prefix-stable is an error,
+never a silent mislabel.
+
+Truncation never cuts image tokens: a training sequence longer than ``max_length`` is cut at the
+end only when all its image tokens and some labelled tokens survive; otherwise the example is
+dropped with a warning naming its record (or raises, with ``on_overlength="error"``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from mmalign.ops import IGNORE_INDEX
+from mmalign.records import RecordError
+
+log = logging.getLogger(__name__)
+
+
+class OverlengthError(RecordError):
+    """An example cannot fit ``max_length`` without cutting image tokens or all of its labels."""
+
+
+def render(processor: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def image_token_id(processor: Any) -> int | None:
+    tid = getattr(processor, "image_token_id", None)
+    if tid is None and getattr(processor, "image_token", None):
+        tid = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return tid
+
+
+def _has_image(messages: list[dict]) -> bool:
+    return any(isinstance(m["content"], list) and any(p["type"] == "image" for p in m["content"]) for m in messages)
+
+
+def _where(example: dict) -> str:
+    meta = example.get("meta", {})
+    return meta.get("source") or meta.get("id") or "<example>"
+
+
+@dataclass
+class VisionChatCollator:
+    """Collate ``{"images": [PIL...], "messages": [...], "meta": {...}}`` examples.
+
+    Args:
+        processor: a Hugging Face processor with a chat template.
+        max_length: longest sequence in tokens, image tokens included.
+        mode: ``"train"`` builds ``labels`` on assistant turns with right padding; ``"generate"``
+            renders every message but the trailing assistant one (if any) with the generation
+            prompt and pads on the left, so new tokens follow the prompt directly.
+        train_on: ``"all"`` assistant turns or only the ``"last"`` one carry loss.
+        on_overlength: ``"drop"`` (warn and count) or ``"error"``.
+    """
+
+    processor: Any
+    max_length: int = 1024
+    mode: Literal["train", "generate"] = "train"
+    train_on: Literal["all", "last"] = "all"
+    on_overlength: Literal["drop", "error"] = "drop"
+    dropped: int = field(default=0, init=False)
+
+    def __call__(self, examples: list[dict]) -> dict | None:
+        kept = []
+        for ex in examples:
+            try:
+                kept.append((ex, self._plan(ex)))
+            except OverlengthError as e:
+                self._drop(e)
+        while kept:
+            batch = self._encode([ex for ex, _ in kept], [p for _, p in kept])
+            bad = batch.pop("_overlength")
+            if not bad:
+                batch["meta"] = [ex.get("meta", {}) for ex, _ in kept]
+                return batch
+            for i in sorted(bad, reverse=True):
+                self._drop(bad[i])
+                del kept[i]
+        return None  # every example dropped; Lightning skips a None batch
+
+    def _drop(self, err: OverlengthError) -> None:
+        if self.on_overlength == "error":
+            raise err
+        self.dropped += 1
+        log.warning("dropped (%d so far): %s", self.dropped, err)
+
+    # -- text planning ------------------------------------------------------------------------
+
+    def _plan(self, ex: dict) -> dict:
+        """Render the texts the example needs; the token spans come after encoding."""
+        msgs = ex["messages"]
+        if self.mode == "generate":
+            prompt_msgs = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
+            return {"text": render(self.processor, prompt_msgs, add_generation_prompt=True), "turns": []}
+        full = render(self.processor, msgs)
+        turn_idx = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
+        if self.train_on == "last":
+            turn_idx = turn_idx[-1:]
+        turns = []
+        for k in turn_idx:
+            if _has_image(msgs[k:]):
+                raise RecordError(f"{_where(ex)}: images after the first assistant turn are not supported")
+            prefix = render(self.processor, msgs[:k], add_generation_prompt=True)
+            through = render(self.processor, msgs[: k + 1])
+            if not (full.startswith(through) and through.startswith(prefix)):
+                raise RecordError(f"{_where(ex)}: the chat template does not render turns as prefixes of the conversation")
+            turns.append((through[len(prefix):], full[len(through):]))
+        return {"text": full, "turns": turns}
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def _encode(self, examples: list[dict], plans: list[dict]) -> dict:
+        tok = self.processor.tokenizer
+        images = [ex["images"] for ex in examples]
+        side = "left" if self.mode == "generate" else "right"
+        batch = dict(self.processor(
+            text=[p["text"] for p in plans],
+            images=images if any(images) else None,
+            return_tensors="pt", padding=True, padding_side=side,
+        ))
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        lengths = attn.sum(1).tolist()
+        overlength: dict[int, OverlengthError] = {}
+        img_id = image_token_id(self.processor)
+
+        if self.mode == "generate":
+            for i, n in enumerate(lengths):
+                if n > self.max_length:
+                    overlength[i] = OverlengthError(
+                        f"{_where(examples[i])}: prompt is {n} tokens (images included), over max_length={self.max_length}")
+            batch["_overlength"] = overlength
+            return batch
+
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for i, (plan, n) in enumerate(zip(plans, lengths)):
+            seq = ids[i, :n].tolist()
+            for turn_text, after_text in plan["turns"]:
+                turn = tok(turn_text, add_special_tokens=False)["input_ids"]
+                after = tok(after_text, add_special_tokens=False)["input_ids"] if after_text else []
+                end = n - len(after)
+                start = end - len(turn)
+                if start < 0 or seq[start:end] != turn or seq[end:] != after:
+                    raise RecordError(
+                        f"{_where(examples[i])}: assistant turn tokens are not a tail of the sequence; "
+                        "the chat template's tokenisation is not prefix-stable")
+                labels[i, start:end] = ids[i, start:end]
+            if n > self.max_length:
+                cut_images = img_id is not None and img_id in seq[self.max_length:]
+                if cut_images or not (labels[i, : self.max_length] != IGNORE_INDEX).any():
+                    what = "image tokens" if cut_images else "every labelled token"
+                    overlength[i] = OverlengthError(
+                        f"{_where(examples[i])}: {n} tokens > max_length={self.max_length}, and cutting would drop {what}")
+        if max(lengths) > self.max_length:
+            # Right padding: cutting every row at max_length cuts only sequence tails.
+            for k, v in list(batch.items()):
+                if isinstance(v, torch.Tensor) and v.shape == ids.shape:
+                    batch[k] = v[:, : self.max_length]
+            labels = labels[:, : self.max_length]
+        batch["labels"] = labels
+        batch["_overlength"] = overlength
+        return batch

@@ -1,0 +1,123 @@
+"""Datasets and the Lightning DataModule for chat-format vision data."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from mmalign.collators import VisionChatCollator
+from mmalign.records import ReadReport, SFTRecord, load_image, read_records
+
+log = logging.getLogger(__name__)
+
+
+class ChatDataset(Dataset):
+    """SFT records as collator examples; images are decoded lazily, with the record's
+    ``file:line`` in any error."""
+
+    def __init__(self, records: list[SFTRecord]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        where = r.meta.get("source", r.id)
+        return {
+            "images": [load_image(p, where) for p in r.images],
+            "messages": r.messages,
+            "meta": {"id": r.id, "source": where, **{k: v for k, v in r.meta.items() if k != "source"}},
+        }
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Visual instruction tuning data from JSONL files of SFT records.
+
+    Args:
+        train_file: JSONL of SFT records (TRL conversational vision format).
+        val_file: optional held-out JSONL for validation loss.
+        data_root: folder that image paths are relative to (default: each file's folder).
+        tasks: keep only records whose ``task`` field is in this list (all when empty).
+        limit: use at most this many training records (0 = all), for quick runs.
+        batch_size: examples per step.
+        num_workers: DataLoader worker processes (0 keeps everything in the main process,
+            the fastest choice on 2 cores with 64 px images).
+        max_length: longest sequence in tokens, image tokens included.
+        train_on: "all" assistant turns carry loss, or only the "last" one.
+        on_overlength: "drop" over-long examples with a warning and a count, or "error".
+        check_images: "exists", "decode" (find corrupt images up front) or "none".
+        on_error: "raise" at the first malformed record, or "skip" it into a rejects file.
+
+    The processor is the policy's own (``trainer.lightning_module.policy.processor``), so data and
+    model can never disagree on tokens; outside a trainer, pass one with ``set_processor``.
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str | None = None,
+        data_root: str | None = None,
+        tasks: list[str] | None = None,
+        limit: int = 0,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        max_length: int = 512,
+        train_on: Literal["all", "last"] = "all",
+        on_overlength: Literal["drop", "error"] = "drop",
+        check_images: Literal["none", "exists", "decode"] = "exists",
+        on_error: Literal["raise", "skip"] = "raise",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_set: ChatDataset | None = None
+        self.val_set: ChatDataset | None = None
+        self.collator: VisionChatCollator | None = None
+        self.processor: Any = None
+
+    def set_processor(self, processor: Any) -> None:
+        self.processor = processor
+
+    def _read(self, path: str) -> ChatDataset:
+        hp = self.hparams
+        rep = ReadReport(path)
+        recs = read_records(path, "sft", data_root=hp.data_root, check_images=hp.check_images,
+                            on_error=hp.on_error, report=rep)
+        if rep.rejected:
+            log.warning("%s: %d malformed record(s) skipped, see %s", path, rep.rejected, rep.rejects_path)
+        if hp.tasks:
+            recs = [r for r in recs if r.meta.get("task") in hp.tasks]
+        if not recs:
+            raise ValueError(f"{path}: no records left (tasks filter {hp.tasks})")
+        return ChatDataset(recs)
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if self.collator is None:
+            if self.processor is None:
+                if self.trainer is None or not hasattr(self.trainer.lightning_module, "policy"):
+                    raise ValueError("SFTDataModule needs a processor: attach it to a trainer whose module has a "
+                                     "policy, or call set_processor()")
+                self.processor = self.trainer.lightning_module.policy.processor
+            self.collator = VisionChatCollator(self.processor, max_length=hp.max_length, mode="train",
+                                               train_on=hp.train_on, on_overlength=hp.on_overlength)
+        if self.train_set is None:
+            self.train_set = self._read(hp.train_file)
+            if hp.limit:
+                self.train_set.records = self.train_set.records[: hp.limit]
+        if self.val_set is None and hp.val_file:
+            self.val_set = self._read(hp.val_file)
+
+    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle,
+                          num_workers=self.hparams.num_workers, collate_fn=self.collator,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []

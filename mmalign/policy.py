@@ -1,0 +1,55 @@
+"""The policy protocol: what every method needs from a vision-language model.
+
+``mmalign`` never imports a model family. Methods take a :class:`Policy`; the concrete adapter
+(``models.policy.HFPolicy``) is named by ``class_path`` in the YAML config and is the only place
+that knows a family's quirks (image-token expansion, ``pixel_values``, ``image_grid_thw``).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+
+class Policy(nn.Module, abc.ABC):
+    """A trainable image-text-to-text model plus its processor.
+
+    Batches are the dicts built by :mod:`mmalign.collators`: model inputs (``input_ids``,
+    ``attention_mask``, ``pixel_values`` and whatever else the processor returned), ``labels``
+    for training batches, and ``meta`` (a list of per-example dicts, never sent to the model).
+    """
+
+    processor: Any
+
+    @abc.abstractmethod
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Logits ``(B, T, V)`` for a collated batch."""
+
+    @abc.abstractmethod
+    def completion_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs of the labelled (completion) tokens: ``(logps, mask)``, ``(B, T-1)``."""
+
+    @abc.abstractmethod
+    def generate(self, batch: dict, **generation_kwargs: Any) -> list[str]:
+        """Decode completions for a left-padded prompt batch; returns the new text only."""
+
+    @abc.abstractmethod
+    def reference(self) -> contextlib.AbstractContextManager["Policy"]:
+        """Context in which calls go to the frozen reference model (adapter disabled under
+        LoRA, else a frozen copy taken at the first call)."""
+
+    @abc.abstractmethod
+    def save_pretrained(self, out_dir: str, merge_lora: bool = True) -> None:
+        """Write the policy in Hugging Face format so the next stage loads it by path."""
+
+    @staticmethod
+    def model_inputs(batch: dict) -> dict:
+        """The entries of ``batch`` that go to the model (tensors except ``labels``)."""
+        return {k: v for k, v in batch.items() if k not in ("labels", "meta") and isinstance(v, torch.Tensor)}
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)

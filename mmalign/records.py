@@ -1,0 +1,371 @@
+"""Typed record schemas and validating JSONL readers.
+
+Field names follow the TRL / Hugging Face datasets conventions for vision data, so a user can
+bring records from there unchanged:
+
+* SFT (``SFTRecord``): ``{"images": [...], "messages": [{"role": ..., "content": ...}, ...]}``
+  — TRL's conversational vision format, where ``content`` is a string or a list of parts
+  ``{"type": "image"}`` / ``{"type": "text", "text": ...}``; one image part per entry of ``images``.
+* Preference pairs (``PreferenceRecord``): ``{"images", "prompt", "chosen", "rejected"}`` with
+  optional ``score_chosen`` / ``score_rejected`` (the UltraFeedback/TRL names). ``prompt`` is a
+  list of messages or a string; ``chosen``/``rejected`` are a list holding one assistant message,
+  or a string.
+* Annotated responses (``AnnotatedResponse``): one sampled response to an (image, prompt) with
+  whatever feedback a later stage attached under ``annotations``.
+
+Image paths in records are relative to a *data root* (by default the folder of the JSONL file).
+Readers refuse paths that escape that root, so a record can never make a stage read
+``/etc/passwd`` or ``../../secret.png``.
+
+Every problem is reported as a :class:`RecordError` naming ``file:line`` and what is wrong. With
+``on_error="skip"`` bad lines are written, with the reason, to a rejects file instead and counted,
+so nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Literal
+
+from PIL import Image
+
+ROLES = ("system", "user", "assistant")
+# Pillow's own guard stops at ~179M pixels; a 64-megapixel cap is already far beyond any VLM input
+# and stops decompression bombs early.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+class RecordError(ValueError):
+    """A record is malformed; the message starts with ``file:line`` (or ``file:line id=...``)."""
+
+
+# --------------------------------------------------------------------------------------------
+# messages
+
+
+def _check_content(content: Any, where: str) -> int:
+    """Validate one message's ``content``; return how many image parts it holds."""
+    if isinstance(content, str):
+        return 0
+    if not isinstance(content, list):
+        raise RecordError(f"{where}: message content must be a string or a list of parts, got {type(content).__name__}")
+    n_images = 0
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or "type" not in part:
+            raise RecordError(f"{where}: content part {j} must be an object with a 'type'")
+        if part["type"] == "image":
+            n_images += 1
+        elif part["type"] == "text":
+            if not isinstance(part.get("text"), str):
+                raise RecordError(f"{where}: text part {j} has no string 'text'")
+        else:
+            raise RecordError(f"{where}: content part {j} has unsupported type {part['type']!r} (image or text)")
+    return n_images
+
+
+def check_messages(messages: Any, where: str) -> int:
+    """Validate a list of chat messages; return the number of image parts."""
+    if not isinstance(messages, list) or not messages:
+        raise RecordError(f"{where}: messages must be a non-empty list")
+    n_images = 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RecordError(f"{where}: message {i} must be an object")
+        if m.get("role") not in ROLES:
+            raise RecordError(f"{where}: message {i} has role {m.get('role')!r}; expected one of {ROLES}")
+        if "content" not in m:
+            raise RecordError(f"{where}: message {i} has no 'content'")
+        n_images += _check_content(m["content"], f"{where}: message {i}")
+    return n_images
+
+
+def message_text(message: dict) -> str:
+    """The text of one message, image parts dropped."""
+    c = message["content"]
+    if isinstance(c, str):
+        return c
+    return "".join(p["text"] for p in c if p["type"] == "text")
+
+
+def as_messages(value: Any, role: str) -> list[dict]:
+    """Normalise a TRL prompt/completion field (string or message list) to a message list."""
+    if isinstance(value, str):
+        return [{"role": role, "content": [{"type": "text", "text": value}]}]
+    return value
+
+
+def _check_images(images: Any, n_parts: int, where: str) -> list[str]:
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise RecordError(f"{where}: 'images' must be a list of path strings")
+    if n_parts != len(images):
+        raise RecordError(
+            f"{where}: {len(images)} image path(s) but {n_parts} {{'type': 'image'}} part(s) in the messages; "
+            "they must match one to one"
+        )
+    return images
+
+
+def _check_text(value: Any, name: str, where: str, max_chars: int | None) -> str:
+    if not isinstance(value, str):
+        raise RecordError(f"{where}: '{name}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise RecordError(f"{where}: '{name}' is empty")
+    if max_chars is not None and len(value) > max_chars:
+        raise RecordError(f"{where}: '{name}' has {len(value)} characters, over the limit of {max_chars}")
+    return value
+
+
+def _check_score(value: Any, name: str, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecordError(f"{where}: '{name}' must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise RecordError(f"{where}: '{name}' is {value} (NaN/inf scores are not allowed)")
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------------
+# schemas
+
+
+@dataclass
+class SFTRecord:
+    """Visual instruction tuning example: images + a conversation (loss on assistant turns)."""
+
+    id: str
+    images: list[str]
+    messages: list[dict]
+    meta: dict = field(default_factory=dict)
+
+    kind: ClassVar[str] = "sft"
+
+    @classmethod
+    def from_json(cls, obj: dict, where: str, max_chars: int | None = None) -> "SFTRecord":
+        n = check_messages(obj.get("messages"), where)
+        if obj["messages"][-1]["role"] != "assistant":
+            raise RecordError(f"{where}: the last message must be the assistant's (the training target)")
+        for i, m in enumerate(obj["messages"]):
+            if m["role"] == "assistant":
+                _check_text(message_text(m), f"messages[{i}] text", where, max_chars)
+        images = _check_images(obj.get("images", []), n, where)
+        known = {"id", "images", "messages"}
+        return cls(id=str(obj.get("id", where)), images=images, messages=obj["messages"],
+                   meta={k: v for k, v in obj.items() if k not in known})
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "images": self.images, "messages": self.messages, **self.meta}
+
+
+@dataclass
+class PreferenceRecord:
+    """A preference pair for one (images, prompt): ``chosen`` is preferred over ``rejected``."""
+
+    id: str
+    images: list[str]
+    prompt: list[dict]
+    chosen: list[dict]
+    rejected: list[dict]
+    score_chosen: float | None = None
+    score_rejected: float | None = None
+    meta: dict = field(default_factory=dict)
+
+    kind: ClassVar[str] = "preference"
+
+    @classmethod
+    def from_json(cls, obj: dict, where: str, max_chars: int | None = None) -> "PreferenceRecord":
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in obj:
+                raise RecordError(f"{where}: missing field '{key}'")
+        prompt = as_messages(obj["prompt"], "user")
+        n = check_messages(prompt, where + " prompt")
+        completions = {}
+        for key in ("chosen", "rejected"):
+            msgs = as_messages(obj[key], "assistant")
+            check_messages(msgs, f"{where} {key}")
+            if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+                raise RecordError(f"{where}: '{key}' must be one assistant message")
+            _check_text(message_text(msgs[0]), key, where, max_chars)
+            completions[key] = msgs
+        images = _check_images(obj.get("images", []), n, where)
+        known = {"id", "images", "prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
+        return cls(
+            id=str(obj.get("id", where)), images=images, prompt=prompt,
+            chosen=completions["chosen"], rejected=completions["rejected"],
+            score_chosen=_check_score(obj.get("score_chosen"), "score_chosen", where),
+            score_rejected=_check_score(obj.get("score_rejected"), "score_rejected", where),
+            meta={k: v for k, v in obj.items() if k not in known},
+        )
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "meta" and v is not None}
+        return {**d, **self.meta}
+
+
+@dataclass
+class AnnotatedResponse:
+    """A response sampled for (images, prompt), with the feedback stages' annotations."""
+
+    id: str
+    images: list[str]
+    prompt: list[dict]
+    response: str
+    annotations: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    kind: ClassVar[str] = "annotated"
+
+    @classmethod
+    def from_json(cls, obj: dict, where: str, max_chars: int | None = None) -> "AnnotatedResponse":
+        if "prompt" not in obj or "response" not in obj:
+            raise RecordError(f"{where}: missing field 'prompt' or 'response'")
+        prompt = as_messages(obj["prompt"], "user")
+        n = check_messages(prompt, where + " prompt")
+        response = _check_text(obj["response"], "response", where, max_chars)
+        annotations = obj.get("annotations", {})
+        if not isinstance(annotations, dict):
+            raise RecordError(f"{where}: 'annotations' must be an object")
+        images = _check_images(obj.get("images", []), n, where)
+        known = {"id", "images", "prompt", "response", "annotations"}
+        return cls(id=str(obj.get("id", where)), images=images, prompt=prompt, response=response,
+                   annotations=annotations, meta={k: v for k, v in obj.items() if k not in known})
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "images": self.images, "prompt": self.prompt, "response": self.response,
+                "annotations": self.annotations, **self.meta}
+
+
+SCHEMAS = {c.kind: c for c in (SFTRecord, PreferenceRecord, AnnotatedResponse)}
+
+
+# --------------------------------------------------------------------------------------------
+# paths and images
+
+
+def resolve_image_path(rel: str, root: str | os.PathLike, where: str) -> Path:
+    """Resolve ``rel`` under ``root``; refuse anything that lands outside it (``..``, absolute
+    paths elsewhere, symlinks pointing out)."""
+    root_real = Path(root).resolve()
+    p = Path(rel)
+    full = (p if p.is_absolute() else root_real / p).resolve()
+    if full != root_real and root_real not in full.parents:
+        raise RecordError(f"{where}: image path {rel!r} escapes the data root {str(root_real)!r}")
+    return full
+
+
+def load_image(path: str | os.PathLike, where: str = "") -> Image.Image:
+    """Open and fully decode an image as RGB; corrupt, truncated or oversized files raise
+    :class:`RecordError` naming ``where`` and the path."""
+    prefix = f"{where}: " if where else ""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise RecordError(f"{prefix}image {path} is {w}x{h} px, over the {MAX_IMAGE_PIXELS:,}-pixel limit")
+            return im.convert("RGB")  # convert() forces a full decode, so truncation shows here
+    except RecordError:
+        raise
+    except FileNotFoundError:
+        raise RecordError(f"{prefix}image {path} does not exist") from None
+    except (OSError, Image.DecompressionBombError, ValueError) as e:
+        raise RecordError(f"{prefix}image {path} cannot be read: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# readers
+
+
+@dataclass
+class ReadReport:
+    path: str
+    read: int = 0
+    rejected: int = 0
+    rejects_path: str | None = None
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield ``(line_number, parsed_or_None, error_or_None)`` for each non-blank line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line), None
+            except json.JSONDecodeError as e:
+                yield lineno, None, f"malformed JSON ({e.msg} at column {e.colno})"
+
+
+def read_records(
+    path: str | os.PathLike,
+    kind: Literal["sft", "preference", "annotated"] = "sft",
+    data_root: str | os.PathLike | None = None,
+    check_images: Literal["none", "exists", "decode"] = "exists",
+    on_error: Literal["raise", "skip"] = "raise",
+    rejects_path: str | os.PathLike | None = None,
+    max_chars: int | None = 20_000,
+    report: ReadReport | None = None,
+) -> list:
+    """Read and validate a JSONL file of records of schema ``kind``.
+
+    Args:
+        path: the JSONL file.
+        kind: which schema each line must satisfy.
+        data_root: folder image paths are relative to (default: the file's folder). Paths that
+            escape it are errors.
+        check_images: "exists" checks every image file is there (cheap); "decode" also decodes
+            it (finds corrupt/truncated files up front); "none" skips the check.
+        on_error: "raise" stops at the first bad line; "skip" writes it with its reason to
+            ``rejects_path`` (default ``<path>.rejects.jsonl``) and goes on.
+        max_chars: longest response text accepted (over-long responses are errors).
+        report: filled in with counts when given.
+
+    Returns the records with ``images`` rewritten to absolute, checked paths.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such record file")
+    root = Path(data_root) if data_root is not None else path.parent
+    schema = SCHEMAS[kind]
+    rep = report if report is not None else ReadReport(str(path))
+    rep.path = str(path)
+    out, rejects, seen = [], [], {}
+    for lineno, obj, err in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        try:
+            if err:
+                raise RecordError(f"{where}: {err}")
+            if not isinstance(obj, dict):
+                raise RecordError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+            rec = schema.from_json(obj, where, max_chars=max_chars)
+            if "id" in obj:
+                if rec.id in seen:
+                    raise RecordError(f"{where}: duplicate id {rec.id!r} (first at line {seen[rec.id]})")
+                seen[rec.id] = lineno
+            resolved = []
+            for rel in rec.images:
+                full = resolve_image_path(rel, root, where)
+                if check_images != "none" and not full.is_file():
+                    raise RecordError(f"{where}: image {rel!r} not found under {root}")
+                if check_images == "decode":
+                    load_image(full, where)
+                resolved.append(str(full))
+            rec.images = resolved
+            rec.meta.setdefault("source", where)
+            out.append(rec)
+        except RecordError as e:
+            if on_error == "raise":
+                raise
+            rejects.append({"line": lineno, "error": str(e), "record": obj})
+    rep.read = len(out)
+    rep.rejected = len(rejects)
+    if rejects:
+        rp = Path(rejects_path) if rejects_path else path.with_suffix(path.suffix + ".rejects.jsonl")
+        with open(rp, "w", encoding="utf-8") as f:
+            for r in rejects:
+                f.write(json.dumps(r) + "\n")
+        rep.rejects_path = str(rp)
+    return out

@@ -1,0 +1,258 @@
+"""The policy adapter: any Hugging Face image-text-to-text checkpoint as an ``mmalign`` Policy.
+
+This is the one place that knows model families. Everything above it (collators, losses,
+LightningModules) sees batches and logits only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+from torch import nn
+
+from mmalign.ops import token_logprobs
+from mmalign.policy import Policy
+
+log = logging.getLogger(__name__)
+
+# Where each family keeps its vision tower and projector (attribute paths under the model).
+# Only used for freezing; a family missing here gets a clear error naming what was looked for.
+VISION_TOWER_NAMES = ("model.vision_tower", "model.visual", "vision_tower", "visual")
+PROJECTOR_NAMES = ("model.multi_modal_projector", "model.visual.merger", "multi_modal_projector", "visual.merger")
+# The decoder's linear layers: LoRA goes there by default, not into the vision tower.
+DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraOptions:
+    """LoRA on the language model (peft).
+
+    Attributes:
+        r: rank of the update.
+        alpha: scaling numerator (update scale = alpha / r).
+        dropout: dropout on the LoRA input.
+        target_modules: regex over module names, or a list of names; default: the decoder's
+            attention and MLP projections.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: str | list[str] = DEFAULT_LORA_TARGETS
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+def _get(module: nn.Module, dotted: str) -> nn.Module | None:
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _freeze(model: nn.Module, names: tuple[str, ...], what: str) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for n in names:
+        m = _get(base, n)
+        if m is not None:
+            m.requires_grad_(False)
+            return
+    raise ValueError(f"cannot freeze the {what}: none of {names} exists in {type(base).__name__}")
+
+
+class HFPolicy(Policy):
+    """A vision-language policy loaded by path (local folder or hub name).
+
+    Args:
+        path: checkpoint folder or hub id; a folder holding ``adapter_config.json`` is loaded as
+            a peft adapter on its base model.
+        dtype: weights dtype ("float32" on CPU; "bfloat16" on recent GPUs).
+        lora: LoRA options; None trains all (unfrozen) weights.
+        quantization: "4bit" (QLoRA, NF4) or "8bit" via bitsandbytes; needs a CUDA GPU.
+        gradient_checkpointing: trade compute for activation memory.
+        freeze_vision_tower: keep the vision encoder fixed (LLaVA recipe).
+        freeze_projector: keep the vision-language projector fixed.
+        trust_remote_code: run custom model code from the checkpoint (off: safe default).
+        attn_implementation: e.g. "sdpa", "eager", "flash_attention_2"; None = transformers' choice.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        lora: LoraOptions | None = None,
+        quantization: Literal["4bit", "8bit"] | None = None,
+        gradient_checkpointing: bool = False,
+        freeze_vision_tower: bool = False,
+        freeze_projector: bool = False,
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+    ):
+        super().__init__()
+        from transformers import AutoModelForImageTextToText
+
+        from models.processors import load_processor
+
+        if quantization and lora is None and not (Path(path) / "adapter_config.json").is_file():
+            raise ValueError("quantized weights cannot be trained directly: set `lora` (QLoRA) with quantization")
+        self.path = path
+        kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code, "use_safetensors": True}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        if quantization:
+            kwargs["quantization_config"] = _bnb_config(quantization, DTYPES[dtype])
+        adapter_cfg = Path(path) / "adapter_config.json"
+        if adapter_cfg.is_file():
+            from peft import PeftModel
+
+            base_path = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+            base = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs)
+            self.model = PeftModel.from_pretrained(base, path, is_trainable=lora is not None)
+        else:
+            self.model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+            if quantization:
+                from peft import prepare_model_for_kbit_training
+
+                self.model = prepare_model_for_kbit_training(self.model, use_gradient_checkpointing=gradient_checkpointing)
+            if lora is not None:
+                from peft import LoraConfig, get_peft_model
+
+                self.model = get_peft_model(self.model, LoraConfig(
+                    r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                    target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None))
+        self.processor = load_processor(path, trust_remote_code=trust_remote_code)
+        self.is_lora = hasattr(self.model, "disable_adapter")
+        self.quantization = quantization
+        # from_pretrained returns eval mode; training (dropout) is the module's job to switch off.
+        self.model.train()
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.is_lora:
+                self.model.enable_input_require_grads()
+        if freeze_vision_tower:
+            _freeze(self.model, VISION_TOWER_NAMES, "vision tower")
+        if freeze_projector:
+            _freeze(self.model, PROJECTOR_NAMES, "projector")
+        # The frozen reference copy is kept outside the module tree: not in state_dict, not in
+        # the optimizer, not moved twice. Taken on the first reference() call.
+        self.__dict__["_ref_model"] = None
+
+    # -- Policy API ----------------------------------------------------------------------------
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self._logits(self.model, batch)
+
+    def completion_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_logprobs(self.forward(batch), batch["labels"])
+
+    @torch.no_grad()
+    def generate(self, batch: dict, max_new_tokens: int = 128, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1) -> list[str]:
+        return _generate(self.model, self.processor, batch, max_new_tokens, do_sample, temperature, top_p,
+                         num_return_sequences)
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator["ReferenceView"]:
+        if self.is_lora:
+            with self.model.disable_adapter():
+                yield ReferenceView(self.model, self.processor)
+            return
+        ref = self.__dict__["_ref_model"]
+        if ref is None:
+            if self.quantization:
+                raise ValueError("a quantized policy needs LoRA for its reference (adapter disabled)")
+            ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.__dict__["_ref_model"] = ref
+        device = next(self.model.parameters()).device
+        if next(ref.parameters()).device != device:
+            ref.to(device)
+        yield ReferenceView(ref, self.processor)
+
+    def save_pretrained(self, out_dir: str, merge_lora: bool = True) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if self.is_lora and merge_lora:
+            if self.quantization:
+                raise ValueError("cannot merge LoRA into quantized weights; export with merge_lora=False (adapter)")
+            # Merge a copy: merge_and_unload() rewrites the modules in place, and training may go on.
+            model = copy.deepcopy(self.model).merge_and_unload()
+        model.save_pretrained(out, safe_serialization=True)
+        self.processor.save_pretrained(out)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(**Policy.model_inputs(batch), use_cache=False).logits
+
+
+class ReferenceView:
+    """The reference model behind the same forward / log-prob / generate calls as the policy."""
+
+    def __init__(self, model: nn.Module, processor: Any):
+        self.model, self.processor = model, processor
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return HFPolicy._logits(self.model, batch)
+
+    __call__ = forward
+
+    def completion_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_logprobs(self.forward(batch), batch["labels"])
+
+    @torch.no_grad()
+    def generate(self, batch: dict, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, num_return_sequences: int = 1) -> list[str]:
+        return _generate(self.model, self.processor, batch, max_new_tokens, do_sample, temperature, top_p,
+                         num_return_sequences)
+
+
+def _generate(model, processor, batch, max_new_tokens, do_sample, temperature, top_p, num_return_sequences):
+    inputs = Policy.model_inputs(batch)
+    if inputs["attention_mask"][:, -1].min() == 0:
+        raise ValueError("generation batches must be left-padded (VisionChatCollator(mode='generate'))")
+    tok = processor.tokenizer
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_return_sequences": num_return_sequences,
+              "pad_token_id": tok.pad_token_id}
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(**inputs, **kwargs)
+    finally:
+        model.train(was_training)
+    new_tokens = out[:, inputs["input_ids"].shape[1]:]
+    return [t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _bnb_config(quantization: str, compute_dtype: torch.dtype):
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{quantization} quantization needs bitsandbytes' CUDA backend and this machine has no CUDA GPU. "
+            "Remove `quantization` from the policy config (train in float32/bfloat16, optionally with LoRA), "
+            "or run on a GPU.")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in module.parameters())
+    return sum(p.numel() for p in module.parameters() if p.requires_grad), total
+
+
