@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any, Literal
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from mmalign.collators import VisionChatCollator
 from mmalign.records import ReadReport, SFTRecord, load_image, read_records
@@ -42,6 +43,10 @@ class SFTDataModule(L.LightningDataModule):
         val_file: optional held-out JSONL for validation loss.
         data_root: folder that image paths are relative to (default: each file's folder).
         tasks: keep only records whose ``task`` field is in this list (all when empty).
+        task_weights: sampling weight per ``task`` (tasks not named weigh 1). Training then
+            draws examples with replacement so that each task's share of the draws is its weight
+            over the sum of weights, whatever its record count: ``{detailed_caption: 5}`` with
+            the five other tasks at 1 makes half of the examples detailed captions.
         limit: use at most this many training records (0 = all), for quick runs.
         batch_size: examples per step.
         num_workers: DataLoader worker processes (0 keeps everything in the main process,
@@ -62,6 +67,7 @@ class SFTDataModule(L.LightningDataModule):
         val_file: str | None = None,
         data_root: str | None = None,
         tasks: list[str] | None = None,
+        task_weights: dict[str, float] | None = None,
         limit: int = 0,
         batch_size: int = 16,
         num_workers: int = 0,
@@ -111,13 +117,26 @@ class SFTDataModule(L.LightningDataModule):
         if self.val_set is None and hp.val_file:
             self.val_set = self._read(hp.val_file)
 
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle,
+    def _sampler(self) -> WeightedRandomSampler | None:
+        weights = self.hparams.task_weights
+        if not weights:
+            return None
+        recs = self.train_set.records
+        counts = Counter(r.meta.get("task") for r in recs)
+        unknown = set(weights) - set(counts)
+        if unknown:
+            raise ValueError(f"task_weights names tasks absent from {self.hparams.train_file}: {sorted(unknown)}")
+        # Each task's share of draws is proportional to its weight, whatever its record count.
+        w = [weights.get(r.meta.get("task"), 1.0) / counts[r.meta.get("task")] for r in recs]
+        return WeightedRandomSampler(w, num_samples=len(recs), replacement=True)
+
+    def _loader(self, ds: Dataset, shuffle: bool, sampler=None) -> DataLoader:
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                           num_workers=self.hparams.num_workers, collate_fn=self.collator,
                           persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, shuffle=True, sampler=self._sampler())
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
