@@ -33,6 +33,8 @@ from typing import Any, ClassVar, Iterator, Literal
 
 from PIL import Image
 
+from mmalign.stage import atomic_write_jsonl
+
 ROLES = ("system", "user", "assistant")
 # Pillow's own guard stops at ~179M pixels; a 64-megapixel cap is already far beyond any VLM input
 # and stops decompression bombs early.
@@ -364,8 +366,6 @@ def read_records(
     rep.rejected = len(rejects)
     if rejects:
         rp = Path(rejects_path) if rejects_path else path.with_suffix(path.suffix + ".rejects.jsonl")
-        with open(rp, "w", encoding="utf-8") as f:
-            for r in rejects:
-                f.write(json.dumps(r) + "\n")
+        atomic_write_jsonl(rp, rejects)
         rep.rejects_path = str(rp)
     return out

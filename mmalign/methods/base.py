@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
-import shutil
-from pathlib import Path
 
 import lightning as L
 import torch
 
 from mmalign.policy import Policy
+from mmalign.stage import StageOutput
 
 
 class PolicyModule(L.LightningModule):
@@ -63,16 +61,8 @@ class PolicyModule(L.LightningModule):
 
 
 def export_policy(policy: Policy, out_dir: str, merge_lora: bool = True) -> None:
-    """Write ``policy`` to ``out_dir`` atomically: save beside it, then swap directories."""
-    out = Path(out_dir)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(str(tmp), merge_lora=merge_lora)
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
-    print(f"exported policy -> {out}")
+    """Write ``policy`` to ``out_dir`` as a stage output: saved beside it, manifest last, then
+    swapped in, so a killed export never leaves a half model where the next stage looks."""
+    with StageOutput(out_dir, stage="export", config={"merge_lora": merge_lora}) as st:
+        policy.save_pretrained(str(st.path), merge_lora=merge_lora)
+    print(f"exported policy -> {out_dir}")
