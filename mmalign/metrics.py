@@ -1,0 +1,296 @@
+"""Evaluation metrics: bootstrap intervals, POPE yes/no scores and generation health.
+
+Pure functions (numpy only, no model code, no I/O). The caption checker and the CHAIR-style
+rates live in :mod:`mmalign.world`; this module turns per-item results into the numbers a
+report prints, each with a confidence interval that resamples *items* (questions, captions),
+never the mentions inside a caption, because items are the independent units.
+
+Definitions and sources
+-----------------------
+* Bootstrap: percentile interval (Efron & Tibshirani 1993, "An Introduction to the
+  Bootstrap", ch. 13): draw ``n_boot`` resamples of the items with replacement, compute the
+  statistic on each, report the ``alpha/2`` and ``1 - alpha/2`` quantiles.
+* Micro-averaged rates (CHAIR_i = hallucinated mentions / mentions, Rohrbach et al. 2018)
+  resample captions and recompute ``sum(num) / sum(den)`` on each resample.
+* Paired differences (checkpoint A minus B on the same items) use the *same* resample indices
+  for both, so item difficulty cancels (Koehn 2004, "Statistical Significance Tests for
+  Machine Translation Evaluation", paired bootstrap).
+* Yes/no: POPE (Li et al. 2023, "Evaluating Object Hallucination in Large Vision-Language
+  Models", EMNLP): accuracy, precision, recall, F1 with "yes" as the positive class, and the
+  yes-ratio.
+* Distinct-n: Li et al. 2016, "A Diversity-Promoting Objective Function for Neural
+  Conversation Models", NAACL.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+
+#: Upper bound on resample-index entries held in memory at once (int64: 4M x 8 B = 32 MB).
+_CHUNK_ENTRIES = 4_000_000
+
+Stat = Callable[[np.ndarray], float]
+
+
+# ---------------------------------------------------------------------------------------------
+# bootstrap
+
+
+def _check_args(n: int, n_boot: int, alpha: float) -> None:
+    if n == 0:
+        raise ValueError("bootstrap needs at least one item")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+
+
+def _resample_indices(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Yield ``[rows, n]`` blocks of item indices drawn with replacement, ``n_boot`` rows in all.
+
+    The block size depends only on ``n``, so one seed always gives the same indices.
+    """
+    rng = np.random.default_rng(seed)
+    rows = max(1, _CHUNK_ENTRIES // n)
+    done = 0
+    while done < n_boot:
+        k = min(rows, n_boot - done)
+        yield rng.integers(0, n, size=(k, n))
+        done += k
+
+
+def _apply(stat: Stat, samples: np.ndarray) -> np.ndarray:
+    """``stat`` on each row of ``samples`` ``[rows, n]`` -> ``[rows]``; vectorised for np.mean."""
+    if stat is np.mean:
+        return samples.mean(axis=1)
+    return np.array([stat(row) for row in samples], dtype=float)
+
+
+def _interval(boot: np.ndarray, alpha: float) -> tuple[float, float]:
+    """Percentile interval of the finite bootstrap replicates; NaN, NaN when there are none."""
+    boot = boot[np.isfinite(boot)]
+    if boot.size == 0:
+        return float("nan"), float("nan")
+    low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray | float:
+    """``num / den`` with NaN where ``den == 0`` (the rate is undefined there)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den != 0, num / np.where(den != 0, den, 1), np.nan)
+
+
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray,
+    stat: Stat = np.mean,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Point estimate and percentile bootstrap interval of ``stat`` over per-item values.
+
+    ``values`` ``[n]``: one number per item, e.g. a 0/1 correctness indicator (then the mean
+    is a rate) or a per-caption score. Returns ``(stat(values), low, high)`` where ``low`` and
+    ``high`` are the ``alpha/2`` and ``1 - alpha/2`` quantiles (linear interpolation) of
+    ``stat`` over ``n_boot`` resamples of the ``n`` items drawn with replacement.
+    """
+    v = np.asarray(values, dtype=float)
+    _check_args(v.size, n_boot, alpha)
+    boot = np.concatenate([_apply(stat, v[idx]) for idx in _resample_indices(v.size, n_boot, seed)])
+    return (float(stat(v)), *_interval(boot, alpha))
+
+
+def bootstrap_ratio_ci(
+    numerators: Sequence[float] | np.ndarray,
+    denominators: Sequence[float] | np.ndarray,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Micro-averaged rate ``sum(num) / sum(den)`` with a bootstrap interval over items.
+
+    ``numerators``, ``denominators`` ``[n]``: per-item counts, e.g. hallucinated mentions and
+    mentions per caption (CHAIR_i). Items (captions) are resampled, not mentions, since the
+    mentions of one caption are not independent. A resample whose denominators sum to 0 has no
+    rate and is dropped before taking quantiles; if the full data's denominator is 0 the point
+    estimate is NaN (and so, necessarily, are the bounds).
+    """
+    num = np.asarray(numerators, dtype=float)
+    den = np.asarray(denominators, dtype=float)
+    if num.shape != den.shape:
+        raise ValueError(f"numerators {num.shape} and denominators {den.shape} differ in shape")
+    _check_args(num.size, n_boot, alpha)
+    boot = np.concatenate([
+        _ratio(num[idx].sum(axis=1), den[idx].sum(axis=1)) for idx in _resample_indices(num.size, n_boot, seed)
+    ])
+    return (float(_ratio(num.sum(), den.sum())), *_interval(boot, alpha))
+
+
+def paired_bootstrap_diff(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    stat: Stat = np.mean,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``stat(a) - stat(b)`` for two checkpoints scored on the same items, with a paired interval.
+
+    ``a``, ``b`` ``[n]``: per-item values, item ``i`` the same question/caption in both. Each
+    resample draws one set of item indices and applies it to both, so the interval reflects
+    the variance of the *difference*; identical inputs give exactly ``(0, 0, 0)``.
+    """
+    va = np.asarray(a, dtype=float)
+    vb = np.asarray(b, dtype=float)
+    if va.shape != vb.shape:
+        raise ValueError(f"a {va.shape} and b {vb.shape} must score the same items")
+    _check_args(va.size, n_boot, alpha)
+    boot = np.concatenate([
+        _apply(stat, va[idx]) - _apply(stat, vb[idx]) for idx in _resample_indices(va.size, n_boot, seed)
+    ])
+    return (float(stat(va) - stat(vb)), *_interval(boot, alpha))
+
+
+def paired_bootstrap_ratio_diff(
+    num_a: Sequence[float] | np.ndarray,
+    den_a: Sequence[float] | np.ndarray,
+    num_b: Sequence[float] | np.ndarray,
+    den_b: Sequence[float] | np.ndarray,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``sum(num_a)/sum(den_a) - sum(num_b)/sum(den_b)`` with a paired item bootstrap.
+
+    All four arrays ``[n]`` are indexed by the same items (e.g. captions of the same images by
+    two checkpoints); each resample applies one index set to all four. Resamples where either
+    rate is undefined (denominator 0) are dropped, as in :func:`bootstrap_ratio_ci`.
+    """
+    arrs = [np.asarray(x, dtype=float) for x in (num_a, den_a, num_b, den_b)]
+    if len({x.shape for x in arrs}) != 1:
+        raise ValueError(f"all four arrays must have the same shape, got {[x.shape for x in arrs]}")
+    na, da, nb, db = arrs
+    _check_args(na.size, n_boot, alpha)
+    boot = np.concatenate([
+        _ratio(na[idx].sum(axis=1), da[idx].sum(axis=1)) - _ratio(nb[idx].sum(axis=1), db[idx].sum(axis=1))
+        for idx in _resample_indices(na.size, n_boot, seed)
+    ])
+    point = float(_ratio(na.sum(), da.sum()) - _ratio(nb.sum(), db.sum()))
+    return (point, *_interval(boot, alpha))
+
+
+# ---------------------------------------------------------------------------------------------
+# yes/no questions (POPE)
+
+
+def _div(a: float, b: float) -> float:
+    """``a / b``, 0.0 when ``b == 0`` (scikit-learn's ``zero_division=0`` convention)."""
+    return a / b if b else 0.0
+
+
+def yes_no_metrics(predictions: Sequence[bool | None], labels: Sequence[bool]) -> dict[str, float]:
+    """POPE scores (Li et al. 2023) with "yes" as the positive class.
+
+    ``predictions[i]`` is the parsed answer (``world.parse_yes_no``: True = yes, False = no,
+    None = unparseable); ``labels[i]`` the true answer. Choices where POPE is silent (its
+    script maps anything without "no"/"not" to yes; we do not guess):
+
+    * ``accuracy`` = correct / n over *all* n items: an unparsed answer counts as wrong.
+    * ``precision`` = TP / (TP + FP), ``recall`` = TP / (TP + FN), ``f1`` = their harmonic mean,
+      over *parsed* answers only (an unparsed answer is neither a yes nor a no); read them next
+      to ``n_unparsed``, which reports how many items they exclude.
+    * ``yes_ratio`` = yes answers / parsed answers (POPE's "Yes" column; 0.5 is balanced).
+    * Any 0/0 is reported as 0.0.
+
+    Also returns the confusion counts ``tp``, ``fp``, ``tn``, ``fn`` (parsed only), ``n`` and
+    ``n_unparsed``.
+    """
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    tp = fp = tn = fn = unparsed = 0
+    for p, y in zip(predictions, labels):
+        if p is None:
+            unparsed += 1
+        elif p and y:
+            tp += 1
+        elif p:
+            fp += 1
+        elif y:
+            fn += 1
+        else:
+            tn += 1
+    n = len(labels)
+    precision = _div(tp, tp + fp)
+    recall = _div(tp, tp + fn)
+    return {
+        "accuracy": _div(tp + tn, n),
+        "precision": precision,
+        "recall": recall,
+        "f1": _div(2 * precision * recall, precision + recall),
+        "yes_ratio": _div(tp + fp, n - unparsed),
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+        "n": n,
+        "n_unparsed": unparsed,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# generation health
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens: runs of letters, digits and apostrophes (punctuation dropped)."""
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def _ngrams(toks: Sequence[str], k: int) -> list[tuple[str, ...]]:
+    return [tuple(toks[i:i + k]) for i in range(len(toks) - k + 1)]
+
+
+def has_loop(toks: Sequence[str], n: int = 3, min_repeats: int = 3) -> bool:
+    """True when some ``k``-word n-gram (``1 <= k <= n``) occurs ``min_repeats`` times back to back.
+
+    "a red a red a red" -> the bigram ("a", "red") three times in a row -> True.
+    """
+    for k in range(1, n + 1):
+        span = k * min_repeats
+        for i in range(len(toks) - span + 1):
+            head = list(toks[i:i + k])
+            if all(list(toks[i + j * k:i + (j + 1) * k]) == head for j in range(1, min_repeats)):
+                return True
+    return False
+
+
+def generation_health(texts: Sequence[str], n: int = 3, loop_min_repeats: int = 3) -> dict[str, float]:
+    """Signals of a collapsed policy: length, diversity, loops and empty answers.
+
+    Tokens are :func:`words` (lower-cased, punctuation dropped). Over the ``len(texts)``
+    responses:
+
+    * ``mean_words``: mean token count per response (empty responses included, as 0).
+    * ``distinct_1`` / ``distinct_2``: unique unigrams (bigrams) / total unigrams (bigrams),
+      pooled over the whole set (Li et al. 2016); bigrams never span two responses. Li et al.
+      divide by the total number of *tokens*; dividing by the number of n-grams instead keeps
+      distinct-2 in [0, 1] and equal to 1 for a set with no repeated bigram.
+    * ``loop_rate``: share of responses for which :func:`has_loop` holds, i.e. some word
+      n-gram of length 1..``n`` repeats ``loop_min_repeats`` times consecutively.
+    * ``empty_rate``: share of responses with no tokens.
+
+    Every 0/0 (no texts, no bigrams) is reported as 0.0; ``n`` gives the number of texts.
+    """
+    toks = [words(t) for t in texts]
+    uni = [g for t in toks for g in _ngrams(t, 1)]
+    bi = [g for t in toks for g in _ngrams(t, 2)]
+    m = len(toks)
+    return {
+        "mean_words": _div(sum(len(t) for t in toks), m),
+        "distinct_1": _div(len(set(uni)), len(uni)),
+        "distinct_2": _div(len(set(bi)), len(bi)),
+        "loop_rate": _div(sum(has_loop(t, n, loop_min_repeats) for t in toks), m),
+        "empty_rate": _div(sum(not t for t in toks), m),
+        "n": m,
+    }
