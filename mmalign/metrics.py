@@ -39,15 +39,6 @@ Stat = Callable[[np.ndarray], float]
 # bootstrap
 
 
-def _check_args(n: int, n_boot: int, alpha: float) -> None:
-    if n == 0:
-        raise ValueError("bootstrap needs at least one item")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-
-
 def _resample_indices(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
     """Yield ``[rows, n]`` blocks of item indices drawn with replacement, ``n_boot`` rows in all.
 
@@ -62,6 +53,35 @@ def _resample_indices(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
         done += k
 
 
+def _bootstrap(arrays: Sequence[Sequence[float] | np.ndarray], replicate: Callable[..., np.ndarray],
+               n_boot: int, alpha: float, seed: int) -> tuple[float, float, float]:
+    """The one bootstrap loop every public function uses.
+
+    ``arrays``: per-item values, all ``[n]`` and indexed by the same items. ``replicate`` maps
+    the arrays resampled to ``[rows, n]`` (one index set applied to all, which is what makes
+    paired statistics paired) to ``[rows]`` statistics. Returns the statistic on the full data
+    (``replicate`` of the arrays as one row) and the percentile interval of the finite
+    replicates (NaN, NaN when there are none).
+    """
+    arrs = [np.asarray(x, dtype=float) for x in arrays]
+    if len({x.shape for x in arrs}) != 1:
+        raise ValueError(f"the arrays must score the same items, got shapes {[x.shape for x in arrs]}")
+    n = arrs[0].size
+    if n == 0:
+        raise ValueError("bootstrap needs at least one item")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    boot = np.concatenate([replicate(*(x[idx] for x in arrs)) for idx in _resample_indices(n, n_boot, seed)])
+    point = float(replicate(*(x[None, :] for x in arrs))[0])
+    boot = boot[np.isfinite(boot)]
+    if boot.size == 0:
+        return point, float("nan"), float("nan")
+    low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    return point, float(low), float(high)
+
+
 def _apply(stat: Stat, samples: np.ndarray) -> np.ndarray:
     """``stat`` on each row of ``samples`` ``[rows, n]`` -> ``[rows]``; vectorised for np.mean."""
     if stat is np.mean:
@@ -69,17 +89,10 @@ def _apply(stat: Stat, samples: np.ndarray) -> np.ndarray:
     return np.array([stat(row) for row in samples], dtype=float)
 
 
-def _interval(boot: np.ndarray, alpha: float) -> tuple[float, float]:
-    """Percentile interval of the finite bootstrap replicates; NaN, NaN when there are none."""
-    boot = boot[np.isfinite(boot)]
-    if boot.size == 0:
-        return float("nan"), float("nan")
-    low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
-
-
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray | float:
-    """``num / den`` with NaN where ``den == 0`` (the rate is undefined there)."""
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """Row-wise ``sum(num) / sum(den)`` of ``[rows, n]`` counts, NaN where the denominator is 0
+    (the rate is undefined there)."""
+    num, den = num.sum(axis=1), den.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den != 0, num / np.where(den != 0, den, 1), np.nan)
 
@@ -98,10 +111,7 @@ def bootstrap_ci(
     ``high`` are the ``alpha/2`` and ``1 - alpha/2`` quantiles (linear interpolation) of
     ``stat`` over ``n_boot`` resamples of the ``n`` items drawn with replacement.
     """
-    v = np.asarray(values, dtype=float)
-    _check_args(v.size, n_boot, alpha)
-    boot = np.concatenate([_apply(stat, v[idx]) for idx in _resample_indices(v.size, n_boot, seed)])
-    return (float(stat(v)), *_interval(boot, alpha))
+    return _bootstrap([values], lambda v: _apply(stat, v), n_boot, alpha, seed)
 
 
 def bootstrap_ratio_ci(
@@ -119,15 +129,7 @@ def bootstrap_ratio_ci(
     rate and is dropped before taking quantiles; if the full data's denominator is 0 the point
     estimate is NaN (and so, necessarily, are the bounds).
     """
-    num = np.asarray(numerators, dtype=float)
-    den = np.asarray(denominators, dtype=float)
-    if num.shape != den.shape:
-        raise ValueError(f"numerators {num.shape} and denominators {den.shape} differ in shape")
-    _check_args(num.size, n_boot, alpha)
-    boot = np.concatenate([
-        _ratio(num[idx].sum(axis=1), den[idx].sum(axis=1)) for idx in _resample_indices(num.size, n_boot, seed)
-    ])
-    return (float(_ratio(num.sum(), den.sum())), *_interval(boot, alpha))
+    return _bootstrap([numerators, denominators], _ratio, n_boot, alpha, seed)
 
 
 def paired_bootstrap_diff(
@@ -144,15 +146,7 @@ def paired_bootstrap_diff(
     resample draws one set of item indices and applies it to both, so the interval reflects
     the variance of the *difference*; identical inputs give exactly ``(0, 0, 0)``.
     """
-    va = np.asarray(a, dtype=float)
-    vb = np.asarray(b, dtype=float)
-    if va.shape != vb.shape:
-        raise ValueError(f"a {va.shape} and b {vb.shape} must score the same items")
-    _check_args(va.size, n_boot, alpha)
-    boot = np.concatenate([
-        _apply(stat, va[idx]) - _apply(stat, vb[idx]) for idx in _resample_indices(va.size, n_boot, seed)
-    ])
-    return (float(stat(va) - stat(vb)), *_interval(boot, alpha))
+    return _bootstrap([a, b], lambda va, vb: _apply(stat, va) - _apply(stat, vb), n_boot, alpha, seed)
 
 
 def paired_bootstrap_ratio_diff(
@@ -170,17 +164,8 @@ def paired_bootstrap_ratio_diff(
     two checkpoints); each resample applies one index set to all four. Resamples where either
     rate is undefined (denominator 0) are dropped, as in :func:`bootstrap_ratio_ci`.
     """
-    arrs = [np.asarray(x, dtype=float) for x in (num_a, den_a, num_b, den_b)]
-    if len({x.shape for x in arrs}) != 1:
-        raise ValueError(f"all four arrays must have the same shape, got {[x.shape for x in arrs]}")
-    na, da, nb, db = arrs
-    _check_args(na.size, n_boot, alpha)
-    boot = np.concatenate([
-        _ratio(na[idx].sum(axis=1), da[idx].sum(axis=1)) - _ratio(nb[idx].sum(axis=1), db[idx].sum(axis=1))
-        for idx in _resample_indices(na.size, n_boot, seed)
-    ])
-    point = float(_ratio(na.sum(), da.sum()) - _ratio(nb.sum(), db.sum()))
-    return (point, *_interval(boot, alpha))
+    return _bootstrap([num_a, den_a, num_b, den_b], lambda na, da, nb, db: _ratio(na, da) - _ratio(nb, db),
+                      n_boot, alpha, seed)
 
 
 # ---------------------------------------------------------------------------------------------
