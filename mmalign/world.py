@@ -426,15 +426,28 @@ def count_answer(n: int) -> str:
 
 
 def existence_question(scene: Scene, rng: random.Random, answer: bool | None = None) -> QA:
-    """ "Is there a red circle in the image?" about a present or absent (color, shape).
+    """ "Is there a red circle in the image?" about a present or absent (color, shape), or, a
+    third of the time, "Is there a circle in the image?" about a category alone.
 
-    Negatives are made half the time at random and half "adversarially" (POPE style): an absent
+    The category form is POPE's question (Li et al. 2023: "Is there a <object> in the image?");
+    the evaluation's POPE splits ask it, so the model must have seen it. Colour-and-shape
+    negatives are made half the time at random and half "adversarially" (POPE style): an absent
     pair that reuses a colour or a shape that *is* in the scene, which is the harder case.
+    ``meta["color"]`` is None for the category form.
     """
     if answer is None:
         answer = rng.random() < 0.5
     present = {(o.color, o.shape) for o in scene.objects}
+    shapes = sorted({s for _c, s in present})
+    absent_shapes = [s for s in SHAPES if s not in shapes]
     negative: str | None = None
+    color: str | None
+    if rng.random() < 1 / 3 and (answer or absent_shapes):
+        color, shape = None, rng.choice(shapes) if answer else rng.choice(absent_shapes)
+        negative = None if answer else "random"
+        template = rng.choice(("Is there {a} {s} in the image?", "Can you see {a} {s} in the picture?"))
+        q = template.format(a=article(shape), s=shape)
+        return QA("yesno_existence", q, yes_no(answer), answer, {"color": None, "shape": shape, "negative": negative})
     if answer:
         color, shape = rng.choice(sorted(present))
     else:

@@ -49,7 +49,7 @@ def truth_of(scene: dict, meta: dict, task: str) -> bool | int:
         return found[0]
 
     if task == "yesno_existence":
-        return any(o["color"] == meta["color"] and o["shape"] == meta["shape"] for o in objs)
+        return any(meta["color"] in (None, o["color"]) and o["shape"] == meta["shape"] for o in objs)
     if task == "yesno_attribute":
         return named(meta["subject"])[meta["attribute"]] == meta["value"]
     if task == "yesno_relation":
@@ -196,6 +196,11 @@ def test_question_forms(three: Scene) -> None:
     q = W.existence_question(three, rng, answer=False)
     assert re.fullmatch(r"(Is there|Does the image contain|Can you see) an? \w+ \w+.*\?", q.question)
     assert q.answer == "No." and (q.meta["color"], q.meta["shape"]) not in {(o.color, o.shape) for o in three.objects}
+    forms = [W.existence_question(three, random.Random(s), answer=False) for s in range(30)]
+    category = [f for f in forms if f.meta["color"] is None]
+    assert 3 <= len(category) <= 20, "about a third of existence questions are POPE's category form"
+    assert all(f.meta["shape"] not in {o.shape for o in three.objects} for f in category)
+    assert all(re.fullmatch(r"(Is there|Can you see) an? \w+ in the (image|picture)\?", f.question) for f in category)
     r = W.relation_question(three, rng, answer=True)
     assert r is not None and r.answer == "Yes."
     assert W.relation_question(Scene((three.objects[0],)), rng) is None
