@@ -17,7 +17,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 FIT = $(PY) -m mmalign.cli fit
 
-.PHONY: help install venv deps data tiny-model sft eval-sft demo test test-slow clean
+.PHONY: help install venv deps data tiny-model sft eval-sft eval eval-compare demo test test-slow clean
 
 help:
 	@echo "mmalign stages (make <target> [RUN=name] [SEED=n]); outputs under runs/<RUN>/"
@@ -28,7 +28,11 @@ help:
 	@echo "    |"
 	@echo "  sft         visual instruction tuning (mmalign fit, configs/sft/tiny.yaml) -> $(OUT)/sft/model"
 	@echo "    |"
-	@echo "  eval-sft    held-out captions: exact-caption rate, object hallucination -> $(OUT)/eval/sft"
+	@echo "  eval-sft    hallucination evaluation on 500 held-out scenes: CHAIR, AMBER-style per type,"
+	@echo "              POPE-style yes/no splits, 95% intervals -> $(OUT)/eval/sft/{report.md,metrics.json,chart.png}"
+	@echo ""
+	@echo "  eval CKPT=path [NAME=x]     evaluate any checkpoint the same way -> $(OUT)/eval/<NAME>"
+	@echo "  eval-compare RUNS=\"a b\"    side-by-side table + chart, paired differences vs the first -> $(OUT)/eval/compare"
 	@echo ""
 	@echo "  demo        all of the above, in order"
 	@echo "  test        the test suite (fast tests; 'make test-slow' for the slow ones)"
@@ -70,11 +74,26 @@ $(OUT)/sft/model/config.json: $(OUT)/tiny-model/build.json configs/sft/tiny.yaml
 	  --data.init_args.data_root $(OUT)/data
 
 eval-sft: deps $(OUT)/eval/sft/metrics.json
-$(OUT)/eval/sft/metrics.json: $(OUT)/sft/model/config.json data_pipelines/evaluate.py
-	$(PY) -m data_pipelines.evaluate --model $(OUT)/sft/model --data $(OUT)/data --split test --out $(OUT)/eval/sft
+EVAL = $(PY) -m mmalign.cli eval
+$(OUT)/eval/sft/metrics.json: $(OUT)/sft/model/config.json $(wildcard mmalign/eval/*.py)
+	$(EVAL) --model $(OUT)/sft/model --data $(OUT)/data --split test --out $(OUT)/eval/sft
+	@cat $(OUT)/eval/sft/report.md
+
+# Any checkpoint on the same held-out benchmark: make eval CKPT=runs/demo/sft/model NAME=sft-again
+CKPT ?=
+NAME ?= $(notdir $(patsubst %/,%,$(CKPT)))
+eval: deps
+	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=<checkpoint folder> [NAME=<name>] [RUN=$(RUN)]"; exit 2; }
+	$(EVAL) --model $(CKPT) --data $(OUT)/data --split test --out $(OUT)/eval/$(NAME)
+
+# make eval-compare RUNS="runs/demo/eval/sft runs/demo/eval/other"  (the first is the baseline)
+RUNS ?=
+eval-compare: deps
+	@test -n "$(RUNS)" || { echo "usage: make eval-compare RUNS=\"<eval folder> <eval folder> ...\""; exit 2; }
+	$(EVAL) compare $(RUNS) --out $(OUT)/eval/compare
 
 demo: data tiny-model sft eval-sft
-	@echo "demo done: see $(OUT)/eval/sft/metrics.json"
+	@echo "demo done: see $(OUT)/eval/sft/report.md (chart.png, metrics.json, generations.jsonl beside it)"
 
 # --- tests ----------------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """The ``data`` stage: sample synthetic scenes, render them, write SFT records.
 
     python -m data_pipelines.scenes --out runs/demo/data --seed 0 \\
-        --n-train 2000 --n-val 200 --n-test 200 --image-size 64
+        --n-train 2000 --n-val 200 --n-test 500 --image-size 64
 
 Output (all paths relative to ``--out``, the *data root*)::
 
@@ -341,7 +341,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=2000,
                    help="training scenes; each gives ~6 records (2 captions, 3 yes/no, 1 count)")
     p.add_argument("--n-val", type=int, default=200, help="validation scenes")
-    p.add_argument("--n-test", type=int, default=200, help="held-out test scenes (graphs never seen in train/val)")
+    p.add_argument("--n-test", type=int, default=500, help="held-out test scenes (graphs never seen in train/val)")
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels (the tiny model uses 64, patch 8)")
     p.add_argument("--min-objects", type=int, default=1, help="fewest objects per scene")
     p.add_argument("--max-objects", type=int, default=4, help="most objects per scene (more than ~6 rarely fit at 64 px)")

@@ -3,6 +3,8 @@
     mmalign fit --config configs/sft/tiny.yaml      # train any method (LightningCLI)
     mmalign fit --config configs/sft/tiny.yaml --print_config
     mmalign fit --config configs/sft/tiny.yaml --ckpt_path last   # resume
+    mmalign eval --model runs/demo/sft/model --data runs/demo/data --out runs/demo/eval/sft
+    mmalign eval compare runs/demo/eval/sft runs/demo/eval/other   # paired differences
 
 Every option of a method, a data module and the policy is a constructor argument; its docstring
 is the ``--help`` text and its name the YAML key (``mmalign fit --help``,
@@ -55,6 +57,14 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MMAlignCLI:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["eval"]:
+        # Evaluation is not training: a plain argparse CLI (mmalign/eval/cli.py), not LightningCLI.
+        from mmalign.eval.cli import main as eval_main
+
+        raise SystemExit(eval_main(list(args[1:])))
     # args=None lets LightningCLI read sys.argv itself (it warns when given both).
     cli_main(argv)
 
