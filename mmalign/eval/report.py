@@ -27,6 +27,11 @@ def _metric_defs() -> dict[str, S.Metric]:
     return out
 
 
+def _label(key: str, defs: Mapping[str, S.Metric]) -> str:
+    """A metric's printed name; distinct-n is computed outside the ratio metrics."""
+    return defs[key].label if key in defs else key.replace("_", "-")
+
+
 def fmt(v: Mapping[str, float] | None, percent: bool = True, signed: bool = False) -> str:
     """``42.0% [38.1, 46.2]`` / ``+3.1 [-0.4, 6.5]*`` (points) / ``n/a``."""
     if not v or v.get("value") is None or (isinstance(v["value"], float) and math.isnan(v["value"])):
@@ -81,8 +86,7 @@ def markdown_report(doc: Mapping[str, Any]) -> str:
             if key in shown:
                 continue
             d = defs.get(key)
-            label = d.label if d else key.replace("_", "-")
-            lines.append(f"| {label} | {fmt(v, d.percent if d else True)} |")
+            lines.append(f"| {_label(key, defs)} | {fmt(v, d.percent if d else True)} |")
         lines.append("")
     ys = _yesno_sections(doc)
     if ys:
@@ -192,7 +196,7 @@ def compare_markdown(cmp: Mapping[str, Any], names: Sequence[str]) -> str:
             for r in runs[1:]:
                 cells.append(fmt(cmp["metrics"][r]["sections"][section]["metrics"].get(key), pct))
                 cells.append(fmt(cmp["diffs"][r][section].get(key), pct, signed=True) if key in cmp["diffs"][r][section] else "")
-            lines.append(f"| {d.label if d else key} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_label(key, defs)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
