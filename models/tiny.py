@@ -185,6 +185,7 @@ def build_tiny_vlm(
     text_kv_heads: int | None = None,
     text_intermediate: int | None = None,
     max_position_embeddings: int = 2048,
+    text_init_std: float = 0.02,
     tie_word_embeddings: bool = False,
     seed: int = 0,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -213,6 +214,11 @@ def build_tiny_vlm(
         text_kv_heads: key/value heads (GQA); ``None`` = ``text_heads``.
         text_intermediate: decoder MLP width; ``None`` = 2 x ``text_hidden``.
         max_position_embeddings: decoder context length.
+        text_init_std: std of the normal init of the decoder and the projector
+            (``initializer_range``; the vision tower keeps CLIP's own init). 0.02 is transformers'
+            default; 0.08 (~1/sqrt(128)) was measured on the demo world and is no clear gain
+            (2000 SFT steps: exact captions 1.0 vs 0.5 percent, object hallucination 77.7 vs 78.0
+            percent; see the tiny.yaml notes).
         tie_word_embeddings: share the input embedding and the LM head.
         seed: torch seed for the random initialisation (same seed -> same weights).
 
@@ -242,6 +248,7 @@ def build_tiny_vlm(
         num_attention_heads=text_heads,
         num_key_value_heads=text_kv_heads,
         max_position_embeddings=max_position_embeddings,
+        initializer_range=text_init_std,
         tie_word_embeddings=tie_word_embeddings,
         **ids,
     )
@@ -441,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=helps.get(name))
         else:
-            parser.add_argument(flag, type=int, default=default, help=helps.get(name))
+            parser.add_argument(flag, type=float if isinstance(default, float) else int, default=default,
+                                help=helps.get(name))
     return parser
 
 

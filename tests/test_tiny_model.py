@@ -247,6 +247,19 @@ def test_default_sizes_parameter_band():
         assert 500_000 < count_parameters(model) < 3_000_000, family
 
 
+def test_text_init_std_sets_decoder_and_projector_init():
+    tok = train_tokenizer(corpus(20), vocab_size=300)
+    for std in (0.02, 0.08):
+        model, _ = build_tiny_vlm(tok, text_layers=1, vision_layers=1, text_init_std=std)
+        assert model.config.text_config.initializer_range == std
+        q = model.model.language_model.layers[0].self_attn.q_proj.weight
+        proj = model.model.multi_modal_projector.linear_2.weight
+        assert q.std().item() == pytest.approx(std, rel=0.1)
+        assert proj.std().item() == pytest.approx(std, rel=0.1)
+    # the CLI parses it as a float
+    assert tiny.build_parser().parse_args(["--data", "d", "--out", "o", "--text-init-std", "0.05"]).text_init_std == 0.05
+
+
 def test_bad_sizes_raise():
     tok = train_tokenizer(corpus(20), vocab_size=300)
     with pytest.raises(ValueError, match="multiple"):
