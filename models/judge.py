@@ -38,7 +38,7 @@ from urllib.parse import urlparse
 import torch
 
 from mmalign.collators import render
-from mmalign.feedback import Feedback, FeedbackError, FeedbackItem, check_feedback
+from mmalign.feedback import Feedback, FeedbackItem, check_feedback, check_items, item_where
 from mmalign.records import RecordError, load_image, resolve_image_path
 from models.policy import DTYPES, HFPolicy
 
@@ -290,7 +290,7 @@ class MMHalJudge:
         if self.processor is not None:
             images = None
             if self.use_image:
-                images = [[load_image(it.image, _where(it))] for it in items]
+                images = [[load_image(it.image, item_where(it))] for it in items]
             batch = dict(self.processor(text=texts, images=images, return_tensors="pt", padding=True,
                                         padding_side="left"))
         else:
@@ -315,7 +315,7 @@ class MMHalJudge:
         if self.max_positions is not None:
             for it, n_tok in zip(items, batch["attention_mask"].sum(1).tolist()):
                 if n_tok > self.max_positions:
-                    raise ValueError(f"{_where(it)}: the judge prompt is {n_tok} tokens, over the judge model's "
+                    raise ValueError(f"{item_where(it)}: the judge prompt is {n_tok} tokens, over the judge model's "
                                      f"max_position_embeddings={self.max_positions}")
         return {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
@@ -325,7 +325,8 @@ class MMHalJudge:
         softmax, not renormalised), one forward pass per batch."""
         from tqdm.auto import tqdm
 
-        self._check_items(items)
+        check_items(self.name, items, f"the judge ({self.path}) is shown the image (use_image=False judges text-only)"
+                    if self.use_image else None)
         self.model.eval()
         starts = range(0, len(items), self.batch_size)
         out = []
@@ -358,26 +359,6 @@ class MMHalJudge:
                 meta={"digit_probs": [float(p) for p in probs[i]], "digit_mass": float(mass[i])},
             ))
         return check_feedback(items, feedback, self.name)
-
-    def _check_items(self, items: Sequence[FeedbackItem]) -> None:
-        seen = set()
-        for it in items:
-            if not isinstance(it, FeedbackItem):
-                raise TypeError(f"{self.name}: items must be FeedbackItem, got {type(it).__name__}")
-            if it.id in seen:
-                raise FeedbackError(f"{self.name}: duplicate item id {it.id!r}")
-            seen.add(it.id)
-        for it in items:
-            if self.use_image and not it.image:
-                raise RecordError(
-                    f"{_where(it)}: the judge ({self.path}) is shown the image but the item has none; "
-                    "give its image path, or judge text-only with use_image=False")
-
-
-def _where(item: FeedbackItem) -> str:
-    source = item.meta.get("source") if item.meta else None
-    return f"item {item.id!r}" + (f" ({source})" if source else "")
-
 
 def _check_template(template: str) -> None:
     try:
