@@ -1,26 +1,82 @@
 """Supervised fine-tuning (visual instruction tuning): next-token loss on assistant turns.
 
-    loss = - (1 / N) * sum_{b, t : label[b, t] is scored} log p(label[b, t] | tokens < t, images)
+With ``lp[b, t] = log p(label[b, t] | tokens < t, images)``, ``m[b, t] = 1`` where ``label[b, t]``
+is scored (prompt, image and padding positions carry no loss), ``n_b = sum_t m[b, t]`` the
+scored tokens of example ``b`` and ``B`` the examples of the batch that have any (``n_b > 0``):
 
-N counts every scored token of the batch (prompt, image and padding positions carry no loss), as
-in LLaVA's instruction tuning.
+    "token"   (LLaVA's):  loss = - (1 / N) * sum_{b, t} m[b, t] * lp[b, t],   N = sum_b n_b
+    "example":            loss = - (1 / B) * sum_b (1 / n_b) * sum_t m[b, t] * lp[b, t]
+
+"token" weighs every scored token the same, so an example weighs in proportion to its answer
+length: next to ~39-token detailed captions a one-token "Yes." gets ~1 % of the gradient.
+"example" weighs every example the same, whatever its answer length.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
+import torch
+
 from mmalign.methods.base import PolicyModule
 from mmalign.ops import masked_mean
+from mmalign.policy import Policy
+
+LossNormalization = Literal["token", "example"]
+
+
+def sft_loss(logps: torch.Tensor, mask: torch.Tensor, normalization: LossNormalization = "token") -> torch.Tensor:
+    """Negative log-likelihood of the scored tokens, normalised per ``normalization``.
+
+    Args:
+        logps: ``(B, T)`` log-probabilities of the label tokens (any value where masked).
+        mask: ``(B, T)`` float, 1 where the token is scored.
+        normalization: "token" = mean over all scored tokens of the batch; "example" = mean over
+            each example's scored tokens, then mean over the examples that have any.
+
+    Returns:
+        A scalar; 0 when nothing is scored.
+    """
+    if normalization == "token":
+        return -masked_mean(logps, mask)
+    if normalization == "example":
+        n = mask.sum(dim=1)                                            # (B,) scored tokens per example
+        per_example = (logps * mask).sum(dim=1) / n.clamp(min=1)       # (B,) mean log-prob per example
+        has = (n > 0).to(per_example.dtype)                            # (B,) examples that count
+        return -masked_mean(per_example, has)
+    raise ValueError(f"loss normalization must be 'token' or 'example', not {normalization!r}")
 
 
 class SFTModule(PolicyModule):
-    """Visual instruction tuning of ``policy`` on chat records (see PolicyModule for options)."""
+    """Visual instruction tuning of ``policy`` on chat records (see PolicyModule for the other options).
+
+    Args:
+        loss_normalization: "token" = mean over all scored tokens of the batch (LLaVA's; long
+            answers dominate the gradient); "example" = mean over each example's scored tokens,
+            then over examples (every example weighs the same, whatever its answer length).
+    """
+
+    def __init__(self, policy: Policy, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 20,
+                 min_lr_ratio: float = 0.1, export_dir: str | None = None, merge_lora: bool = True,
+                 loss_normalization: LossNormalization = "token"):
+        if loss_normalization not in ("token", "example"):
+            raise ValueError(f"loss_normalization must be 'token' or 'example', not {loss_normalization!r}")
+        super().__init__(policy, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                         min_lr_ratio=min_lr_ratio, export_dir=export_dir, merge_lora=merge_lora)
+        # PolicyModule's save_hyperparameters reads this frame's arguments: loss_normalization
+        # is in self.hparams (and in checkpoints) like the other options.
 
     def _step(self, batch: dict, stage: str):
-        logps, mask = self.policy.completion_logprobs(batch)
-        loss = -masked_mean(logps, mask)
+        logps, mask = self.policy.completion_logprobs(batch)           # (B, T-1) each
+        loss = sft_loss(logps, mask, self.hparams.loss_normalization)
         bs = batch["input_ids"].shape[0]
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs)
         self.log(f"{stage}/tokens", mask.sum(), reduce_fx="sum", batch_size=bs)
+        if stage == "val":
+            # Both forms, so runs trained with either normalisation compare on the same scale.
+            with torch.no_grad():
+                for norm in ("token", "example"):
+                    self.log(f"val/loss_{norm}", sft_loss(logps, mask, norm), batch_size=bs)
         return loss
 
     def training_step(self, batch: dict, batch_idx: int):
