@@ -17,7 +17,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 FIT = $(PY) -m mmalign.cli fit
 
-.PHONY: help install venv deps data tiny-model sft eval-sft eval eval-compare demo test test-slow clean
+.PHONY: help install venv deps data tiny-model sft eval-sft eval eval-compare sample judge feedback demo test test-slow clean
 
 help:
 	@echo "mmalign stages (make <target> [RUN=name] [SEED=n]); outputs under runs/<RUN>/"
@@ -30,6 +30,12 @@ help:
 	@echo "    |"
 	@echo "  eval-sft    hallucination evaluation on 500 held-out scenes: CHAIR, AMBER-style per type,"
 	@echo "              POPE-style yes/no splits, 95% intervals -> $(OUT)/eval/sft/{report.md,metrics.json,chart.png}"
+	@echo ""
+	@echo "    |"
+	@echo "  sample      K=$(K) responses per train prompt from the SFT policy -> $(OUT)/sample/responses.jsonl"
+	@echo "    |         judge: the SFT model fine-tuned on yes/no questions only -> $(OUT)/judge/model"
+	@echo "  feedback    segments + object/attribute/relation labels, scores, critique, refinement from"
+	@echo "              SOURCE=$(SOURCE) (oracle|judge|detector), agreement with the oracle -> $(OUT)/feedback/$(SOURCE)"
 	@echo ""
 	@echo "  eval CKPT=path [NAME=x]     evaluate any checkpoint the same way -> $(OUT)/eval/<NAME>"
 	@echo "  eval-compare RUNS=\"a b\"    side-by-side table + chart, paired differences vs the first -> $(OUT)/eval/compare"
@@ -92,7 +98,35 @@ eval-compare: deps
 	@test -n "$(RUNS)" || { echo "usage: make eval-compare RUNS=\"<eval folder> <eval folder> ...\""; exit 2; }
 	$(EVAL) compare $(RUNS) --out $(OUT)/eval/compare
 
-demo: data tiny-model sft eval-sft
+# --- sampling and AI feedback --------------------------------------------------------------------
+
+K ?= 4
+SAMPLE_PROMPTS ?= 500
+sample: deps $(OUT)/sample/manifest.json
+$(OUT)/sample/manifest.json: $(OUT)/sft/model/config.json data_pipelines/sample.py
+	$(PY) -m data_pipelines.sample --model $(OUT)/sft/model --data $(OUT)/data --split train \
+	  --limit $(SAMPLE_PROMPTS) --k $(K) --seed $(SEED) --out $(OUT)/sample
+
+judge: deps $(OUT)/judge/model/config.json
+$(OUT)/judge/model/config.json: $(OUT)/sft/model/config.json configs/judge/tiny.yaml
+	$(FIT) --config configs/judge/tiny.yaml --seed_everything $(SEED) \
+	  --trainer.default_root_dir $(OUT)/judge \
+	  --model.init_args.policy.init_args.path $(OUT)/sft/model \
+	  --model.init_args.export_dir $(OUT)/judge/model \
+	  --data.init_args.train_file $(OUT)/data/train/sft.jsonl \
+	  --data.init_args.val_file $(OUT)/data/val/sft.jsonl \
+	  --data.init_args.data_root $(OUT)/data
+
+SOURCE ?= judge
+DETECTOR ?=
+FEEDBACK_MODEL = $(if $(filter judge,$(SOURCE)),--judge $(OUT)/judge/model,$(if $(filter detector,$(SOURCE)),--detector $(DETECTOR)))
+feedback: deps $(OUT)/feedback/$(SOURCE)/manifest.json
+$(OUT)/feedback/$(SOURCE)/manifest.json: $(OUT)/sample/manifest.json data_pipelines/feedback.py \
+    $(if $(filter judge,$(SOURCE)),$(OUT)/judge/model/config.json)
+	$(PY) -m data_pipelines.feedback --responses $(OUT)/sample --data $(OUT)/data --source $(SOURCE) \
+	  $(FEEDBACK_MODEL) --out $(OUT)/feedback/$(SOURCE)
+
+demo: data tiny-model sft eval-sft sample judge feedback
 	@echo "demo done: see $(OUT)/eval/sft/report.md (chart.png, metrics.json, generations.jsonl beside it)"
 
 # --- tests ----------------------------------------------------------------------------------------

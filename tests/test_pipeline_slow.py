@@ -35,6 +35,14 @@ def test_make_demo_end_to_end():
     assert caps["metrics"]["chair_i"]["value"] < 0.6
     for name in ("report.md", "chart.png", "generations.jsonl"):
         assert (out / "eval/sft" / name).stat().st_size > 0
+    # sample -> feedback with the judge source, measured against the oracle.
+    sampled = json.loads((out / "sample/manifest.json").read_text())["counts"]
+    assert sampled["prompts"] == 500 and sampled["responses"] + sampled.get("rejected_empty", 0) == 2000
+    fb = json.loads((out / "feedback/judge/report.json").read_text())
+    assert fb["source"] == "judge" and fb["counts"]["responses"] == sampled["responses"]
+    assert set(fb["agreement_with_oracle"]) == {"object", "attribute", "relation"}
+    assert fb["agreement_with_oracle"]["object"]["n"] > 1000
     # Unchanged inputs: a second `make demo` redoes nothing.
     again = subprocess.run(make, check=True, env=env, capture_output=True, text=True)
-    assert "mmalign.cli fit" not in again.stdout and "data_pipelines.scenes" not in again.stdout
+    for stage in ("mmalign.cli fit", "data_pipelines.scenes", "data_pipelines.sample", "data_pipelines.feedback"):
+        assert stage not in again.stdout, stage

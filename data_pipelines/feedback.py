@@ -1,0 +1,213 @@
+"""The ``feedback`` stage: label sampled responses with a feedback source.
+
+    python -m data_pipelines.feedback --responses runs/demo/sample --data runs/demo/data \\
+        --source judge --judge runs/demo/judge/model --out runs/demo/feedback
+
+Sources (one interface, ``mmalign.feedback.FeedbackSource``):
+
+* ``oracle``: checks every claim against the scene graph (``mmalign.oracle.WorldOracle``); exact,
+  the ground truth the others are measured against;
+* ``judge``: asks a judge model yes/no questions about each claim
+  (``models.feedback_sources.VLMJudgeSource``; any image-text-to-text checkpoint, ``--judge``);
+* ``detector``: a zero-shot object detector checks object existence
+  (``models.feedback_sources.DetectorSource``, ``--detector``).
+
+Each response is split into segments (``mmalign.segments``); each segment gets an object /
+attribute / relation label (hallucinated, correct, n/a), the response scores (faithfulness, and
+helpfulness where the source can tell) and DRESS-style critique and refinement text.
+
+Output (atomic, with ``manifest.json``): ``feedback.jsonl`` (the annotated-response records with
+``annotations`` filled), ``rejects.jsonl`` (input lines that could not be read, with the reason),
+``report.json`` / ``report.md``: label counts per type and, whenever scene graphs exist and the
+source is not the oracle, the source's agreement with the oracle per label type (precision and
+recall of "hallucinated" over segments, with 95% bootstrap intervals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from mmalign.feedback import HALLUCINATION_TYPES, FeedbackItem, check_feedback, feedback_to_json
+from mmalign.records import read_records
+from mmalign.stage import StageOutput, atomic_write_jsonl, atomic_write_text, is_up_to_date
+from mmalign.world import Scene
+
+STAGE = "feedback"
+SOURCES = {"oracle": None, "judge": "models.feedback_sources.VLMJudgeSource",
+           "detector": "models.feedback_sources.DetectorSource"}
+
+
+def load_scenes(data: Path) -> dict[str, Scene]:
+    """Absolute image path -> scene graph, over every split of the data stage."""
+    out = {}
+    for f in sorted(data.glob("*/scenes.jsonl")):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                d = json.loads(line)
+                out[str((data / d["image"]).resolve())] = Scene.from_dict(d)
+    return out
+
+
+def prompt_text(messages: list[dict]) -> str:
+    parts = [p["text"] for m in messages if m["role"] == "user" for p in m["content"]
+             if isinstance(p, dict) and p.get("type") == "text"]
+    return " ".join(parts)
+
+
+def agreement(source_fb: list, oracle_fb: list) -> dict[str, Any]:
+    """Per type: how the source's segment labels compare with the oracle's.
+
+    Over segments the oracle labels (not "n/a"): TP = both say hallucinated, FP = only the
+    source does, FN = only the oracle does. precision = TP/(TP+FP), recall = TP/(TP+FN), with
+    95% bootstrap intervals over *responses* (the segments of one response are not independent).
+    Both sides segment the same text with the same segmenter, so segments align by index.
+    """
+    from mmalign.metrics import bootstrap_ratio_ci
+
+    out: dict[str, Any] = {}
+    for t in HALLUCINATION_TYPES:
+        per = {"tp": [], "fp": [], "fn": [], "agree": [], "n": []}
+        for s, o in zip(source_fb, oracle_fb):
+            c = Counter()
+            for ss, os_ in zip(s.segments or [], o.segments or []):
+                ol, sl = os_.labels[t], ss.labels[t]
+                if ol == "n/a":
+                    continue
+                c["n"] += 1
+                c["agree"] += (sl == ol)
+                c["tp"] += (sl == "hallucinated" and ol == "hallucinated")
+                c["fp"] += (sl == "hallucinated" and ol != "hallucinated")
+                c["fn"] += (sl != "hallucinated" and ol == "hallucinated")
+            for k in per:
+                per[k].append(c[k])
+        res: dict[str, Any] = {k: int(sum(v)) for k, v in per.items()}
+        if res["n"]:
+            for name, num, den in (("precision", per["tp"], [a + b for a, b in zip(per["tp"], per["fp"])]),
+                                   ("recall", per["tp"], [a + b for a, b in zip(per["tp"], per["fn"])]),
+                                   ("accuracy", per["agree"], per["n"])):
+                if sum(den):
+                    v, lo, hi = bootstrap_ratio_ci(num, den, n_boot=1000)
+                    res[name] = {"value": v, "low": lo, "high": hi}
+        out[t] = res
+    return out
+
+
+def label_counts(fbs: list) -> dict[str, Any]:
+    counts: dict[str, Any] = {t: Counter() for t in HALLUCINATION_TYPES}
+    any_hal = Counter()
+    no_segments = 0
+    for fb in fbs:
+        if not fb.segments:
+            no_segments += 1
+            continue
+        for t in HALLUCINATION_TYPES:
+            labels = [s.labels[t] for s in fb.segments]
+            counts[t].update(labels)
+            any_hal[t] += "hallucinated" in labels
+    return {"segments": {t: dict(c) for t, c in counts.items()},
+            "responses_with_hallucination": dict(any_hal),
+            "responses": len(fbs), "responses_without_segments": no_segments}
+
+
+def _pct(v: dict | None) -> str:
+    return "n/a" if not v else f"{v['value']:.1%} [{v['low']:.1%}, {v['high']:.1%}]"
+
+
+def report_md(source: str, counts: dict, agree: dict | None) -> str:
+    lines = [f"# Feedback from `{source}`", "", f"{counts['responses']} responses "
+             f"({counts['responses_without_segments']} without any segment).", "",
+             "| type | hallucinated | correct | n/a | responses with a hallucination |", "|---|---|---|---|---|"]
+    for t in HALLUCINATION_TYPES:
+        c = counts["segments"][t]
+        lines.append(f"| {t} | {c.get('hallucinated', 0)} | {c.get('correct', 0)} | {c.get('n/a', 0)} | "
+                     f"{counts['responses_with_hallucination'].get(t, 0)} |")
+    if agree:
+        lines += ["", "Agreement with the oracle (segments the oracle labels; \"hallucinated\" is positive):", "",
+                  "| type | segments | precision | recall | accuracy |", "|---|---|---|---|---|"]
+        for t in HALLUCINATION_TYPES:
+            a = agree[t]
+            lines.append(f"| {t} | {a['n']} | {_pct(a.get('precision'))} | {_pct(a.get('recall'))} | "
+                         f"{_pct(a.get('accuracy'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--responses", required=True, type=Path, help="the sample stage's folder (responses.jsonl)")
+    ap.add_argument("--data", required=True, type=Path, help="the data stage's folder (images; scene graphs if any)")
+    ap.add_argument("--source", choices=sorted(SOURCES), default="oracle")
+    ap.add_argument("--judge", type=Path, help="judge checkpoint folder (--source judge)")
+    ap.add_argument("--detector", type=Path, help="zero-shot detector checkpoint folder (--source detector)")
+    ap.add_argument("--source-class", help="override the class path of the judge/detector source")
+    ap.add_argument("--batch-size", type=int, default=64, help="questions per judge call")
+    ap.add_argument("--trust-remote-code", action="store_true")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--force", action="store_true", help="re-run even when the output is up to date")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    model = {"judge": args.judge, "detector": args.detector}.get(args.source)
+    if args.source != "oracle" and model is None:
+        ap.error(f"--source {args.source} needs --{args.source} <checkpoint folder>")
+    responses = args.responses / "responses.jsonl" if args.responses.is_dir() else args.responses
+    config = {"source": args.source, "model": str(model) if model else None, "source_class": args.source_class}
+    inputs = [responses, args.data] + ([model / "config.json", *sorted(model.glob("*.safetensors"))] if model else [])
+    if not args.force and is_up_to_date(args.out, config, inputs):
+        print(f"{STAGE}: {args.out} up to date, skipping (--force to redo)")
+        return 0
+
+    from mmalign.oracle import WorldOracle
+
+    scenes = load_scenes(args.data)
+    with StageOutput(args.out, stage=STAGE, config=config, inputs=inputs) as st:
+        recs = read_records(responses, "annotated", data_root=args.data, check_images="exists", on_error="skip",
+                            rejects_path=st.path / "rejects.jsonl")
+        items = [FeedbackItem(id=r.id, prompt=prompt_text(r.prompt), response=r.response,
+                              image=r.images[0] if r.images else None, reference=r.meta.get("reference"),
+                              meta={"scene_id": r.meta.get("scene_id")}) for r in recs]
+        oracle = WorldOracle(scenes) if scenes else None
+        if args.source == "oracle":
+            if oracle is None:
+                ap.error(f"--source oracle needs scene graphs (<data>/<split>/scenes.jsonl) under {args.data}")
+            source = oracle
+        else:
+            from mmalign.eval.runner import load_component
+
+            kwargs: dict[str, Any] = {"path": str(model), "trust_remote_code": args.trust_remote_code}
+            if args.source == "judge":
+                kwargs.update(batch_size=args.batch_size, progress=not args.no_progress)
+            source = load_component(args.source_class or SOURCES[args.source], **kwargs)
+        fbs = source.annotate(items)
+        check_feedback(items, fbs)
+        agree = None
+        if oracle is not None and source is not oracle:
+            ofb = oracle.annotate(items)
+            agree = agreement(fbs, ofb)
+        counts = label_counts(fbs)
+        root = args.data.resolve()
+        rows = []
+        for r, fb in zip(recs, fbs):
+            row = r.to_json()
+            row["images"] = [str(Path(p).resolve().relative_to(root)) for p in r.images]
+            row["annotations"] = {"source": source.name, **feedback_to_json(fb)}
+            rows.append(row)
+        atomic_write_jsonl(st.path / "feedback.jsonl", rows)
+        report = {"source": source.name, "counts": counts, "agreement_with_oracle": agree}
+        atomic_write_text(st.path / "report.json", json.dumps(report, indent=2) + "\n")
+        md = report_md(source.name, counts, agree)
+        atomic_write_text(st.path / "report.md", md)
+        st.count("responses", len(rows))
+        for t in HALLUCINATION_TYPES:
+            for label, n in counts["segments"][t].items():
+                st.count(f"segments/{t}/{label}", n)
+    print(md)
+    print(f"-> {args.out / 'feedback.jsonl'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
