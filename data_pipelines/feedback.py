@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--judge", type=Path, help="judge checkpoint folder (--source judge)")
     ap.add_argument("--detector", type=Path, help="zero-shot detector checkpoint folder (--source detector)")
     ap.add_argument("--source-class", help="override the class path of the judge/detector source")
+    ap.add_argument("--teacher", type=Path,
+                    help="optional teacher language model (folder) that rewrites critique and refinement from the "
+                         "labels, as DRESS prompts GPT-4; prompts in --teacher-prompts")
+    ap.add_argument("--teacher-prompts", default="configs/feedback/teacher.yaml")
     ap.add_argument("--batch-size", type=int, default=64, help="questions per judge call")
     ap.add_argument("--trust-remote-code", action="store_true")
     ap.add_argument("--out", required=True, type=Path)
@@ -154,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.source != "oracle" and model is None:
         ap.error(f"--source {args.source} needs --{args.source} <checkpoint folder>")
     responses = args.responses / "responses.jsonl" if args.responses.is_dir() else args.responses
-    config = {"source": args.source, "model": str(model) if model else None, "source_class": args.source_class}
+    config = {"source": args.source, "model": str(model) if model else None, "source_class": args.source_class,
+              "teacher": str(args.teacher) if args.teacher else None,
+              "teacher_prompts": args.teacher_prompts if args.teacher else None}
     inputs = [responses, args.data] + ([model / "config.json", *sorted(model.glob("*.safetensors"))] if model else [])
     if not args.force and is_up_to_date(args.out, config, inputs):
         print(f"{STAGE}: {args.out} up to date, skipping (--force to redo)")
@@ -183,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
             source = load_component(args.source_class or SOURCES[args.source], **kwargs)
         fbs = source.annotate(items)
         check_feedback(items, fbs)
+        if args.teacher:
+            from mmalign.eval.runner import load_component
+
+            teacher = load_component("models.feedback_sources.TeacherCritic", path=str(args.teacher),
+                                     prompt_file=args.teacher_prompts, trust_remote_code=args.trust_remote_code)
+            fbs = check_feedback(items, teacher.rewrite_all(items, fbs))
         agree = None
         if oracle is not None and source is not oracle:
             ofb = oracle.annotate(items)
@@ -194,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             row = r.to_json()
             row["images"] = [str(Path(p).resolve().relative_to(root)) for p in r.images]
             row["annotations"] = {"source": source.name, **feedback_to_json(fb)}
+            if args.teacher:
+                row["annotations"]["critique_by"] = str(args.teacher)
             rows.append(row)
         atomic_write_jsonl(st.path / "feedback.jsonl", rows)
         report = {"source": source.name, "counts": counts, "agreement_with_oracle": agree}

@@ -109,3 +109,26 @@ def test_feedback_bad_input_is_counted_not_lost(world, sampled, tmp_path):
     assert len((out / "feedback.jsonl").read_text().splitlines()) == len(lines) - 1
     with pytest.raises(SystemExit):
         F.main(["--responses", str(broken), "--data", str(world), "--source", "judge", "--out", str(out)])
+
+
+def test_feedback_with_teacher_critic(world, model_dirs, sampled, tmp_path):
+    """--teacher: a tiny causal LM rewrites critique and refinement (its text is noise, but the
+    stage records it and keeps the oracle's labels)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(model_dirs["llava"])
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher"
+    LlamaForCausalLM(cfg).save_pretrained(teacher)
+    tok.save_pretrained(teacher)
+    out = tmp_path / "fb"
+    assert F.main(["--responses", str(sampled), "--data", str(world), "--source", "oracle", "--teacher", str(teacher),
+                   "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "feedback.jsonl").read_text().splitlines()]
+    assert rows and all(r["annotations"]["critique_by"] == str(teacher) for r in rows)
+    assert all(isinstance(r["annotations"]["critique"], str) for r in rows)
+    assert all(r["annotations"]["segments"] is not None for r in rows)
