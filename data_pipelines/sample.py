@@ -72,11 +72,13 @@ def sample(policy, records: list, k: int, temperature: float, top_p: float, max_
     collator = VisionChatCollator(policy.processor, max_length=1 << 16, mode="generate", on_overlength="error")
     loader = DataLoader(ChatDataset([_prompt_only(r) for r in records]), batch_size=batch_size, shuffle=False,
                         collate_fn=collator)
+    device = next(policy.parameters()).device
     out: list[list[str]] = []
     t0 = time.perf_counter()
     with torch.no_grad(), tqdm(total=len(records) * k, desc="sampling", unit="resp", disable=not progress,
                                file=sys.stderr, dynamic_ncols=True) as bar:
         for b, batch in enumerate(loader):
+            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             torch.manual_seed(seed + b)
             texts = policy.generate(batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                                     top_p=top_p, num_return_sequences=k)
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=32, help="prompts per generate() call")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, ...")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--force", action="store_true", help="re-run even when the output is up to date")
     ap.add_argument("--no-progress", action="store_true")
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     records = prompts_from(args.data, args.split, args.tasks, args.limit)
     if not records:
         ap.error(f"no {args.split} records with tasks {args.tasks} in {args.data}")
-    policy = load_component(args.policy_class, path=str(args.model)).eval()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    policy = load_component(args.policy_class, path=str(args.model)).eval().to(device)
     pid = policy_id(args.model)
     texts, secs = sample(policy, records, args.k, args.temperature, args.top_p, args.max_new_tokens,
                          args.batch_size, args.seed, progress=not args.no_progress)

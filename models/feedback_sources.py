@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import string
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from mmalign.collators import VisionChatCollator
 from mmalign.feedback import (
     Claim,
     Feedback,
@@ -136,8 +134,6 @@ class VLMJudgeSource:
         self.policy = HFPolicy(self.path, dtype=dtype, trust_remote_code=trust_remote_code)
         self.device = _device(device)
         self.policy.model.to(self.device).eval().requires_grad_(False)
-        self.collator = VisionChatCollator(self.policy.processor, max_length=1 << 16, mode="generate",
-                                           on_overlength="error")
 
     def ask(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
         """Greedy answers to ``(image path, question)`` pairs, in order; each distinct pair is
@@ -148,27 +144,12 @@ class VLMJudgeSource:
         answers = self._generate(list(unique))
         return [answers[unique[(str(p[0]), p[1])]] for p in pairs]
 
-    @torch.no_grad()
     def _generate(self, pairs: list[tuple[str, str]]) -> list[str]:
-        from tqdm.auto import tqdm
+        from mmalign.eval.runner import generate_answers
 
-        out: list[str] = []
-        n_batches = -(-len(pairs) // self.batch_size)
-        with tqdm(total=len(pairs), desc=self.name, unit="question", file=sys.stderr, dynamic_ncols=True,
-                  disable=not self.progress or n_batches <= 1) as bar:
-            for s in range(0, len(pairs), self.batch_size):
-                chunk = pairs[s: s + self.batch_size]
-                pil = {image: load_image(image, f"{self.name}: question {question!r}") for image, question in chunk}
-                batch = self.collator([
-                    {"images": [pil[image]],
-                     "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-                     "meta": {"source": f"{image}: {question!r}"}}
-                    for image, question in chunk])
-                batch = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-                texts = self.policy.generate(batch, max_new_tokens=self.max_new_tokens)
-                out += texts
-                bar.update(len(texts))
-        return out
+        show = self.progress and len(pairs) > self.batch_size
+        return generate_answers(self.policy, [(Path(i), q) for i, q in pairs], self.batch_size, self.max_new_tokens,
+                                self.name, progress=show)[0]
 
     def annotate(self, items: Sequence[FeedbackItem]) -> list[Feedback]:
         items = list(items)

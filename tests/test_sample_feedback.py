@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_pipelines import feedback as F
 from data_pipelines import sample as S
@@ -13,18 +14,16 @@ from mmalign.feedback import LABELS, feedback_from_json
 from mmalign.records import read_records
 
 
-class ScriptedPolicy:
+class ScriptedPolicy(torch.nn.Module):
     """A stand-in Policy (loaded by class path like HFPolicy) whose samples are scripted: the
     reference-like caption, an empty string and a hallucinating caption, in turn."""
 
     def __init__(self, path: str, **_):
+        super().__init__()
         from models.policy import HFPolicy
 
         self.processor = HFPolicy(path).processor
-        self.calls = 0
-
-    def eval(self):
-        return self
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # a device to move batches to
 
     def generate(self, batch, num_return_sequences=1, **_):
         n = batch["input_ids"].shape[0] * num_return_sequences

@@ -37,6 +37,7 @@ def _run_parser() -> argparse.ArgumentParser:
     m.add_argument("--policy-class", default=DEFAULT_POLICY,
                    help=f"Policy implementation to load --model with (default: {DEFAULT_POLICY})")
     m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    m.add_argument("--device", default="auto", help="where the model runs: auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
     m.add_argument("--trust-remote-code", action="store_true",
                    help="allow the checkpoint's own Python code (off by default: it runs arbitrary code)")
     b = ap.add_argument_group("benchmark (the synthetic world, or any of the published formats)")
@@ -122,8 +123,9 @@ def run_main(argv: list[str]) -> int:
     torch.manual_seed(args.seed)
     print(f"{bench.name}: {len(bench.items)} items in {len(bench.metric_sets)} sections; loading {model}",
           file=sys.stderr)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     policy = R.load_component(args.policy_class, path=str(model), dtype=args.dtype,
-                              trust_remote_code=args.trust_remote_code).eval()
+                              trust_remote_code=args.trust_remote_code).eval().to(device)
     judge = None
     if args.judge:
         judge = R.load_component(args.judge_class, path=args.judge, trust_remote_code=args.trust_remote_code)

@@ -252,18 +252,21 @@ class _Prompts(Dataset):
 def generate_answers(policy: Any, prompts: Sequence[tuple[Path, str]], batch_size: int, max_new_tokens: int,
                      desc: str, progress: bool = True) -> tuple[list[str], float]:
     """Greedy answers in prompt order, and the seconds it took. Batches are left-padded
-    (:class:`VisionChatCollator` in generate mode); images are decoded lazily, per batch."""
+    (:class:`VisionChatCollator` in generate mode), moved to the policy's device; images are
+    decoded lazily, per batch."""
     from tqdm.auto import tqdm
 
     if not prompts:
         return [], 0.0
     collator = VisionChatCollator(policy.processor, max_length=1 << 16, mode="generate", on_overlength="error")
     loader = DataLoader(_Prompts(prompts), batch_size=batch_size, shuffle=False, collate_fn=collator)
+    device = next(policy.parameters()).device
     out: list[str] = []
     t0 = time.perf_counter()
     with torch.no_grad(), tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress,
                                file=sys.stderr, dynamic_ncols=True) as bar:
         for batch in loader:
+            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             texts = policy.generate(batch, max_new_tokens=max_new_tokens)
             out += texts
             bar.update(len(texts))
