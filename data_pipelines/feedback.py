@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mmalign.feedback import HALLUCINATION_TYPES, FeedbackItem, check_feedback, feedback_to_json
-from mmalign.records import read_records
+from mmalign.records import read_records, read_scenes
 from mmalign.stage import StageOutput, atomic_write_jsonl, atomic_write_text, is_up_to_date
 from mmalign.world import Scene
 
@@ -44,13 +44,8 @@ SOURCES = {"oracle": None, "judge": "models.feedback_sources.VLMJudgeSource",
 
 def load_scenes(data: Path) -> dict[str, Scene]:
     """Absolute image path -> scene graph, over every split of the data stage."""
-    out = {}
-    for f in sorted(data.glob("*/scenes.jsonl")):
-        for line in f.read_text().splitlines():
-            if line.strip():
-                d = json.loads(line)
-                out[str((data / d["image"]).resolve())] = Scene.from_dict(d)
-    return out
+    return {str((data / image).resolve()): scene
+            for f in sorted(data.glob("*/scenes.jsonl")) for scene, image in read_scenes(f)}
 
 
 def prompt_text(messages: list[dict]) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from mmalign.collators import VisionChatCollator
+from mmalign.collators import VisionChatCollator, to_device
 from mmalign.data import ChatDataset
 from mmalign.records import read_records
 from mmalign.stage import StageOutput, atomic_write_jsonl, is_up_to_date, sha256_file
@@ -78,9 +78,8 @@ def sample(policy, records: list, k: int, temperature: float, top_p: float, max_
     with torch.no_grad(), tqdm(total=len(records) * k, desc="sampling", unit="resp", disable=not progress,
                                file=sys.stderr, dynamic_ncols=True) as bar:
         for b, batch in enumerate(loader):
-            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             torch.manual_seed(seed + b)
-            texts = policy.generate(batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+            texts = policy.generate(to_device(batch, device), max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
                                     top_p=top_p, num_return_sequences=k)
             # generate returns the k samples of each prompt next to each other
             out += [texts[i * k:(i + 1) * k] for i in range(len(texts) // k)]

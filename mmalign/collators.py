@@ -35,6 +35,11 @@ class OverlengthError(RecordError):
     """An example cannot fit ``max_length`` without cutting image tokens or all of its labels."""
 
 
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """``batch`` with its tensors on ``device`` (``meta`` and other non-tensors untouched)."""
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
 def render(processor: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 

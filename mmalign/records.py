@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Iterator, Literal
 from PIL import Image
 
 from mmalign.stage import atomic_write_jsonl
+from mmalign.world import Scene
 
 ROLES = ("system", "user", "assistant")
 # Pillow's own guard stops at ~179M pixels; a 64-megapixel cap is already far beyond any VLM input
@@ -368,4 +369,20 @@ def read_records(
         rp = Path(rejects_path) if rejects_path else path.with_suffix(path.suffix + ".rejects.jsonl")
         atomic_write_jsonl(rp, rejects)
         rep.rejects_path = str(rp)
+    return out
+
+
+def read_scenes(path: str | os.PathLike) -> list[tuple[Scene, str]]:
+    """The data stage's ``<split>/scenes.jsonl``: ``(scene graph, image path relative to the data
+    root)`` per line; a line that is not a scene record is a :class:`RecordError` at ``file:line``."""
+    path = Path(path)
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            out.append((Scene.from_dict(d), d["image"]))
+        except (ValueError, KeyError) as e:
+            raise RecordError(f"{path}:{i}: not a scene record: {e}") from None
     return out

@@ -188,3 +188,15 @@ def test_arbitrary_json_never_crashes_the_reader(value):
             schema.from_json(value, "f:1")
         except RecordError:
             pass
+
+
+def test_read_scenes_names_the_bad_line(world, tmp_path):
+    from mmalign.records import read_scenes
+
+    good = (world / "test" / "scenes.jsonl").read_text().splitlines()
+    scenes = read_scenes(world / "test" / "scenes.jsonl")
+    assert len(scenes) == len(good) and scenes[0][1].startswith("images/test/")
+    bad = tmp_path / "scenes.jsonl"
+    bad.write_text("\n".join([good[0], '{"scene_id": "x"}']) + "\n")
+    with pytest.raises(RecordError, match=rf"{bad}:2: not a scene record"):
+        read_scenes(bad)

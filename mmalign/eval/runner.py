@@ -30,12 +30,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmalign import world as W
-from mmalign.collators import VisionChatCollator
+from mmalign.collators import VisionChatCollator, to_device
 from mmalign.eval import summary as S
 from mmalign.eval.pope import STRATEGIES
 from mmalign.eval.vocab import ObjectVocabulary
 from mmalign.eval.world_bench import CAPTION_PROMPT, reference_stats, score_caption, world_questions, world_vocabulary
-from mmalign.records import RecordError, load_image, resolve_image_path
+from mmalign.records import RecordError, load_image, read_scenes, resolve_image_path
 from mmalign.stage import StageOutput, atomic_write_jsonl, atomic_write_text, read_jsonl
 
 DEFAULT_POLICY = "models.policy.HFPolicy"
@@ -95,19 +95,6 @@ class Benchmark:
 # benchmark builders
 
 
-def _read_scenes(path: Path) -> list[tuple[W.Scene, str]]:
-    out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-            out.append((W.Scene.from_dict(d), d["image"]))
-        except (ValueError, KeyError) as e:
-            raise RecordError(f"{path}:{i}: not a scene record: {e}") from None
-    return out
-
-
 def world_benchmark(data: Path, split: str = "test", limit: int = 0, seed: int = 0,
                     kinds: Sequence[str] = ("existence", "attribute", "relation"),
                     strategies: Sequence[str] = STRATEGIES, captions: bool = True,
@@ -121,10 +108,10 @@ def world_benchmark(data: Path, split: str = "test", limit: int = 0, seed: int =
     scenes_file = data / split / "scenes.jsonl"
     if not scenes_file.exists():
         raise FileNotFoundError(f"{scenes_file}: no such file; is {data} the data stage's folder (make data)?")
-    scenes = _read_scenes(scenes_file)[: limit or None]
+    scenes = read_scenes(scenes_file)[: limit or None]
     train_file = data / "train" / "scenes.jsonl"
     stats_from = train_file if train_file.exists() and split != "train" else scenes_file
-    stats = reference_stats(s for s, _ in (_read_scenes(stats_from) if stats_from != scenes_file else scenes))
+    stats = reference_stats(s for s, _ in (read_scenes(stats_from) if stats_from != scenes_file else scenes))
     by_image = {img: s for s, img in scenes}
     paths = {img: resolve_image_path(img, data, f"{scenes_file}: {s.scene_id}") for s, img in scenes}
     vocab = world_vocabulary()
@@ -266,8 +253,7 @@ def generate_answers(policy: Any, prompts: Sequence[tuple[Path, str]], batch_siz
     with torch.no_grad(), tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress,
                                file=sys.stderr, dynamic_ncols=True) as bar:
         for batch in loader:
-            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            texts = policy.generate(batch, max_new_tokens=max_new_tokens)
+            texts = policy.generate(to_device(batch, device), max_new_tokens=max_new_tokens)
             out += texts
             bar.update(len(texts))
     return out, time.perf_counter() - t0

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mmalign.metrics import _bootstrap, _ngrams, bootstrap_ratio_ci, paired_bootstrap_ratio_diff, words
+from mmalign.metrics import _bootstrap, _ngrams, bootstrap_ratio_ci, has_loop, paired_bootstrap_ratio_diff, words
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,6 @@ def yesno_row(pred: bool | None, label: bool) -> dict[str, int]:
 
 
 def health_row(text: str) -> dict[str, int]:
-    from mmalign.metrics import has_loop
-
     toks = words(text)
     return {"words": len(toks), "loop": int(has_loop(toks)), "empty": int(not toks)}
 
