@@ -30,16 +30,9 @@ import torch
 from mmalign.collators import VisionChatCollator, to_device
 from mmalign.data import ChatDataset
 from mmalign.records import read_records
-from mmalign.stage import StageOutput, atomic_write_jsonl, is_up_to_date, sha256_file
+from mmalign.stage import StageOutput, atomic_write_jsonl, checkpoint_id, is_up_to_date
 
 STAGE = "sample"
-
-
-def policy_id(model: Path) -> str:
-    """``<folder name>@<sha256 of the weights, 12 hex>``: which checkpoint made a response."""
-    weights = sorted(model.glob("*.safetensors"))
-    digest = sha256_file(weights[0])[:12] if weights else "no-weights"
-    return f"{model.name}@{digest}"
 
 
 def prompts_from(data: Path, split: str, tasks: list[str], limit: int) -> list:
@@ -126,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"no {args.split} records with tasks {args.tasks} in {args.data}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     policy = load_component(args.policy_class, path=str(args.model)).eval().to(device)
-    pid = policy_id(args.model)
+    pid = checkpoint_id(args.model)
     texts, secs = sample(policy, records, args.k, args.temperature, args.top_p, args.max_new_tokens,
                          args.batch_size, args.seed, progress=not args.no_progress)
     gen = {k: config[k] for k in ("temperature", "top_p", "max_new_tokens", "k", "seed")}

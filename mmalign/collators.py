@@ -36,8 +36,10 @@ class OverlengthError(RecordError):
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:
-    """``batch`` with its tensors on ``device`` (``meta`` and other non-tensors untouched)."""
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    """``batch`` with its tensors on ``device``, nested dicts included (``meta`` and other
+    non-tensors untouched)."""
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else to_device(v, device) if isinstance(v, dict) else v)
+            for k, v in batch.items()}
 
 
 def render(processor: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -180,3 +182,150 @@ class VisionChatCollator:
         batch["labels"] = labels
         batch["_overlength"] = overlength
         return batch
+
+
+# ------------------------------------------------------------------------------------------------
+# preference pairs
+
+
+PairLayout = Literal["shared_prompt", "concat"]
+
+
+@dataclass
+class PreferenceCollator:
+    """Collate preference pairs ``{"images", "prompt": [messages], "chosen": str, "rejected": str,
+    "meta"}`` for DPO-style losses, in one of two layouts.
+
+    ``"concat"`` (what TRL's DPOTrainer does): ``2B`` full rows, the ``B`` chosen conversations
+    then the ``B`` rejected ones, each with its own copy of the image and prompt; ``labels`` on
+    the assistant turn. Any model family works.
+
+    ``"shared_prompt"``: the ``B`` prompts once (left-padded, as for generation; ``batch["prompt"]``
+    holds their model inputs, images included) and the ``2B`` completions as token ids
+    (``completion_ids`` / ``completion_mask``, ``(2B, C)``, right-padded, rows interleaved
+    ``chosen_0, rejected_0, chosen_1, ...``). The policy encodes each image and prompt once and
+    runs both completions on the prompt's KV cache (``models.policy.pair_logprobs``): with ~80
+    image+prompt tokens and ~40 answer tokens, 160 instead of 240 token positions per pair go
+    through the decoder, and half the images through the vision tower. The completion tokens are
+    the tokens of the assistant turn exactly as the train-mode collator labels them (the chat
+    template's rendering of the turn after the generation prompt), so both layouts score the same
+    tokens (tests compare the log-probs).
+
+    Over-long pairs: a sequence is cut at ``max_length`` from the end (the completion), as the
+    train collator does; a pair whose prompt alone, images included, does not fit with at least
+    one completion token is dropped with a warning naming the record (``on_overlength="drop"``)
+    or raises. Both sides of a pair are always kept or dropped together.
+
+    Per-pair ``meta`` (ids, scores, reward margins, precomputed reference log-probs) is passed
+    through as ``batch["meta"]``, one dict per kept pair.
+    """
+
+    processor: Any
+    max_length: int = 1024
+    layout: PairLayout = "shared_prompt"
+    on_overlength: Literal["drop", "error"] = "drop"
+    dropped: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("shared_prompt", "concat"):
+            raise ValueError(f"layout must be 'shared_prompt' or 'concat', not {self.layout!r}")
+
+    def _drop(self, err: OverlengthError) -> None:
+        if self.on_overlength == "error":
+            raise err
+        self.dropped += 1
+        log.warning("dropped pair (%d so far): %s", self.dropped, err)
+
+    def __call__(self, examples: list[dict]) -> dict | None:
+        return self._concat(examples) if self.layout == "concat" else self._shared(examples)
+
+    def _concat(self, examples: list[dict]) -> dict | None:
+        inner = VisionChatCollator(self.processor, max_length=self.max_length, mode="train", train_on="last",
+                                   on_overlength="drop")
+        while examples:
+            rows = []
+            for i, ex in enumerate(examples):
+                for side in ("chosen", "rejected"):
+                    rows.append({"images": ex["images"], "messages": ex["prompt"] + [_assistant(ex[side])],
+                                 "meta": {"source": _where(ex), "pair": i, "side": side}})
+            # chosen rows first, then rejected rows: rows[0::2] then rows[1::2]
+            rows = rows[0::2] + rows[1::2]
+            with _quiet(log):
+                batch = inner(rows)
+            kept = [] if batch is None else [(m["pair"], m["side"]) for m in batch["meta"]]
+            complete = {i for i, _ in kept if (i, "chosen") in kept and (i, "rejected") in kept}
+            if batch is not None and len(complete) == len(examples) and len(kept) == 2 * len(examples):
+                batch["meta"] = [ex.get("meta", {}) for ex in examples]
+                batch["layout"] = "concat"
+                return batch
+            for i, ex in enumerate(examples):
+                if i not in complete:
+                    self._drop(OverlengthError(f"{_where(ex)}: the pair does not fit max_length={self.max_length} "
+                                               "without cutting image tokens or a whole answer"))
+            examples = [ex for i, ex in enumerate(examples) if i in complete]
+        return None
+
+    def _shared(self, examples: list[dict]) -> dict | None:
+        tok = self.processor.tokenizer
+        gen = VisionChatCollator(self.processor, max_length=self.max_length, mode="generate", on_overlength="error")
+        turns: list[tuple[list[int], list[int]]] = []
+        kept = []
+        for ex in examples:
+            prefix = render(self.processor, ex["prompt"], add_generation_prompt=True)
+            ids = []
+            for side in ("chosen", "rejected"):
+                through = render(self.processor, ex["prompt"] + [_assistant(ex[side])])
+                if not through.startswith(prefix):
+                    raise RecordError(f"{_where(ex)}: the chat template does not render the answer after the "
+                                      "generation prompt; use layout 'concat'")
+                ids.append(tok(through[len(prefix):], add_special_tokens=False)["input_ids"])
+            kept.append(ex)
+            turns.append((ids[0], ids[1]))
+        if not kept:
+            return None
+        prompt = gen([{"images": ex["images"], "messages": ex["prompt"], "meta": ex.get("meta", {})} for ex in kept])
+        prompt_lens = prompt["attention_mask"].sum(1).tolist()
+        ok = []
+        for i, (ex, n) in enumerate(zip(kept, prompt_lens)):
+            room = self.max_length - n
+            if room < 1 or not turns[i][0] or not turns[i][1]:
+                self._drop(OverlengthError(f"{_where(ex)}: prompt is {n} tokens (images included); "
+                                           f"max_length={self.max_length} leaves no room for the answers"))
+            else:
+                ok.append(i)
+        if len(ok) < len(kept):
+            if not ok:
+                return None
+            return self._shared([kept[i] for i in ok])
+        rows = []
+        for i, (c, r) in enumerate(turns):
+            room = self.max_length - prompt_lens[i]
+            rows += [c[:room], r[:room]]
+        width = max(len(x) for x in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        completion_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, x in enumerate(rows):
+            completion_ids[j, : len(x)] = torch.tensor(x, dtype=torch.long)
+            completion_mask[j, : len(x)] = 1
+        meta = prompt.pop("meta")
+        return {"prompt": prompt, "completion_ids": completion_ids, "completion_mask": completion_mask,
+                "meta": meta, "layout": "shared_prompt"}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+class _quiet:
+    """Silence a logger's warnings inside a block (the pair collator reports drops itself, per pair)."""
+
+    def __init__(self, logger: logging.Logger):
+        self.logger = logger
+
+    def __enter__(self):
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)

@@ -9,8 +9,15 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from mmalign.collators import VisionChatCollator
-from mmalign.records import ReadReport, SFTRecord, load_image, read_records
+from mmalign.collators import PairLayout, PreferenceCollator, VisionChatCollator
+from mmalign.records import (
+    PreferenceRecord,
+    ReadReport,
+    SFTRecord,
+    load_image,
+    message_text,
+    read_records,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +42,70 @@ class ChatDataset(Dataset):
         }
 
 
-class SFTDataModule(L.LightningDataModule):
+class _RecordDataModule(L.LightningDataModule):
+    """What the record-file DataModules share: reading (malformed records skipped into a
+    rejects file or raised, per ``on_error``), the processor taken from the trained policy, and
+    the loaders. Subclasses say which record kind, dataset and collator."""
+
+    kind = ""
+
+    def __init__(self):
+        super().__init__()
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.collator: Any = None
+        self.processor: Any = None
+
+    def set_processor(self, processor: Any) -> None:
+        self.processor = processor
+
+    def _records(self, path: str) -> list:
+        hp = self.hparams
+        rep = ReadReport(path)
+        recs = read_records(path, self.kind, data_root=hp.data_root, check_images=hp.check_images,
+                            on_error=hp.on_error, report=rep)
+        if rep.rejected:
+            log.warning("%s: %d malformed record(s) skipped, see %s", path, rep.rejected, rep.rejects_path)
+        return recs
+
+    def _read(self, path: str) -> Dataset:
+        raise NotImplementedError
+
+    def _make_collator(self) -> Any:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if self.collator is None:
+            if self.processor is None:
+                if self.trainer is None or not hasattr(self.trainer.lightning_module, "policy"):
+                    raise ValueError(f"{type(self).__name__} needs a processor: attach it to a trainer whose module "
+                                     "has a policy, or call set_processor()")
+                self.processor = self.trainer.lightning_module.policy.processor
+            self.collator = self._make_collator()
+        if self.train_set is None:
+            self.train_set = self._read(hp.train_file)
+            if hp.limit:
+                self.train_set.records = self.train_set.records[: hp.limit]
+        if self.val_set is None and hp.val_file:
+            self.val_set = self._read(hp.val_file)
+
+    def _sampler(self) -> Any:
+        return None
+
+    def _loader(self, ds: Dataset, shuffle: bool, sampler=None) -> DataLoader:
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                          num_workers=self.hparams.num_workers, collate_fn=self.collator,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True, sampler=self._sampler())
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
+
+
+class SFTDataModule(_RecordDataModule):
     """Visual instruction tuning data from JSONL files of SFT records.
 
     Args:
@@ -61,6 +131,8 @@ class SFTDataModule(L.LightningDataModule):
     model can never disagree on tokens; outside a trainer, pass one with ``set_processor``.
     """
 
+    kind = "sft"
+
     def __init__(
         self,
         train_file: str,
@@ -79,43 +151,20 @@ class SFTDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.train_set: ChatDataset | None = None
-        self.val_set: ChatDataset | None = None
-        self.collator: VisionChatCollator | None = None
-        self.processor: Any = None
-
-    def set_processor(self, processor: Any) -> None:
-        self.processor = processor
 
     def _read(self, path: str) -> ChatDataset:
         hp = self.hparams
-        rep = ReadReport(path)
-        recs = read_records(path, "sft", data_root=hp.data_root, check_images=hp.check_images,
-                            on_error=hp.on_error, report=rep)
-        if rep.rejected:
-            log.warning("%s: %d malformed record(s) skipped, see %s", path, rep.rejected, rep.rejects_path)
+        recs = self._records(path)
         if hp.tasks:
             recs = [r for r in recs if r.meta.get("task") in hp.tasks]
         if not recs:
             raise ValueError(f"{path}: no records left (tasks filter {hp.tasks})")
         return ChatDataset(recs)
 
-    def setup(self, stage: str | None = None) -> None:
+    def _make_collator(self) -> VisionChatCollator:
         hp = self.hparams
-        if self.collator is None:
-            if self.processor is None:
-                if self.trainer is None or not hasattr(self.trainer.lightning_module, "policy"):
-                    raise ValueError("SFTDataModule needs a processor: attach it to a trainer whose module has a "
-                                     "policy, or call set_processor()")
-                self.processor = self.trainer.lightning_module.policy.processor
-            self.collator = VisionChatCollator(self.processor, max_length=hp.max_length, mode="train",
-                                               train_on=hp.train_on, on_overlength=hp.on_overlength)
-        if self.train_set is None:
-            self.train_set = self._read(hp.train_file)
-            if hp.limit:
-                self.train_set.records = self.train_set.records[: hp.limit]
-        if self.val_set is None and hp.val_file:
-            self.val_set = self._read(hp.val_file)
+        return VisionChatCollator(self.processor, max_length=hp.max_length, mode="train", train_on=hp.train_on,
+                                  on_overlength=hp.on_overlength)
 
     def _sampler(self) -> WeightedRandomSampler | None:
         weights = self.hparams.task_weights
@@ -130,13 +179,79 @@ class SFTDataModule(L.LightningDataModule):
         w = [weights.get(r.meta.get("task"), 1.0) / counts[r.meta.get("task")] for r in recs]
         return WeightedRandomSampler(w, num_samples=len(recs), replacement=True)
 
-    def _loader(self, ds: Dataset, shuffle: bool, sampler=None) -> DataLoader:
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                          num_workers=self.hparams.num_workers, collate_fn=self.collator,
-                          persistent_workers=self.hparams.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True, sampler=self._sampler())
+class PreferenceDataset(Dataset):
+    """Preference records as :class:`~mmalign.collators.PreferenceCollator` examples; images
+    decoded lazily. ``meta`` carries the record's extra fields (reward margins, precomputed
+    reference log-probs, scores) with ``id`` and ``source`` (``file:line``) for errors."""
 
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
+    def __init__(self, records: list[PreferenceRecord]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        where = r.meta.get("source", r.id)
+        return {
+            "images": [load_image(p, where) for p in r.images],
+            "prompt": r.prompt,
+            "chosen": message_text(r.chosen[0]),
+            "rejected": message_text(r.rejected[0]),
+            "meta": {**{k: v for k, v in r.meta.items() if k != "source"}, "id": r.id, "source": where,
+                     "score_chosen": r.score_chosen, "score_rejected": r.score_rejected},
+        }
+
+
+class PreferenceDataModule(_RecordDataModule):
+    """Preference pairs (``chosen`` preferred over ``rejected`` for one image + prompt) from
+    JSONL files of preference records (TRL's vision preference format, see
+    :class:`mmalign.records.PreferenceRecord`; ``make prefs`` writes them).
+
+    Args:
+        train_file: JSONL of preference records.
+        val_file: optional held-out JSONL for validation loss / reward accuracy.
+        data_root: folder that image paths are relative to (default: each file's folder).
+        limit: use at most this many training pairs (0 = all), for quick runs.
+        batch_size: pairs per step (each pair is two sequences).
+        num_workers: DataLoader worker processes.
+        max_length: longest sequence in tokens (image tokens + prompt + one answer).
+        layout: "shared_prompt" encodes each image and prompt once per pair and scores both
+            answers on the prompt's KV cache (faster; decoder-only families with 1-D positions);
+            "concat" runs chosen and rejected as two full rows (any family; what TRL does).
+            Both give the same log-probs (see PreferenceCollator).
+        on_overlength: "drop" over-long pairs with a warning and a count, or "error".
+        check_images: "exists", "decode" (find corrupt images up front) or "none".
+        on_error: "raise" at the first malformed record, or "skip" it into a rejects file.
+    """
+
+    kind = "preference"
+
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str | None = None,
+        data_root: str | None = None,
+        limit: int = 0,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        max_length: int = 512,
+        layout: PairLayout = "shared_prompt",
+        on_overlength: Literal["drop", "error"] = "drop",
+        check_images: Literal["none", "exists", "decode"] = "exists",
+        on_error: Literal["raise", "skip"] = "raise",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+
+    def _read(self, path: str) -> PreferenceDataset:
+        recs = self._records(path)
+        if not recs:
+            raise ValueError(f"{path}: no preference records")
+        return PreferenceDataset(recs)
+
+    def _make_collator(self) -> PreferenceCollator:
+        hp = self.hparams
+        return PreferenceCollator(self.processor, max_length=hp.max_length, layout=hp.layout,
+                                  on_overlength=hp.on_overlength)

@@ -33,6 +33,23 @@ class Policy(nn.Module, abc.ABC):
     def completion_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs of the labelled (completion) tokens: ``(logps, mask)``, ``(B, T-1)``."""
 
+    def forward_hidden(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, T, V)`` and the last layer's hidden states ``(B, T, H)`` in one forward
+        pass (reward and value heads read the hidden states; the LM loss reads the logits)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose hidden states")
+
+    def pair_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token log-probs of both completions of a preference batch
+        (:class:`mmalign.collators.PreferenceCollator`): ``(chosen_logps, chosen_mask,
+        rejected_logps, rejected_mask)``, each ``(B, T)``, 0 / mask 0 where not scored.
+
+        The base implementation handles the ``"concat"`` layout (``2B`` full rows, chosen first)
+        with :meth:`completion_logprobs`; adapters that can share the prompt's KV cache override
+        it for ``"shared_prompt"``."""
+        if batch.get("layout") != "concat":
+            raise NotImplementedError(f"{type(self).__name__} only supports the 'concat' pair layout")
+        return split_concat(*self.completion_logprobs(batch))
+
     @abc.abstractmethod
     def generate(self, batch: dict, **generation_kwargs: Any) -> list[str]:
         """Decode completions for a left-padded prompt batch; returns the new text only."""
@@ -53,3 +70,10 @@ class Policy(nn.Module, abc.ABC):
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
+
+
+def split_concat(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(2B, T)`` log-probs of a ``"concat"`` pair batch (chosen rows, then rejected rows) ->
+    ``(chosen_logps, chosen_mask, rejected_logps, rejected_mask)``, each ``(B, T)``."""
+    b = logps.shape[0] // 2
+    return logps[:b], mask[:b], logps[b:], mask[b:]

@@ -73,6 +73,15 @@ def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def checkpoint_id(model: PathLike) -> str:
+    """``<folder name>@<sha256 of the first weights file, 12 hex>``: which checkpoint made a
+    response or a reference log-prob, recorded beside it."""
+    model = Path(model)
+    weights = sorted(model.glob("*.safetensors"))
+    digest = sha256_file(weights[0])[:12] if weights else "no-weights"
+    return f"{model.name}@{digest}"
+
+
 def input_hash(path: PathLike) -> str:
     """Content hash of one stage input.
 

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from mmalign.ops import token_logprobs
-from mmalign.policy import Policy
+from mmalign.policy import Policy, split_concat
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,19 @@ class HFPolicy(Policy):
     def completion_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return token_logprobs(self.forward(batch), batch["labels"])
 
+    def pair_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return pair_logprobs(self.model, batch)
+
+    def forward_hidden(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(**Policy.model_inputs(batch), use_cache=False, output_hidden_states=True)
+        return out.logits, out.hidden_states[-1]
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the decoder's hidden states (what a score or value head reads)."""
+        cfg = self.model.config
+        return getattr(cfg, "text_config", cfg).hidden_size
+
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int = 128, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, num_return_sequences: int = 1) -> list[str]:
@@ -161,7 +176,7 @@ class HFPolicy(Policy):
                          num_return_sequences)
 
     @contextlib.contextmanager
-    def reference(self) -> Iterator["ReferenceView"]:
+    def reference(self) -> Iterator[ReferenceView]:
         if self.is_lora:
             with self.model.disable_adapter():
                 yield ReferenceView(self.model, self.processor)
@@ -210,11 +225,64 @@ class ReferenceView:
     def completion_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return token_logprobs(self.forward(batch), batch["labels"])
 
+    def pair_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return pair_logprobs(self.model, batch)
+
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
                  top_p: float = 1.0, num_return_sequences: int = 1) -> list[str]:
         return _generate(self.model, self.processor, batch, max_new_tokens, do_sample, temperature, top_p,
                          num_return_sequences)
+
+
+def pair_logprobs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the chosen and rejected completions of a preference batch
+    (:class:`mmalign.collators.PreferenceCollator`), ``(chosen_logps, chosen_mask,
+    rejected_logps, rejected_mask)``, each ``(B, T)``.
+
+    ``"concat"``: one forward over the ``2B`` full rows. ``"shared_prompt"``: one forward over
+    the ``B`` left-padded prompts (images encoded once) that fills the KV cache, the cache
+    repeated for the two completions of each pair, then one forward over the ``2B`` completions
+    on it. Gradients flow through the cache into the prompt pass. Positions follow the attention
+    mask (``cumsum - 1``), so a left-padded prompt gets the positions it has unpadded, exactly as
+    in the concat rows: the two layouts give the same log-probs up to float rounding.
+    """
+    if batch.get("layout") == "concat":
+        return split_concat(*token_logprobs(HFPolicy._logits(model, batch), batch["labels"]))
+    if batch.get("layout") != "shared_prompt":
+        raise ValueError(f"unknown pair layout {batch.get('layout')!r}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "get_rope_index") or hasattr(getattr(base, "model", None), "get_rope_index"):
+        # Qwen2-VL style multimodal RoPE: positions are 3-D and depend on the image grid; a cache
+        # continuation would need them recomputed. The concat layout is exact for these.
+        raise ValueError(f"{type(base).__name__} uses multimodal rotary positions; use the 'concat' pair layout "
+                         "(data.init_args.layout: concat)")
+    prompt = Policy.model_inputs(batch["prompt"])
+    p_mask = prompt["attention_mask"]
+    p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(**prompt, position_ids=p_pos, use_cache=True)
+    # transformers 5 renamed past_key_values to cache (argument and output); accept both.
+    cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        # transformers turns the cache off under gradient checkpointing in training mode.
+        raise ValueError("the 'shared_prompt' pair layout needs the model's KV cache, and this model returned none "
+                         "(gradient checkpointing disables it): use data.init_args.layout: concat")
+    cache.batch_repeat_interleave(2)                                   # rows: c0, r0, c1, r1, ...
+    ids, c_mask = batch["completion_ids"], batch["completion_mask"]    # (2B, C)
+    c_pos = p_pos[:, -1:].repeat_interleave(2, dim=0) + 1 + torch.arange(ids.shape[1], device=ids.device)
+    attn = torch.cat([p_mask.repeat_interleave(2, dim=0), c_mask], dim=1)
+    out2 = model(input_ids=ids, attention_mask=attn, position_ids=c_pos, use_cache=True,
+                 **{cache_kw: cache})
+    # The prompt's last logits predict each completion's first token; completion logits [:-1] the rest.
+    logits = torch.cat([out.logits[:, -1:].repeat_interleave(2, dim=0), out2.logits[:, :-1]], dim=1)
+    logits = logits.float()
+    logps = torch.gather(logits, -1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    mask = c_mask.to(logps.dtype)
+    logps = logps * mask
+    return logps[0::2], mask[0::2], logps[1::2], mask[1::2]
 
 
 def _generate(model, processor, batch, max_new_tokens, do_sample, temperature, top_p, num_return_sequences):
