@@ -1,0 +1,523 @@
+"""The ``prefs`` stage: ranked responses per prompt and every preference pair among them (MM-RLHF).
+
+    python -m data_pipelines.prefs --feedback runs/demo/feedback/oracle --data runs/demo/data \\
+        --out runs/demo/prefs [--inject-per-prompt 2] [--include-reference] [--val-fraction 0.1] \\
+        [--weights faithfulness=0.7,helpfulness=0.3] [--min-margin 0] [--seed 0]
+
+MM-RLHF (Zhang et al. 2025, "MM-RLHF: The Next Step Forward in Multimodal LLM Alignment") ranks
+several responses to one (image, prompt) by per-dimension scores and trains MM-DPO on *every*
+ranked pair with a strict preference, not only best against worst. This stage builds that data
+from the feedback stage:
+
+* the policy's own samples (``source: "sample"``) with the scores, critique and refinement the
+  feedback source gave them;
+* ``--inject-per-prompt`` extra, worse responses per prompt (``source: "inject:<kind>"``):
+  :func:`mmalign.inject.inject` adds one object / attribute / relation hallucination to a sample
+  (the best-scored one it can edit; kinds rotate per prompt, drawn with a per-prompt rng
+  seeded by ``--seed`` and the prompt id), so the pair (sample, injected copy) differs only in
+  that hallucination;
+* with ``--include-reference``, the data set's reference answer (``source: "reference"``).
+
+Scores. When the feedback source is the oracle, injected and reference responses are scored by
+the same :class:`mmalign.oracle.WorldOracle` on the prompt's scene graph, so one ranking has one
+scale. With another source (a judge), ``--inject-scoring parent`` (the ``auto`` choice then)
+gives an injected response its parent's scores from that source moved by the oracle's change
+between parent and copy, so a copy never outranks the sample it was made from because of a
+scale difference; ``oracle`` uses the oracle's scores as they are. Every response records
+``scored_by``. ``overall`` = weighted mean of the ``--weights`` dimensions (rounded to 1e-10,
+so float noise never makes a preference). Identical texts (after stripping) are kept once per
+prompt; a tie in ``overall`` makes no pair, nor does a margin under ``--min-margin``.
+
+Output (atomic, with ``manifest.json`` holding the input hashes, so an unchanged re-run is
+skipped):
+
+* ``ranked.jsonl``: one record per prompt: ``id``, ``images``, ``prompt``, ``split``,
+  ``scene_id``, ``task`` and ``responses`` best first, each ``{"text", "source", "scores",
+  "overall", "critique", "refinement", "scored_by"}`` (+ ``sample_id``, or ``injection`` with
+  the kind, the changed span and ``parent_rank``);
+* ``train/pairs.jsonl``, ``val/pairs.jsonl``: :class:`mmalign.records.PreferenceRecord` s, one
+  per pair ``(i, j)`` of :func:`mmalign.losses.dpo.all_pairs` over the ranking, id
+  ``<prompt id>-<i>-<j>`` with ``i``, ``j`` = positions in the ranking (0 = best), plus meta
+  ``prompt_id``, ``chosen_rank``, ``rejected_rank``, ``scores_*``, ``critique_*``, ``source_*``,
+  ``task``. A prompt goes wholly to val when a hash of its id falls under ``--val-fraction``;
+  the split does not depend on the seed, so it is stable across runs;
+* ``report.json`` / ``report.md``: prompts, responses per source, injections made and why some
+  could not be, pairs per split, who is chosen (sample / injected / reference), margins, score
+  distributions per source;
+* ``rejects.jsonl``: input lines that could not be used (``--on-error skip``), with the reason.
+
+A line that cannot be used (malformed JSON or record, no feedback, a weighted score missing, no
+scene graph for its image when one is needed) stops the stage with ``file:line: what is wrong``,
+or with ``--on-error skip`` goes to ``rejects.jsonl`` and is counted. A NaN or infinite score is
+always an error: it means the feedback source is broken, and dropping such lines would bias the
+data towards the responses it could score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_pipelines.feedback import load_scenes, prompt_text
+from mmalign.feedback import FeedbackError, FeedbackItem, feedback_from_json
+from mmalign.inject import INJECTION_KINDS, inject
+from mmalign.ranking import (
+    distribution,
+    overall,
+    parse_stage_args,
+    parse_weights,  # noqa: F401  (re-exported: prefs.parse_weights is this stage's --weights parser)
+    rank,
+    ranked_pairs,
+    split_of,  # no seed here: the split does not depend on --seed
+)
+from mmalign.records import (
+    AnnotatedResponse,
+    RecordError,
+    iter_jsonl,
+    resolve_image_path,
+)
+from mmalign.stage import (
+    StageOutput,
+    atomic_write_jsonl,
+    atomic_write_text,
+    is_up_to_date,
+)
+from mmalign.world import Scene
+
+STAGE = "prefs"
+SOURCES = ("sample", *(f"inject:{k}" for k in INJECTION_KINDS), "reference")
+DEFAULT_WEIGHTS = "faithfulness=0.7,helpfulness=0.3"
+
+
+class ScoreError(ValueError):
+    """A NaN/inf score: never skipped (see the module docstring)."""
+
+
+@dataclass
+class Response:
+    """One ranked response; ``parent`` is the sample an injected copy was made from."""
+
+    text: str
+    source: str
+    scores: dict[str, float]
+    overall: float
+    critique: str | None
+    refinement: str | None
+    scored_by: str
+    sample_id: str | None = None
+    injection: dict[str, Any] | None = None
+    parent: Response | None = None
+
+    def to_json(self, ranked: list[Response]) -> dict[str, Any]:
+        d: dict[str, Any] = {"text": self.text, "source": self.source, "scores": self.scores,
+                             "overall": self.overall, "critique": self.critique, "refinement": self.refinement,
+                             "scored_by": self.scored_by}
+        if self.sample_id is not None:
+            d["sample_id"] = self.sample_id
+        if self.injection is not None:
+            d["injection"] = {**self.injection, "parent_rank": next(k for k, r in enumerate(ranked) if r is self.parent)}
+        return d
+
+
+@dataclass
+class Prompt:
+    """The annotated samples of one (images, prompt), in file order."""
+
+    id: str
+    images: list[str]  # relative to the data root, as written
+    image: str | None  # absolute path of the first image (what the oracle looks up)
+    prompt: list[dict]
+    scene: Scene | None
+    scene_id: str | None
+    task: str | None
+    reference: str | None
+    where: str  # file:line of the first sample
+    samples: list[Response] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# scores
+
+
+def weighted_scores(scores: dict[str, Any], weights: dict[str, float], where: str) -> tuple[dict[str, float], float]:
+    """The weighted dimensions of ``scores`` and their weighted mean (the overall score).
+
+    A missing dimension is a :class:`RecordError`; a non-number or NaN/inf a :class:`ScoreError`.
+    """
+    missing = [d for d in weights if d not in scores]
+    if missing:
+        raise RecordError(f"{where}: feedback has no {', '.join(map(repr, missing))} score (it has "
+                          f"{sorted(scores) or 'none'}); pass --weights with the dimensions the source gives, "
+                          "e.g. --weights faithfulness=1")
+    out = {}
+    for d in weights:
+        v = scores[d]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ScoreError(f"{where}: score {d!r} is {v!r}; scores must be finite numbers (is the feedback "
+                             "source broken?)")
+        out[d] = float(v)
+    # rounded, so two weightings of equal scores never differ by float noise and make a pair
+    return out, overall(out, weights, ndigits=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def read_feedback(path: Path, data: Path, weights: dict[str, float], scenes: dict[str, Scene] | None,
+                  on_error: str, rejects: list[dict], max_chars: int = 20_000) -> list[Prompt]:
+    """The feedback stage's annotated responses, grouped by prompt (first-seen order).
+
+    The prompt id is the sample stage's ``source_id`` (else a hash of images + prompt). With
+    ``scenes`` given, each prompt needs a scene graph for its image (or ``scene_id``). Unusable
+    lines raise :class:`RecordError` (``file:line: ...``), or with ``on_error="skip"`` are
+    appended to ``rejects`` as ``{"line", "reason", "error", "record"}``.
+    """
+    root = data.resolve()
+    by_id = {s.scene_id: s for s in (scenes or {}).values() if s.scene_id}
+    prompts: dict[str, Prompt] = {}
+    seen: dict[str, int] = {}
+    for lineno, obj, err in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        reason = "malformed record"  # what is being checked when an error is raised
+        try:
+            if err:
+                raise RecordError(f"{where}: {err}")
+            if not isinstance(obj, dict):
+                raise RecordError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+            rec = AnnotatedResponse.from_json(obj, where, max_chars=max_chars)
+            reason = "duplicate id"
+            if rec.id in seen:
+                raise RecordError(f"{where}: duplicate id {rec.id!r} (first at line {seen[rec.id]})")
+            reason = "image"
+            images = [resolve_image_path(rel, root, where) for rel in rec.images]
+            for rel, full in zip(rec.images, images):
+                if not full.is_file():
+                    raise RecordError(f"{where}: image {rel!r} not found under {root}")
+            reason = "no feedback"
+            if not rec.annotations:
+                raise RecordError(f"{where}: no feedback (empty 'annotations'; run the feedback stage on the "
+                                  "sample stage's output first)")
+            try:
+                fb = feedback_from_json(rec.annotations)
+            except FeedbackError as e:
+                raise RecordError(f"{where}: unusable feedback: {e}") from None
+            if not isinstance(fb.scores, dict):
+                raise RecordError(f"{where}: feedback scores must be an object, got {type(fb.scores).__name__}")
+            reason = "missing score"
+            scores, overall = weighted_scores(fb.scores, weights, where)
+            pid = rec.meta.get("source_id")
+            if not isinstance(pid, str) or not pid:
+                blob = json.dumps([rec.images, rec.prompt], sort_keys=True)
+                pid = "p-" + hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
+            reason = "prompt mismatch"
+            rel_images = [str(p.relative_to(root)) for p in images]
+            p = prompts.get(pid)
+            if p is not None and (p.images != rel_images or p.prompt != rec.prompt):
+                raise RecordError(f"{where}: prompt {pid!r} has other images or messages than at {p.where}")
+            if p is None:
+                sid = rec.meta.get("scene_id")
+                scene = None
+                if scenes is not None:
+                    reason = "no scene"
+                    scene = (scenes.get(str(images[0])) if images else None) or by_id.get(sid)
+                    if scene is None:
+                        raise RecordError(f"{where}: no scene graph for image {rec.images[:1]} (scene_id {sid!r}) "
+                                          f"in {data}/*/scenes.jsonl; injection and reference scoring need one")
+                ref = rec.meta.get("reference")
+                p = Prompt(id=pid, images=rel_images, image=str(images[0]) if images else None, prompt=rec.prompt,
+                           scene=scene, scene_id=sid if sid is not None else (scene.scene_id if scene else None),
+                           task=rec.meta.get("task"), reference=ref if isinstance(ref, str) and ref.strip() else None,
+                           where=where)
+            p.samples.append(Response(text=rec.response, source="sample", scores=scores, overall=overall,
+                                      critique=fb.critique, refinement=fb.refinement,
+                                      scored_by=str(rec.annotations.get("source", "unknown")), sample_id=rec.id))
+            prompts[pid] = p
+            seen[rec.id] = lineno
+        except RecordError as e:
+            if on_error == "raise":
+                raise
+            rejects.append({"line": lineno, "reason": reason, "error": str(e), "record": obj})
+    return list(prompts.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# ranking
+
+
+def _oracle_feedback(oracle, p: Prompt, text: str, rid: str):
+    item = FeedbackItem(id=rid, prompt=prompt_text(p.prompt), response=text, image=p.image,
+                        meta={"scene_id": p.scene_id})
+    return oracle.feedback(item, p.scene)
+
+
+def rank_prompt(p: Prompt, oracle, weights: dict[str, float], n_inject: int, kinds: list[str],
+                include_reference: bool, inject_scoring: str, seed: int, stats: dict[str, Counter]) -> list[Response]:
+    """The prompt's responses (samples, reference, injected copies), deduplicated, best first.
+
+    Ties keep their order of construction (samples in file order, the reference, then injected
+    copies), so the ranking is deterministic.
+    """
+    responses: list[Response] = []
+    texts: set[str] = set()
+
+    def add(r: Response) -> bool:
+        key = r.text.strip()
+        if key in texts:
+            stats["duplicates_dropped"][r.source] += 1
+            return False
+        texts.add(key)
+        responses.append(r)
+        return True
+
+    for s in p.samples:
+        add(s)
+    if include_reference:
+        if p.reference is None:
+            stats["prompts"]["without_reference"] += 1
+        else:
+            fb = _oracle_feedback(oracle, p, p.reference, f"{p.id}-reference")
+            sc, ov = weighted_scores(fb.scores, weights, f"{p.where} (reference of prompt {p.id!r})")
+            add(Response(p.reference, "reference", sc, ov, fb.critique, fb.refinement, "oracle"))
+    # per-prompt rng: the result for a prompt does not depend on the other prompts or their order
+    rng = random.Random(f"{seed}:{p.id}")
+    order = list(kinds)
+    rng.shuffle(order)
+    # best sample first: it has the most correct claims to corrupt, and its copy then differs
+    # from the top of the ranking by exactly one hallucination
+    parents = rank(r for r in responses if r.source == "sample")
+    made = 0
+    for k in range(n_inject):
+        done = False
+        for kind in order[k % len(order):] + order[:k % len(order)]:
+            for parent in parents:
+                try:
+                    inj = inject(parent.text, p.scene, kind, rng)
+                except ValueError as e:
+                    why = str(e).split(" (response:")[0].split("hallucination: ", 1)[-1]
+                    stats["inject_failed"][f"{kind}: {why}"] += 1
+                    continue
+                if inj.text.strip() in texts:
+                    stats["inject_failed"][f"{kind}: same text as a response already there"] += 1
+                    continue
+                fb = _oracle_feedback(oracle, p, inj.text, f"{p.id}-inject{k}")
+                where = f"{p.where} (injected copy of {parent.sample_id!r})"
+                sc, ov = weighted_scores(fb.scores, weights, where)
+                scored_by = "oracle"
+                if inject_scoring == "parent":
+                    pfb = _oracle_feedback(oracle, p, parent.text, f"{p.id}-parent{k}")
+                    psc, _ = weighted_scores(pfb.scores, weights, where)
+                    sc = {d: parent.scores[d] + sc[d] - psc[d] for d in weights}
+                    ov = overall(sc, weights, ndigits=10)
+                    scored_by = f"{parent.scored_by}+oracle-delta"
+                if not ov < parent.overall:
+                    # e.g. a parent whose every claim is already false: one more false claim leaves
+                    # faithfulness at 0, and a copy that ties its parent is no worse response
+                    stats["inject_failed"][f"{kind}: the copy does not score below its parent"] += 1
+                    continue
+                add(Response(inj.text, f"inject:{kind}", sc, ov, fb.critique, fb.refinement, scored_by,
+                             injection={"kind": kind, "original": inj.original, "replacement": inj.replacement,
+                                        "start": inj.start, "end": inj.end},
+                             parent=parent))
+                stats["injected"][kind] += 1
+                made += 1
+                done = True
+                break
+            if done:
+                break
+    if made < n_inject:
+        stats["prompts"]["short_of_injections"] += 1
+    return rank(responses)  # stable: ties keep construction order
+
+
+def pairs_of(p: Prompt, ranked: list[Response], min_margin: float) -> list[dict]:
+    """Every strict-preference pair (all_pairs over the ranking) as PreferenceRecord JSON."""
+    return [rec.to_json() for rec in ranked_pairs(p.id, p.images, p.prompt, ranked, min_margin=min_margin,
+                                                   meta={"task": p.task})]
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def _kind_of(source: str) -> str:
+    return "injected" if source.startswith("inject:") else source
+
+
+def _dist(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    d = distribution(values, ndigits=4)
+    return {"n": d["n"], "mean": d["mean"], **d}  # this report's key order: n, mean, min, ...
+
+
+def build_report(ranked: list[tuple[Prompt, list[Response], str]], pairs: dict[str, list[dict]],
+                 stats: dict[str, Counter], rejects: list[dict], weights: dict[str, float], seconds: float) -> dict:
+    per_source: dict[str, list[Response]] = defaultdict(list)
+    for _p, rs, _s in ranked:
+        for r in rs:
+            per_source[r.source].append(r)
+    all_pairs_ = [x for v in pairs.values() for x in v]
+    chosen = Counter(_kind_of(x["source_chosen"]) for x in all_pairs_)
+    matchups = Counter(f"{_kind_of(x['source_chosen'])} > {_kind_of(x['source_rejected'])}" for x in all_pairs_)
+    margins = {s: [x["score_chosen"] - x["score_rejected"] for x in v] for s, v in pairs.items()}
+    n_pairs = len(all_pairs_)
+    return {
+        "weights": weights,
+        "prompts": {"total": len(ranked), "train": sum(s == "train" for *_x, s in ranked),
+                    "val": sum(s == "val" for *_x, s in ranked),
+                    "without_pairs": sum(1 for _p, rs, _s in ranked if len({r.overall for r in rs}) < 2),
+                    **dict(stats["prompts"])},
+        "responses": {"total": sum(len(v) for v in per_source.values()),
+                      **{s: len(per_source[s]) for s in SOURCES if per_source[s]}},
+        "duplicates_dropped": dict(stats["duplicates_dropped"]),
+        "scored_by": dict(Counter(r.scored_by for v in per_source.values() for r in v)),
+        "injections": {"made": dict(stats["injected"]), "failed_attempts": dict(sorted(stats["inject_failed"].items()))},
+        "pairs": {"total": n_pairs, **{s: len(v) for s, v in pairs.items()}},
+        "chosen_is": {k: {"pairs": n, "share": round(n / n_pairs, 4)} for k, n in sorted(chosen.items())},
+        "matchups": dict(sorted(matchups.items())),
+        "margin": {s: _dist(m) for s, m in margins.items()},
+        "mean_margin": round(statistics.fmean([m for v in margins.values() for m in v]), 4) if n_pairs else None,
+        "scores": {s: {"overall": _dist([r.overall for r in per_source[s]]),
+                       **{d: _dist([r.scores[d] for r in per_source[s]]) for d in weights}}
+                   for s in SOURCES if per_source[s]},
+        "rejects": {"total": len(rejects), "reasons": dict(Counter(r["reason"] for r in rejects))},
+        "seconds": round(seconds, 2),
+    }
+
+
+def report_md(rep: dict) -> str:
+    pr, pa = rep["prompts"], rep["pairs"]
+    w = ", ".join(f"{d} {v:g}" for d, v in rep["weights"].items())
+    lines = ["# Preference data (MM-RLHF ranking, all pairs)", "",
+             (f"{pr['total']} prompts ({pr['train']} train, {pr['val']} val; {pr['without_pairs']} without any "
+              f"pair), {rep['responses']['total']} responses, {pa['total']} pairs ({pa.get('train', 0)} train, "
+              f"{pa.get('val', 0)} val), mean margin {rep['mean_margin']}. Overall = weighted mean ({w})."), "",
+             "| source | responses | overall mean | min | median | max |", "|---|---|---|---|---|---|"]
+    for s, d in rep["scores"].items():
+        o = d["overall"]
+        lines.append(f"| {s} | {o['n']} | {o['mean']:.3f} | {o['min']:.3f} | {o['median']:.3f} | {o['max']:.3f} |")
+    lines += ["", "| chosen is | pairs | share |", "|---|---|---|"]
+    lines += [f"| {k} | {v['pairs']} | {v['share']:.1%} |" for k, v in rep["chosen_is"].items()]
+    lines += ["", "| chosen > rejected | pairs |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rep["matchups"].items()]
+    inj = rep["injections"]
+    short = pr.get("short_of_injections", 0)
+    lines += ["", (f"Injected copies (each scores below its parent sample): {inj['made'] or 'none'}; "
+                   f"{short} prompts got fewer than asked.")]
+    if inj["failed_attempts"]:
+        lines += ["", "Injection attempts that gave no usable copy (the next sample or kind was tried then):", ""]
+        lines += [f"- {k}: {v}" for k, v in inj["failed_attempts"].items()]
+    if rep["duplicates_dropped"]:
+        lines += ["", f"Identical texts kept once: dropped {rep['duplicates_dropped']}."]
+    lines += ["", f"Scored by: {rep['scored_by']}. Rejected input lines: {rep['rejects']['total']} "
+              f"{rep['rejects']['reasons'] or ''}".rstrip() + f". {rep['seconds']} s."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--feedback", required=True, type=Path,
+                    help="the feedback stage's folder (feedback.jsonl) or an annotated-response JSONL file")
+    ap.add_argument("--data", required=True, type=Path,
+                    help="the data stage's folder: image root and <split>/scenes.jsonl scene graphs")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--inject-per-prompt", type=int, default=2,
+                    help="hallucination-injected copies of a sample to add per prompt (0 = none; default 2)")
+    ap.add_argument("--kinds", nargs="+", choices=INJECTION_KINDS, default=list(INJECTION_KINDS),
+                    help="injection kinds to rotate through (default: all)")
+    ap.add_argument("--inject-scoring", choices=("auto", "oracle", "parent"), default="auto",
+                    help="how injected copies are scored: oracle = the world oracle's scores; parent = the parent "
+                         "sample's scores moved by the oracle's change; auto = oracle when the feedback source is "
+                         "the oracle, else parent")
+    ap.add_argument("--include-reference", action="store_true",
+                    help="add the data set's reference answer as a response (scored by the oracle)")
+    ap.add_argument("--weights", default=DEFAULT_WEIGHTS,
+                    help=f"score dimensions and their weights in the overall score (default {DEFAULT_WEIGHTS})")
+    ap.add_argument("--min-margin", type=float, default=0.0,
+                    help="least overall-score difference that makes a pair (default 0: any strict preference)")
+    ap.add_argument("--val-fraction", type=float, default=0.1, help="share of prompts (by id hash) for val")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the injections (with each prompt id)")
+    ap.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                    help="an unusable input line: stop with file:line (raise) or write it to rejects.jsonl (skip)")
+    args, weights = parse_stage_args(ap, argv)
+    if args.inject_per_prompt < 0 or not 0 <= args.val_fraction < 1 or not args.min_margin >= 0:
+        ap.error("need --inject-per-prompt >= 0, 0 <= --val-fraction < 1 and --min-margin >= 0")
+    feedback = args.feedback / "feedback.jsonl" if args.feedback.is_dir() else args.feedback
+    if not feedback.is_file():
+        ap.error(f"--feedback {args.feedback}: no feedback.jsonl there")
+    config = {"weights": weights, "inject_per_prompt": args.inject_per_prompt, "kinds": args.kinds,
+              "inject_scoring": args.inject_scoring, "include_reference": args.include_reference,
+              "min_margin": args.min_margin, "val_fraction": args.val_fraction, "seed": args.seed,
+              "on_error": args.on_error}
+    inputs = [feedback, args.data]
+    if not args.force and is_up_to_date(args.out, config, inputs):
+        print(f"{STAGE}: {args.out} up to date, skipping (--force to redo)")
+        return 0
+
+    from mmalign.oracle import WorldOracle
+
+    t0 = time.perf_counter()
+    need_scene = args.inject_per_prompt > 0 or args.include_reference
+    scenes = load_scenes(args.data) if need_scene else None
+    if need_scene and not scenes:
+        ap.error(f"injection and --include-reference need scene graphs (<data>/<split>/scenes.jsonl) under {args.data}; "
+                 "use --inject-per-prompt 0 without them")
+    oracle = WorldOracle(scenes) if scenes else None
+    with StageOutput(args.out, stage=STAGE, config=config, inputs=inputs) as st:
+        rejects: list[dict] = []
+        prompts = read_feedback(feedback, args.data, weights, scenes, args.on_error, rejects)
+        if not prompts:
+            raise RecordError(f"{feedback}: no usable annotated responses ({len(rejects)} rejected, see the errors)")
+        sources = {s.scored_by for p in prompts for s in p.samples}
+        scoring = args.inject_scoring
+        if scoring == "auto":
+            scoring = "oracle" if sources == {"oracle"} else "parent"
+        stats: dict[str, Counter] = defaultdict(Counter)
+        ranked, pairs = [], {"train": [], "val": []}
+        for p in prompts:
+            rs = rank_prompt(p, oracle, weights, args.inject_per_prompt if oracle else 0, args.kinds,
+                             args.include_reference, scoring, args.seed, stats)
+            split = split_of(p.id, args.val_fraction)
+            ranked.append((p, rs, split))
+            pairs[split] += pairs_of(p, rs, args.min_margin)
+        atomic_write_jsonl(st.path / "ranked.jsonl", [
+            {"id": p.id, "images": p.images, "prompt": p.prompt, "responses": [r.to_json(rs) for r in rs],
+             "split": split, "scene_id": p.scene_id, "task": p.task} for p, rs, split in ranked])
+        for split, rows in pairs.items():
+            atomic_write_jsonl(st.path / split / "pairs.jsonl", rows)
+        atomic_write_jsonl(st.path / "rejects.jsonl", rejects)
+        seconds = time.perf_counter() - t0
+        rep = build_report(ranked, pairs, stats, rejects, weights, seconds)
+        rep["feedback_sources"] = sorted(sources)
+        rep["inject_scoring"] = scoring
+        atomic_write_text(st.path / "report.json", json.dumps(rep, indent=2) + "\n")
+        md = report_md(rep)
+        atomic_write_text(st.path / "report.md", md)
+        st.count("prompts", len(ranked))
+        st.count("responses", rep["responses"]["total"])
+        for split, rows in pairs.items():
+            st.count(f"{split}/pairs", len(rows))
+        st.count("rejected", len(rejects))
+        st.info.update(feedback_sources=sorted(sources), inject_scoring=scoring)
+    print(md)
+    print(f"{STAGE}: {len(ranked)} prompts, {rep['responses']['total']} responses, {len(pairs['train'])} train / "
+          f"{len(pairs['val'])} val pairs in {seconds:.1f} s -> {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
