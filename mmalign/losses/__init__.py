@@ -8,5 +8,22 @@ from mmalign.losses.dpo import (
     ipo_loss,
     nll_anchored_dpo_loss,
 )
+from mmalign.losses.reward import (
+    bradley_terry_loss,
+    gather_at,
+    last_label_index,
+    reward_centering,
+)
 
-__all__ = ["DPOOutput", "all_pairs", "dpo_sigmoid_loss", "dynamic_beta", "ipo_loss", "nll_anchored_dpo_loss"]
+__all__ = [
+    "DPOOutput",
+    "all_pairs",
+    "bradley_terry_loss",
+    "dpo_sigmoid_loss",
+    "dynamic_beta",
+    "gather_at",
+    "ipo_loss",
+    "last_label_index",
+    "nll_anchored_dpo_loss",
+    "reward_centering",
+]

@@ -1,0 +1,770 @@
+"""Reward models: MM-RLHF's critique-based reward model, and the scalar Bradley-Terry baseline.
+
+Critique-based (``mode="critique"``; Zhang et al. 2025, "MM-RLHF: The Next Step Forward in
+Multimodal LLM Alignment"): the vision-language model is asked to critique an answer,
+
+    user:      <image> + critique_prompt.format(question=q, answer=a)
+    assistant: <critique>
+
+and a score head reads the last layer's hidden state at the *end of the critique* (the last
+labelled token of the row: the critique's last token, or the chat template's end-of-turn token
+after it). Training teacher-forces the reference critique of each response and adds
+
+    loss = lm_weight * LM + bt_weight * BT + center_weight * mean((s_c + s_r)^2)
+
+    LM = NLL_example(chosen critique) + NLL_example(rejected critique)
+    BT = mean_b -log sigma(s_c - s_r - m_b)        (m_b = margin_scale * (score_chosen - score_rejected))
+
+with ``NLL_example`` the mean over pairs of each critique's mean token NLL. At inference the model
+writes its own critique (greedy), then one forward over prompt + critique gives the score.
+
+Scalar (``mode="scalar"``): the classic Bradley-Terry reward model (Ouyang et al. 2022,
+"Training language models to follow instructions with human feedback"): user <image> + question,
+assistant <answer>, the head reads the answer's last labelled token; BT loss only.
+
+What was checked in the MM-RLHF code (github.com/yfzhang114/MM-RLHF, as stored in the search
+corpus under julyanghar/MM-RLHF):
+
+* ``llava/train/train_dpo.py``: ``make_conv_rm(prompt, answer, reason)`` builds the training
+  conversation: human = ``<image>\\n`` + the evaluator prompt (:data:`MMRLHF_CRITIQUE_PROMPT`, with
+  ``[Question]`` and ``[LMM Response]``), gpt = the critique (``chosen_reason`` /
+  ``rejected_reason``, the human annotation expanded into a critique); labels cover the gpt turn
+  only. A pair without reasons falls back to the plain (question, answer) conversation and its LM
+  loss is switched off (``no_critic``); here a critique-mode record without reference critiques is
+  an error instead (name the file and line), and the scalar mode is the no-critique model.
+* ``llava/model/language_model/llava_qwen.py`` (``rm_forward``): one forward with labels gives the
+  LM loss (``outputs.loss``) and ``hidden_states[-1]``; the reward is ``rm_head(hidden)`` at
+  ``attention_mask.cumsum(-1)[:, -1] - 1``, the last non-padding token (right padding), i.e. the
+  end of the critique turn. ``rm_head`` is ``RewardHead``: dropout, Linear(H, H), tanh, dropout,
+  Linear(H, 1) (``head="mlp"`` here; ``head="linear"`` is one Linear(H, 1)).
+* ``trl/trainer/reward_trainer.py`` (``compute_loss``): ``float_rewards_weight * -logsigmoid(c - r
+  [- margin]) + center_rewards_coefficient * mean((c + r)^2) + critic_rewards_weight *
+  (LM_chosen + LM_rejected)``; ties (``is_tie``) get a squared-difference loss instead, not done
+  here (the prefs stage makes no tied pairs). ``scripts/train/critic_reward_7b.sh``: lr 1e-6,
+  cosine, warm-up ratio 0.1, 1 epoch, batch 1 x 24 accumulation, ``critic_rewards_weight 1.0``,
+  ``float_rewards_weight 1.0``, ``center_rewards_coefficient 0.01``. With one pair per device
+  step, ``outputs.loss`` is one critique's token mean, so the LM term is the per-example mean
+  ("example" normalisation) summed over the two sides, as above.
+* ``llava/eval/eval_mm_reward_bench.py``: inference generates the critique (greedy by default,
+  ``temperature 0``), re-renders the conversation with it as the assistant turn and reads the
+  reward with ``rm_forward``; options score with the reference critique instead
+  (``use_gt_critic``; ``score_rm --critique reference`` here) or average several sampled critiques.
+
+Like MM-RLHF (and unlike CLoud, Ankner et al. 2024, "Critique-out-Loud Reward Models", which
+retrains the head on the model's own re-generated critiques), the head is trained on *reference*
+critiques and used on *generated* ones, so ``val/accuracy`` here (teacher-forced reference
+critiques) is an optimistic bound; ``data_pipelines.score_rm`` measures the real thing.
+
+Export (``export_dir``): the policy in Hugging Face format as :class:`PolicyModule` writes it, plus
+``reward_head.safetensors`` and ``reward_config.json`` (mode, head, prompt, policy class), in one
+atomic stage output. :func:`load_reward_model` reads it back; :class:`RewardScorer` scores
+(image, question, answer) items with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import string
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from mmalign.collators import VisionChatCollator, to_device
+from mmalign.losses.reward import (
+    bradley_terry_loss,
+    gather_at,
+    last_label_index,
+    reward_centering,
+)
+from mmalign.methods.base import PolicyModule
+from mmalign.methods.sft import sft_loss
+from mmalign.ops import token_logprobs
+from mmalign.policy import Policy
+from mmalign.records import (
+    PreferenceRecord,
+    ReadReport,
+    RecordError,
+    load_image,
+    message_text,
+    read_records,
+)
+from mmalign.stage import StageOutput, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+RewardMode = Literal["critique", "scalar"]
+HeadKind = Literal["linear", "mlp"]
+
+#: The tiny world's critique instruction (its tokenizer was trained on the world's own text).
+CRITIQUE_PROMPT = "Question: {question}\nAnswer: {answer}\nCritique the answer."
+#: MM-RLHF's evaluator prompt, verbatim from ``make_conv_rm`` (train_dpo.py, eval_mm_reward_bench.py).
+MMRLHF_CRITIQUE_PROMPT = (
+    "You are an unbiased and fair evaluator tasked with assessing the quality of answers provided by a Large "
+    "Multimodal Model (LMM). Given the following question and the LMM's response, please evaluate the correctness, "
+    "clarity, and completeness of the answer. Provide a detailed explanation of your assessment, including specific "
+    "points of strength and areas for improvement.\n\n[Question]: {question}\n[LMM Response]: {answer}\n\n[Evaluation]:")
+#: Record keys (PreferenceRecord meta) of the reference critiques, as the prefs stage writes them.
+CRITIQUE_KEYS = {"chosen": "critique_chosen", "rejected": "critique_rejected"}
+HEAD_FILE = "reward_head.safetensors"
+CONFIG_FILE = "reward_config.json"
+FORMAT_VERSION = 1
+#: No truncation where every row must be kept (scoring): a sequence this long is never cut.
+NO_LIMIT = 1 << 20
+
+
+def check_critique_prompt(template: str) -> str:
+    """``template`` if it names exactly the fields ``{question}`` and ``{answer}`` (each once or
+    more) and no other; a ValueError naming what is wrong otherwise."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"critique_prompt {template!r} is not a format string: {e}") from None
+    if fields != {"question", "answer"}:
+        raise ValueError(f"critique_prompt must use the fields {{question}} and {{answer}} and no others; "
+                         f"it has {sorted(fields)}")
+    return template
+
+
+# ---------------------------------------------------------------------------------------------
+# the score head
+
+
+class ScoreHead(nn.Module):
+    """Hidden state ``(N, H)`` -> score ``(N,)``.
+
+    Args:
+        hidden_size: ``H``.
+        kind: "linear" = one ``Linear(H, 1)``; "mlp" = MM-RLHF's ``RewardHead``: dropout,
+            ``Linear(H, H)``, tanh, dropout, ``Linear(H, 1)``.
+        dropout: dropout probability of the "mlp" head (MM-RLHF uses the model's attention dropout).
+
+    The output layer starts with weights ~ N(0, 1 / (H + 1)) and bias 0 (Stiennon et al. 2020,
+    "Learning to summarize from human feedback"), so initial scores have unit-order spread.
+    """
+
+    def __init__(self, hidden_size: int, kind: HeadKind = "linear", dropout: float = 0.0):
+        super().__init__()
+        if kind not in ("linear", "mlp"):
+            raise ValueError(f"head must be 'linear' or 'mlp', not {kind!r}")
+        self.kind = kind
+        if kind == "mlp":
+            self.dropout = nn.Dropout(dropout)
+            self.dense = nn.Linear(hidden_size, hidden_size)
+            self.out_proj = nn.Linear(hidden_size, 1)
+            out = self.out_proj
+        else:
+            self.score = nn.Linear(hidden_size, 1)
+            out = self.score
+        nn.init.normal_(out.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        nn.init.zeros_(out.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.kind == "mlp":
+            x = torch.tanh(self.dense(self.dropout(hidden)))
+            return self.out_proj(self.dropout(x)).squeeze(-1)
+        return self.score(hidden).squeeze(-1)
+
+
+def score_rows(policy: Policy, head: ScoreHead, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward: the logits ``(N, T, V)`` and each row's score ``(N,)``, read by ``head`` from
+    the last layer's hidden state at the row's last labelled token (:func:`last_label_index`)."""
+    logits, hidden = policy.forward_hidden(batch)                     # (N, T, V), (N, T, H)
+    index = last_label_index(batch["labels"]).to(hidden.device)       # (N,)
+    h = gather_at(hidden, index)                                      # (N, H)
+    return logits, head(h.to(next(head.parameters()).dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# examples
+
+
+def question_text(prompt: Sequence[dict]) -> str:
+    """The text of a prompt's user turns (image parts dropped), joined by newlines."""
+    return "\n".join(message_text(m).strip() for m in prompt if m["role"] == "user").strip()
+
+
+def _n_images(messages: Sequence[dict]) -> int:
+    return sum(1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image")
+
+
+def reward_messages(prompt: Sequence[dict], answer: str, mode: RewardMode, critique: str | None = None,
+                    critique_prompt: str = CRITIQUE_PROMPT) -> list[dict]:
+    """The conversation a reward model reads for one (prompt, answer).
+
+    critique mode: the prompt's system turns, then one user turn holding the prompt's image parts
+    and ``critique_prompt`` filled with the question (the user turns' text) and the answer; then,
+    when ``critique`` is given, the assistant turn with it (training, and scoring). Without it the
+    conversation ends with the user turn (generating the critique).
+
+    scalar mode: the prompt as it is, then the assistant turn with the answer.
+    """
+    if mode == "scalar":
+        return [*prompt, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    if mode != "critique":
+        raise ValueError(f"mode must be 'critique' or 'scalar', not {mode!r}")
+    text = critique_prompt.format(question=question_text(prompt), answer=answer.strip())
+    user = {"role": "user", "content": [{"type": "image"}] * _n_images(prompt) + [{"type": "text", "text": text}]}
+    msgs = [m for m in prompt if m["role"] == "system"] + [user]
+    if critique is not None:
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": critique}]})
+    return msgs
+
+
+def _answer(messages: list[dict]) -> str:
+    return message_text(messages[0])
+
+
+def _source(rec: PreferenceRecord) -> str:
+    return str(rec.meta.get("source", rec.id))
+
+
+def check_reward_record(rec: PreferenceRecord, mode: RewardMode) -> None:
+    """A :class:`RecordError` naming the record when critique mode lacks its reference critiques."""
+    if mode != "critique":
+        return
+    for side, key in CRITIQUE_KEYS.items():
+        c = rec.meta.get(key)
+        if not isinstance(c, str) or not c.strip():
+            raise RecordError(f"{_source(rec)} id={rec.id}: critique mode needs the reference critique '{key}' "
+                              f"(a non-empty string) for the {side} response; got {c!r}")
+
+
+class RewardPairDataset(Dataset):
+    """Preference records as pairs of collator examples (chosen, rejected); the image is decoded
+    once per pair, lazily, with the record's ``file:line`` in any error."""
+
+    def __init__(self, records: list[PreferenceRecord], mode: RewardMode, critique_prompt: str = CRITIQUE_PROMPT):
+        for r in records:
+            check_reward_record(r, mode)
+        self.records, self.mode, self.critique_prompt = records, mode, critique_prompt
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        where = _source(r)
+        images = [load_image(p, where) for p in r.images]
+        meta = {"id": r.id, "source": where, "prompt_id": r.meta.get("prompt_id")}
+        sides = {}
+        for side, completion in (("chosen", r.chosen), ("rejected", r.rejected)):
+            critique = r.meta[CRITIQUE_KEYS[side]] if self.mode == "critique" else None
+            sides[side] = {"images": images, "meta": {**meta, "side": side},
+                           "messages": reward_messages(r.prompt, _answer(completion), self.mode, critique,
+                                                       self.critique_prompt)}
+        nan = float("nan")
+        return {**sides, "meta": meta,
+                "score_chosen": nan if r.score_chosen is None else r.score_chosen,
+                "score_rejected": nan if r.score_rejected is None else r.score_rejected}
+
+
+@dataclass
+class RewardPairCollator:
+    """Collate pairs into one batch of ``2B`` rows: the ``B`` chosen rows, then the ``B`` rejected.
+
+    Rows are right-padded with labels on the assistant turn (:class:`VisionChatCollator`, train
+    mode). A pair either fits ``max_length`` whole or is dropped whole, with a warning and a count:
+    cutting a row would move its score position off the end of the critique, and dropping one row
+    would break the pairing. ``batch["pairs"]`` holds ``n`` (= B), the records' ``score_chosen`` /
+    ``score_rejected`` ``(B,)`` (NaN where absent) and their meta; no model input.
+    """
+
+    processor: Any
+    max_length: int = 512
+    dropped: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = VisionChatCollator(self.processor, max_length=NO_LIMIT, mode="train", train_on="last",
+                                       on_overlength="error")
+
+    def __call__(self, pairs: list[dict]) -> dict | None:
+        while pairs:
+            batch = self.rows([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
+            n = len(pairs)
+            lengths = batch["attention_mask"].sum(dim=1).tolist()
+            over = [i for i in range(n) if max(lengths[i], lengths[n + i]) > self.max_length]
+            if not over:
+                batch["pairs"] = {
+                    "n": n,
+                    "score_chosen": torch.tensor([p["score_chosen"] for p in pairs], dtype=torch.float32),
+                    "score_rejected": torch.tensor([p["score_rejected"] for p in pairs], dtype=torch.float32),
+                    "meta": [p["meta"] for p in pairs],
+                }
+                return batch
+            for i in reversed(over):
+                self.dropped += 1
+                log.warning("dropped pair (%d so far): %s id=%s is %d tokens, over max_length=%d", self.dropped,
+                            pairs[i]["meta"]["source"], pairs[i]["meta"]["id"], max(lengths[i], lengths[n + i]),
+                            self.max_length)
+                del pairs[i]
+        return None  # every pair dropped; Lightning skips a None batch
+
+
+# ---------------------------------------------------------------------------------------------
+# the LightningModule
+
+
+class RewardModule(PolicyModule):
+    """Train a reward model on preference pairs (see the module docstring for the objective).
+
+    Args:
+        mode: "critique" (MM-RLHF: generate a critique, score at its end; LM + BT loss) or
+            "scalar" (score at the answer's end; BT loss only).
+        lm_weight: weight of the critique LM loss (MM-RLHF's ``critic_rewards_weight``, 1.0);
+            None = 1.0 in critique mode and 0 in scalar mode, which has no critique to model.
+        bt_weight: weight of the Bradley-Terry loss (MM-RLHF's ``float_rewards_weight``, 1.0).
+        center_weight: weight of ``mean((s_chosen + s_rejected)^2)``, which keeps the scores near
+            0 (MM-RLHF's ``center_rewards_coefficient``: 0.01 in its 7B script; 0 = off).
+        margin_scale: Bradley-Terry margin ``m = margin_scale * (score_chosen - score_rejected)``
+            from the records' scores (Llama 2's margin loss); 0 = plain Bradley-Terry.
+        head: "linear" (one Linear(H, 1)) or "mlp" (MM-RLHF's RewardHead, Linear-tanh-Linear).
+        head_dropout: dropout of the "mlp" head.
+        head_lr: learning rate of the score head, which starts from scratch; None = ``lr``.
+        critique_prompt: the critique instruction, with ``{question}`` and ``{answer}``; saved with
+            the model, so scoring asks exactly what training taught. MM-RLHF's evaluator prompt is
+            :data:`MMRLHF_CRITIQUE_PROMPT`.
+
+    The other options are :class:`PolicyModule`'s (lr, weight_decay, warmup_steps, min_lr_ratio,
+    export_dir, merge_lora); ``export_dir`` also receives the head and ``reward_config.json``.
+    """
+
+    def __init__(self, policy: Policy, mode: RewardMode = "critique", lm_weight: float | None = None,
+                 bt_weight: float = 1.0, center_weight: float = 0.0, margin_scale: float = 0.0,
+                 head: HeadKind = "linear", head_dropout: float = 0.0, head_lr: float | None = None,
+                 critique_prompt: str = CRITIQUE_PROMPT,
+                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 20, min_lr_ratio: float = 0.1,
+                 export_dir: str | None = None, merge_lora: bool = True):
+        if mode not in ("critique", "scalar"):
+            raise ValueError(f"mode must be 'critique' or 'scalar', not {mode!r}")
+        if mode == "scalar" and lm_weight:
+            raise ValueError("lm_weight must be 0 (or unset) in scalar mode: the scalar reward model writes no "
+                             "critique, and an LM loss on its answers would be SFT on rejected responses")
+        for name, v in (("bt_weight", bt_weight), ("center_weight", center_weight), ("margin_scale", margin_scale),
+                        ("lm_weight", lm_weight or 0.0)):
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        check_critique_prompt(critique_prompt)
+        super().__init__(policy, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                         min_lr_ratio=min_lr_ratio, export_dir=export_dir, merge_lora=merge_lora)
+        self.lm_weight = (1.0 if mode == "critique" else 0.0) if lm_weight is None else float(lm_weight)
+        hidden = getattr(policy, "hidden_size", None)
+        if not isinstance(hidden, int):
+            raise TypeError(f"{type(policy).__name__} has no integer `hidden_size`: the score head needs the width "
+                             "of the hidden states that forward_hidden returns")
+        self.head = ScoreHead(hidden, head, head_dropout)
+
+    # -- optimisation --------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        # PolicyModule's optimiser holds the policy's parameters only; the head is added as its own
+        # groups (own lr: it starts from scratch). LambdaLR fixes its groups when built, so it is
+        # rebuilt over all groups with the same schedule function.
+        cfg = super().configure_optimizers()
+        opt, old = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+        hp = self.hparams
+        lr = hp.head_lr if hp.head_lr is not None else hp.lr
+        weights = [p for p in self.head.parameters() if p.ndim >= 2]
+        biases = [p for p in self.head.parameters() if p.ndim < 2]
+        opt.add_param_group({"params": weights, "weight_decay": hp.weight_decay, "lr": lr})
+        opt.add_param_group({"params": biases, "weight_decay": 0.0, "lr": lr})
+        cfg["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(opt, old.lr_lambdas[0])
+        return cfg
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _margin(self, pairs: dict) -> torch.Tensor | None:
+        scale = self.hparams.margin_scale
+        if not scale:
+            return None
+        gap = pairs["score_chosen"] - pairs["score_rejected"]                # (B,)
+        bad = (~torch.isfinite(gap)).nonzero().flatten().tolist()
+        if bad:
+            where = ", ".join(f"{pairs['meta'][i]['source']} id={pairs['meta'][i]['id']}" for i in bad[:5])
+            raise RecordError(f"margin_scale > 0 needs score_chosen and score_rejected in every record; missing in {where}")
+        return scale * gap
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        pairs = batch["pairs"]
+        n = pairs["n"]
+        logits, scores = score_rows(self.policy, self.head, batch)           # (2B, T, V), (2B,)
+        chosen, rejected = scores[:n], scores[n:]                            # (B,) each
+        bt, acc = bradley_terry_loss(chosen, rejected, self._margin(pairs))
+        loss = self.hparams.bt_weight * bt
+        if self.lm_weight:
+            logps, mask = token_logprobs(logits, batch["labels"])            # (2B, T-1)
+            lm = sft_loss(logps[:n], mask[:n], "example") + sft_loss(logps[n:], mask[n:], "example")
+            loss = loss + self.lm_weight * lm
+            self.log(f"{stage}/lm_loss", lm, batch_size=n)
+        if self.hparams.center_weight:
+            center = reward_centering(chosen, rejected)
+            loss = loss + self.hparams.center_weight * center
+            self.log(f"{stage}/center_loss", center, batch_size=n)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n)
+        self.log(f"{stage}/bt_loss", bt, batch_size=n)
+        self.log(f"{stage}/accuracy", acc, prog_bar=True, batch_size=n)
+        with torch.no_grad():
+            self.log(f"{stage}/margin", (chosen - rejected).mean(), batch_size=n)
+            self.log(f"{stage}/score_mean", scores.mean(), batch_size=n)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        return self._step(batch, "val")
+
+    # -- export --------------------------------------------------------------------------------
+
+    def reward_config(self) -> dict:
+        """What ``reward_config.json`` holds: enough to rebuild the head and ask the same prompt."""
+        hp = self.hparams
+        return {"format_version": FORMAT_VERSION, "mode": hp.mode, "head": hp.head, "head_dropout": hp.head_dropout,
+                "hidden_size": self.head_hidden_size, "critique_prompt": hp.critique_prompt,
+                "policy_class": f"{type(self.policy).__module__}.{type(self.policy).__qualname__}",
+                "score_position": "last labelled token of the assistant turn (end of the critique / answer)"}
+
+    @property
+    def head_hidden_size(self) -> int:
+        layer = self.head.dense if self.head.kind == "mlp" else self.head.score
+        return layer.in_features
+
+    def on_train_end(self) -> None:
+        if self.trainer.fast_dev_run:
+            # A smoke run must never leave a model where the next stage would take it as trained.
+            print("fast_dev_run: export skipped")
+            return
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            export_reward_model(self.policy, self.head, self.reward_config(), self.hparams.export_dir,
+                                self.hparams.merge_lora)
+
+
+def export_reward_model(policy: Policy, head: ScoreHead, config: dict, out_dir: str, merge_lora: bool = True) -> None:
+    """Write the policy (Hugging Face format), ``reward_head.safetensors`` and
+    ``reward_config.json`` to ``out_dir`` as one stage output (manifest last, swapped in whole)."""
+    from safetensors.torch import save_file
+
+    with StageOutput(out_dir, stage="export", config={"merge_lora": merge_lora, "reward": config}) as st:
+        policy.save_pretrained(str(st.path), merge_lora=merge_lora)
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()},
+                  str(st.path / HEAD_FILE))
+        atomic_write_text(st.path / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    print(f"exported reward model -> {out_dir}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the DataModule
+
+
+class RewardDataModule(L.LightningDataModule):
+    """Preference pairs for reward-model training, from JSONL files of PreferenceRecords.
+
+    Each pair gives two rows built by :func:`reward_messages`: in critique mode the record's
+    reference critiques (meta ``critique_chosen`` / ``critique_rejected``) are the assistant
+    turns; in scalar mode the answers are. Mode and critique prompt are the module's
+    (``trainer.lightning_module``), so data and model never disagree; outside a trainer call
+    :meth:`configure`.
+
+    Args:
+        train_file: JSONL of preference records (the prefs stage's ``train/pairs.jsonl``).
+        val_file: optional held-out JSONL (``val/pairs.jsonl``).
+        data_root: folder that image paths are relative to (default: each file's folder).
+        limit: use at most this many training pairs (0 = all).
+        val_limit: use at most this many validation pairs (0 = all).
+        batch_size: pairs per step (each step runs ``2 * batch_size`` rows).
+        num_workers: DataLoader worker processes (0 is fastest on 2 cores with 64 px images).
+        max_length: longest row in tokens, image tokens included; a pair with a longer row is
+            dropped whole, with a warning.
+        check_images: "exists", "decode" (find corrupt images up front) or "none".
+        on_error: "raise" at the first malformed record, or "skip" it into a rejects file.
+    """
+
+    def __init__(self, train_file: str, val_file: str | None = None, data_root: str | None = None, limit: int = 0,
+                 val_limit: int = 0, batch_size: int = 8, num_workers: int = 0, max_length: int = 512,
+                 check_images: Literal["none", "exists", "decode"] = "exists",
+                 on_error: Literal["raise", "skip"] = "raise"):
+        super().__init__()
+        self.save_hyperparameters()
+        self.processor: Any = None
+        self.mode: RewardMode | None = None
+        self.critique_prompt: str | None = None
+        self.collator: RewardPairCollator | None = None
+        self.train_set: RewardPairDataset | None = None
+        self.val_set: RewardPairDataset | None = None
+
+    def configure(self, processor: Any, mode: RewardMode, critique_prompt: str = CRITIQUE_PROMPT) -> None:
+        """Set what normally comes from the trainer's RewardModule."""
+        self.processor, self.mode, self.critique_prompt = processor, mode, check_critique_prompt(critique_prompt)
+
+    def _read(self, path: str, limit: int) -> RewardPairDataset:
+        hp = self.hparams
+        rep = ReadReport(path)
+        recs = read_records(path, "preference", data_root=hp.data_root, check_images=hp.check_images,
+                            on_error=hp.on_error, report=rep)
+        if rep.rejected:
+            log.warning("%s: %d malformed record(s) skipped, see %s", path, rep.rejected, rep.rejects_path)
+        if limit:
+            recs = recs[:limit]
+        if self.mode == "critique" and hp.on_error == "skip":
+            kept = []
+            for r in recs:
+                try:
+                    check_reward_record(r, self.mode)
+                    kept.append(r)
+                except RecordError as e:
+                    log.warning("skipped: %s", e)
+            recs = kept
+        if not recs:
+            raise ValueError(f"{path}: no usable preference records")
+        return RewardPairDataset(recs, self.mode, self.critique_prompt)
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if self.processor is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            if module is None or not isinstance(module, RewardModule):
+                raise ValueError("RewardDataModule needs a RewardModule in its trainer (for the processor, mode and "
+                                 "critique prompt), or a call to configure()")
+            self.configure(module.policy.processor, module.hparams.mode, module.hparams.critique_prompt)
+        if self.collator is None:
+            self.collator = RewardPairCollator(self.processor, max_length=hp.max_length)
+        if self.train_set is None:
+            self.train_set = self._read(hp.train_file, hp.limit)
+        if self.val_set is None and hp.val_file:
+            self.val_set = self._read(hp.val_file, hp.val_limit)
+
+    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
+                          collate_fn=self.collator, persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
+
+
+# ---------------------------------------------------------------------------------------------
+# inference
+
+
+class RewardModel(nn.Module):
+    """A trained reward model: the policy, its score head and how it was trained to read.
+
+    Attributes:
+        policy: the vision-language model (any :class:`Policy`).
+        head: the :class:`ScoreHead`.
+        mode: "critique" or "scalar".
+        critique_prompt: the critique instruction it was trained with.
+        config: ``reward_config.json`` as read.
+    """
+
+    def __init__(self, policy: Policy, head: ScoreHead, mode: RewardMode, critique_prompt: str = CRITIQUE_PROMPT,
+                 config: dict | None = None):
+        super().__init__()
+        self.policy, self.head = policy, head
+        self.mode, self.critique_prompt = mode, check_critique_prompt(critique_prompt)
+        self.config = dict(config or {})
+
+    @property
+    def processor(self) -> Any:
+        return self.policy.processor
+
+    def messages(self, prompt: Sequence[dict], answer: str, critique: str | None = None) -> list[dict]:
+        return reward_messages(prompt, answer, self.mode, critique, self.critique_prompt)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Scores ``(N,)`` of a train-mode batch (labels on the assistant turn)."""
+        return score_rows(self.policy, self.head, batch)[1]
+
+
+def load_reward_model(path: str | Path, device: str | torch.device = "cpu", policy_class: str | None = None,
+                      **policy_kwargs: Any) -> RewardModel:
+    """Load an exported reward model (``RewardModule``'s ``export_dir``) in eval mode on ``device``.
+
+    The policy is built by class path (``policy_class``, default: the one recorded in
+    ``reward_config.json``, e.g. ``models.policy.HFPolicy``) as ``cls(path=path, **policy_kwargs)``,
+    so ``mmalign`` never imports a model family.
+    """
+    from safetensors.torch import load_file
+
+    from mmalign.eval.runner import load_component
+
+    path = Path(path)
+    cfg_file, head_file = path / CONFIG_FILE, path / HEAD_FILE
+    for f in (cfg_file, head_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{path}: no {f.name}; is this a reward model export (RewardModule export_dir)?")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: invalid JSON: {e}") from None
+    if cfg.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{cfg_file}: format_version {cfg.get('format_version')!r}, expected {FORMAT_VERSION}")
+    for key in ("mode", "head", "hidden_size", "critique_prompt", "policy_class"):
+        if key not in cfg:
+            raise ValueError(f"{cfg_file}: missing {key!r}")
+    policy = load_component(policy_class or cfg["policy_class"], path=str(path), **policy_kwargs)
+    hidden = getattr(policy, "hidden_size", cfg["hidden_size"])
+    if hidden != cfg["hidden_size"]:
+        raise ValueError(f"{path}: the head reads width {cfg['hidden_size']} but the model's hidden size is {hidden}")
+    head = ScoreHead(cfg["hidden_size"], cfg["head"], cfg.get("head_dropout", 0.0))
+    missing, unexpected = head.load_state_dict(load_file(str(head_file)), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{head_file}: does not match a {cfg['head']!r} head (missing {missing}, unexpected {unexpected})")
+    return RewardModel(policy, head, cfg["mode"], cfg["critique_prompt"], cfg).eval().to(device)
+
+
+@dataclass
+class RewardItem:
+    """One (images, prompt, answer) to score.
+
+    Attributes:
+        images: image paths or decoded PIL images, one per image part of ``prompt``.
+        prompt: the user messages (TRL format) or the question as a string (then one image part
+            per image goes first).
+        answer: the response to score.
+        critique: for a critique model, score with this critique instead of generating one
+            (MM-RLHF's ``use_gt_critic``: the reference critique gives the head's upper bound).
+        id: for error messages.
+    """
+
+    images: list[Any]
+    prompt: list[dict] | str
+    answer: str
+    critique: str | None = None
+    id: str = ""
+
+    def messages_prompt(self) -> list[dict]:
+        if isinstance(self.prompt, str):
+            return [{"role": "user", "content": [{"type": "image"}] * len(self.images)
+                     + [{"type": "text", "text": self.prompt}]}]
+        return self.prompt
+
+
+@dataclass
+class Scored:
+    """A :class:`RewardScorer` result: the score and, for a critique model, the critique it read."""
+
+    score: float
+    critique: str | None = None
+
+
+class RewardScorer:
+    """Scores items with a :class:`RewardModel`, in batches.
+
+    critique mode: the critiques are generated greedily in left-padded batches
+    (:class:`VisionChatCollator` in generate mode), then one forward over prompt + critique
+    (right-padded, labels on the critique) reads each score at the critique's end. scalar mode:
+    one forward over prompt + answer. Items are batched in order of their text length (less
+    padding, and generation stops sooner) and returned in input order. A non-finite score is an
+    error naming the item.
+
+    Args:
+        model: the reward model (its device is where batches go).
+        batch_size: rows per generate / forward call.
+        max_new_tokens: longest critique generated.
+        progress: show tqdm progress bars (on stderr).
+    """
+
+    def __init__(self, model: RewardModel, batch_size: int = 16, max_new_tokens: int = 256, progress: bool = False):
+        if batch_size < 1 or max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be >= 1")
+        self.model, self.batch_size, self.max_new_tokens, self.progress = model, batch_size, max_new_tokens, progress
+        self.generate_collator = VisionChatCollator(model.processor, max_length=NO_LIMIT, mode="generate",
+                                                    on_overlength="error")
+        self.score_collator = VisionChatCollator(model.processor, max_length=NO_LIMIT, mode="train", train_on="last",
+                                                 on_overlength="error")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _batches(self, items: Sequence[RewardItem], desc: str, key=None):
+        from tqdm.auto import tqdm
+
+        key = key or (lambda it: len(it.answer))
+        order = sorted(range(len(items)), key=lambda i: key(items[i]))
+        with tqdm(total=len(items), desc=desc, unit="item", disable=not self.progress, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            for s in range(0, len(order), self.batch_size):
+                idx = order[s:s + self.batch_size]
+                yield idx
+                bar.update(len(idx))
+
+    @staticmethod
+    def _images(it: RewardItem) -> list[Image.Image]:
+        return [im if isinstance(im, Image.Image) else load_image(im, it.id) for im in it.images]
+
+    @torch.no_grad()
+    def critiques(self, items: Sequence[RewardItem]) -> list[str]:
+        """Greedy critiques of ``items`` (critique mode only), in input order."""
+        if self.model.mode != "critique":
+            raise ValueError("a scalar reward model writes no critique")
+        out: list[str | None] = [None] * len(items)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for idx in self._batches(items, "critiques"):
+                exs = [{"images": self._images(items[i]), "meta": {"id": items[i].id},
+                        "messages": self.model.messages(items[i].messages_prompt(), items[i].answer)} for i in idx]
+                texts = self.model.policy.generate(to_device(self.generate_collator(exs), self.device),
+                                                   max_new_tokens=self.max_new_tokens)
+                for i, t in zip(idx, texts):
+                    out[i] = t
+        finally:
+            self.model.train(was_training)
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def scores(self, items: Sequence[RewardItem], critiques: Sequence[str] | None = None) -> list[float]:
+        """The score of each item, in input order. Critique mode reads ``critiques[i]`` (or
+        ``items[i].critique`` when ``critiques`` is None); both missing is an error."""
+        if self.model.mode == "critique":
+            crit = list(critiques) if critiques is not None else [it.critique for it in items]
+            if len(crit) != len(items):
+                raise ValueError(f"{len(crit)} critiques for {len(items)} items")
+            missing = [items[i].id for i, c in enumerate(crit) if c is None]
+            if missing:
+                raise ValueError(f"no critique to score for item(s) {missing[:5]}: generate them with critiques()")
+        else:
+            crit = [None] * len(items)
+        out: list[float] = [math.nan] * len(items)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for idx in self._batches(items, "scores", key=lambda it: len(it.answer) + len(it.critique or "")):
+                exs = [{"images": self._images(items[i]), "meta": {"id": items[i].id},
+                        "messages": self.model.messages(items[i].messages_prompt(), items[i].answer, crit[i])}
+                       for i in idx]
+                s = self.model(to_device(self.score_collator(exs), self.device)).float().cpu().tolist()
+                for i, v in zip(idx, s):
+                    out[i] = v
+        finally:
+            self.model.train(was_training)
+        bad = [items[i].id or str(i) for i, v in enumerate(out) if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"the reward model gave non-finite scores (NaN/inf) for {len(bad)} item(s), e.g. {bad[:5]}; "
+                             "refusing to pass them on (a broken export, or overflow in low precision?)")
+        return out
+
+    def __call__(self, items: Sequence[RewardItem], generate: bool = True) -> list[Scored]:
+        """Score ``items``; a critique model first writes its critiques (``generate=True``) or uses
+        the items' own (``generate=False``)."""
+        crit: list[str | None]
+        if self.model.mode == "critique":
+            crit = list(self.critiques(items)) if generate else [it.critique for it in items]
+            scores = self.scores(items, crit)  # type: ignore[arg-type]
+        else:
+            crit = [None] * len(items)
+            scores = self.scores(items)
+        return [Scored(s, c) for s, c in zip(scores, crit)]
