@@ -38,6 +38,19 @@ help:
 	@echo "  feedback    segments + object/attribute/relation labels, scores, critique, refinement from"
 	@echo "              SOURCE=$(SOURCE) (oracle|judge|detector), agreement with the oracle -> $(OUT)/feedback/$(SOURCE)"
 	@echo ""
+	@echo "  MM-RLHF (issue 5):"
+	@echo "  prefs       ranked responses per prompt (samples + injected hallucinations, scored and critiqued by"
+	@echo "              PREFS_SOURCE=$(PREFS_SOURCE)) and every strict pair -> $(OUT)/prefs/{ranked.jsonl,train,val}"
+	@echo "    |"
+	@echo "  rm          critique reward model + scalar Bradley-Terry baseline -> $(OUT)/rm/{critique,scalar}/model"
+	@echo "  rm-score    ranking accuracy + critique quality on val; reward margins on every pair -> $(OUT)/rm/scored"
+	@echo "  ref-logps   the SFT model's log-probs of every pair, one pass -> $(OUT)/ref/{train,val}/pairs.jsonl"
+	@echo "    |"
+	@echo "  sft-continued / dpo / mmdpo   SFT 400 more steps, plain DPO, MM-DPO (Dynamic Reward Scaling)"
+	@echo "  eval-mmrlhf the three and SFT on the held-out scenes, side by side -> $(OUT)/eval/compare-mmrlhf"
+	@echo "  mmrlhf-import MMRLHF=<folder>   the published MM-RLHF data -> $(OUT)/mmrlhf/import"
+	@echo "  bench       DPO pairs/s and peak memory vs TRL's DPOTrainer -> benchmarks/results/"
+	@echo ""
 	@echo "  eval CKPT=path [NAME=x]     evaluate any checkpoint the same way -> $(OUT)/eval/<NAME>"
 	@echo "  eval-compare RUNS=\"a b\"    side-by-side table + chart, paired differences vs the first -> $(OUT)/eval/compare"
 	@echo ""
@@ -152,12 +165,16 @@ mmrlhf-import: deps
 # scalar Bradley-Terry baseline (configs/rm/). `rm-score` scores the val pairs with both (ranking
 # accuracy, critique quality vs the oracle's) and the train pairs with the critique RM: its margin
 # is MM-DPO's delta (reward_margin in runs/<RUN>/rm/scored/{train,val}/pairs.jsonl).
+# RM_STEPS / ALIGN_STEPS=n shorten the reward-model and the DPO / SFT-continued trainings (CI's
+# whole-pipeline test uses them); unset, the configs' step counts hold.
+RM_STEPS ?=
+ALIGN_STEPS ?=
 rm: deps $(OUT)/rm/critique/model/reward_config.json $(OUT)/rm/scalar/model/reward_config.json
 $(OUT)/rm/%/model/reward_config.json: $(OUT)/prefs/manifest.json $(OUT)/sft/model/config.json configs/rm/%.yaml mmalign/methods/reward.py
 	$(FIT) --config configs/rm/$*.yaml --seed_everything $(SEED) \
 	  --trainer.default_root_dir $(OUT)/rm/$* \
 	  --model.init_args.policy.init_args.path $(OUT)/sft/model \
-	  --model.init_args.export_dir $(OUT)/rm/$*/model \
+	  --model.init_args.export_dir $(OUT)/rm/$*/model $(if $(RM_STEPS),--trainer.max_steps $(RM_STEPS)) \
 	  --data.init_args.train_file $(OUT)/prefs/train/pairs.jsonl \
 	  --data.init_args.val_file $(OUT)/prefs/val/pairs.jsonl \
 	  --data.init_args.data_root $(OUT)/data
@@ -183,7 +200,7 @@ $(OUT)/$(1)/model/config.json: $(3) $(2)
 	$$(FIT) --config $(2) --seed_everything $$(SEED) \
 	  --trainer.default_root_dir $$(OUT)/$(1) \
 	  --model.init_args.policy.init_args.path $$(OUT)/sft/model \
-	  --model.init_args.export_dir $$(OUT)/$(1)/model $(4)
+	  --model.init_args.export_dir $$(OUT)/$(1)/model $$(if $$(ALIGN_STEPS),--trainer.max_steps $$(ALIGN_STEPS)) $(4)
 endef
 PREF_DATA = --data.init_args.train_file $(OUT)/ref/train/pairs.jsonl --data.init_args.val_file $(OUT)/ref/val/pairs.jsonl \
   --data.init_args.data_root $(OUT)/data --model.init_args.probe_file $(OUT)/data/val/sft.jsonl
@@ -198,7 +215,7 @@ $(OUT)/eval/%/metrics.json: $(OUT)/%/model/config.json $(wildcard mmalign/eval/*
 	$(EVAL) --model $(OUT)/$*/model --data $(OUT)/data --split test --out $(OUT)/eval/$*
 eval-mmrlhf: deps $(foreach r,sft sft-continued dpo mmdpo,$(OUT)/eval/$(r)/metrics.json)
 	$(EVAL) compare $(foreach r,sft sft-continued dpo mmdpo,$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-mmrlhf
-	@cat $(OUT)/eval/compare-mmrlhf/report.md
+	@cat $(OUT)/eval/compare-mmrlhf/compare.md
 
 # --- benchmarks ----------------------------------------------------------------------------------
 

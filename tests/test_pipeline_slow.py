@@ -19,7 +19,9 @@ def test_make_demo_end_to_end():
     run = "ci-demo"
     shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    make = ["make", "-C", str(ROOT), "demo", f"RUN={run}", f"PY={sys.executable}"]
+    # Shorter reward-model and preference trainings than the demo's (same code and configs): the
+    # whole pipeline has to fit CI's budget.
+    make = ["make", "-C", str(ROOT), "demo", f"RUN={run}", f"PY={sys.executable}", "RM_STEPS=150", "ALIGN_STEPS=100"]
     subprocess.run(make, check=True, env=env)
     out = ROOT / "runs" / run
     doc = json.loads((out / "eval/sft/metrics.json").read_text())
@@ -42,7 +44,23 @@ def test_make_demo_end_to_end():
     assert fb["source"] == "judge" and fb["counts"]["responses"] == sampled["responses"]
     assert set(fb["agreement_with_oracle"]) == {"object", "attribute", "relation"}
     assert fb["agreement_with_oracle"]["object"]["n"] > 1000
+    # MM-RLHF: preferences, both reward models scored on held-out pairs, MM-DPO's reward margins,
+    # reference log-probs, and the four policies side by side.
+    prefs = json.loads((out / "prefs/report.json").read_text())
+    assert prefs["pairs"]["train"] > 1000 and prefs["pairs"]["val"] > 50
+    for rm in ("rm/scored/val", "rm/scalar/scored-val"):
+        value, low, high = json.loads((out / rm / "report.json").read_text())["ranking"]["accuracy"]
+        assert 0.0 <= low <= value <= high <= 1.0, rm
+    first = json.loads((out / "ref/train/pairs.jsonl").open().readline())
+    assert {"reward_margin", "ref_chosen_logp", "ref_rejected_logp", "ref_model"} <= set(first)
+    compare = (out / "eval/compare-mmrlhf/compare.md").read_text()
+    for name in ("sft", "sft-continued", "dpo", "mmdpo"):
+        assert name in compare
+    with open(out / "mmdpo/logs/metrics.csv") as f:
+        header = f.readline()
+    assert "probe/distinct2" in header and "train/beta" in header
     # Unchanged inputs: a second `make demo` redoes nothing.
     again = subprocess.run(make, check=True, env=env, capture_output=True, text=True)
-    for stage in ("mmalign.cli fit", "data_pipelines.scenes", "data_pipelines.sample", "data_pipelines.feedback"):
+    for stage in ("mmalign.cli fit", "data_pipelines.scenes", "data_pipelines.sample", "data_pipelines.feedback",
+                  "data_pipelines.prefs", "data_pipelines.score_rm", "data_pipelines.ref_logps", "mmalign.cli eval --model"):
         assert stage not in again.stdout, stage
