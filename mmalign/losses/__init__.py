@@ -8,6 +8,7 @@ from mmalign.losses.dpo import (
     ipo_loss,
     nll_anchored_dpo_loss,
 )
+from mmalign.losses.rdpo import RDPOOutput, rdpo_loss
 from mmalign.losses.reward import (
     bradley_terry_loss,
     gather_at,
@@ -17,6 +18,7 @@ from mmalign.losses.reward import (
 
 __all__ = [
     "DPOOutput",
+    "RDPOOutput",
     "all_pairs",
     "bradley_terry_loss",
     "dpo_sigmoid_loss",
@@ -25,5 +27,6 @@ __all__ = [
     "ipo_loss",
     "last_label_index",
     "nll_anchored_dpo_loss",
+    "rdpo_loss",
     "reward_centering",
 ]
