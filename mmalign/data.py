@@ -11,9 +11,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from mmalign.collators import PairLayout, PreferenceCollator, VisionChatCollator
 from mmalign.records import (
-    PreferenceRecord,
     ReadReport,
-    SFTRecord,
     load_image,
     message_text,
     read_records,
@@ -22,21 +20,30 @@ from mmalign.records import (
 log = logging.getLogger(__name__)
 
 
-class ChatDataset(Dataset):
-    """SFT records as collator examples; images are decoded lazily, with the record's
-    ``file:line`` in any error."""
+class _RecordDataset(Dataset):
+    """Records held in a list; each item decodes its images lazily, with the record's
+    ``file:line`` (its ``source``) in any error."""
 
-    def __init__(self, records: list[SFTRecord]):
+    def __init__(self, records: list):
         self.records = records
 
     def __len__(self) -> int:
         return len(self.records)
 
+    @staticmethod
+    def _load(r) -> tuple[str, list]:
+        where = r.meta.get("source", r.id)
+        return where, [load_image(p, where) for p in r.images]
+
+
+class ChatDataset(_RecordDataset):
+    """SFT records (:class:`~mmalign.records.SFTRecord`) as collator examples."""
+
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]
-        where = r.meta.get("source", r.id)
+        where, images = self._load(r)
         return {
-            "images": [load_image(p, where) for p in r.images],
+            "images": images,
             "messages": r.messages,
             "meta": {"id": r.id, "source": where, **{k: v for k, v in r.meta.items() if k != "source"}},
         }
@@ -180,22 +187,16 @@ class SFTDataModule(_RecordDataModule):
         return WeightedRandomSampler(w, num_samples=len(recs), replacement=True)
 
 
-class PreferenceDataset(Dataset):
-    """Preference records as :class:`~mmalign.collators.PreferenceCollator` examples; images
-    decoded lazily. ``meta`` carries the record's extra fields (reward margins, precomputed
-    reference log-probs, scores) with ``id`` and ``source`` (``file:line``) for errors."""
-
-    def __init__(self, records: list[PreferenceRecord]):
-        self.records = records
-
-    def __len__(self) -> int:
-        return len(self.records)
+class PreferenceDataset(_RecordDataset):
+    """Preference records (:class:`~mmalign.records.PreferenceRecord`) as
+    :class:`~mmalign.collators.PreferenceCollator` examples. ``meta`` carries the record's extra
+    fields (reward margins, precomputed reference log-probs, scores) with ``id`` and ``source``."""
 
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]
-        where = r.meta.get("source", r.id)
+        where, images = self._load(r)
         return {
-            "images": [load_image(p, where) for p in r.images],
+            "images": images,
             "prompt": r.prompt,
             "chosen": message_text(r.chosen[0]),
             "rejected": message_text(r.rejected[0]),
