@@ -39,12 +39,10 @@ DPOModule in each layout; they must agree to 1e-4.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import itertools
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -430,28 +428,16 @@ def machine_info(threads: int) -> dict[str, Any]:
     import accelerate
     import datasets
     import lightning
-    import psutil
     import torch
     import transformers
     import trl
 
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    from benchmarks.machine import machine_base
 
-    commit, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain")
     return {
-        "cpu": cpu, "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "torch_threads": threads,
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "trl": trl.__version__, "datasets": datasets.__version__, "accelerate": accelerate.__version__,
-        "lightning": lightning.__version__, "platform": platform.platform(),
-        "git_commit": commit + ("+dirty" if dirty else ""),
+        **machine_base(), "torch_threads": threads, "torch": torch.__version__,
+        "transformers": transformers.__version__, "trl": trl.__version__, "datasets": datasets.__version__,
+        "accelerate": accelerate.__version__, "lightning": lightning.__version__,
     }
 
 
