@@ -6,7 +6,8 @@
 DPO's reference model is frozen, so its sequence log-probs of each chosen and rejected answer
 never change during training. Computing them once here and storing them with the data removes
 the reference forward from every training step (``DPOModule(reference="precomputed")``); the
-loss is the same as with the reference on the fly (tested).
+loss is the same as with the reference on the fly (tested). Re-Align's visual pairs (records with
+``rejected_images``) also get ``ref_chosen_rejimg_logp``: the chosen answer under the rejected images.
 
 Output (atomic, with ``manifest.json``): ``pairs.jsonl``, the input records with
 ``ref_chosen_logp`` / ``ref_rejected_logp`` (summed log-probs of the answer tokens),
@@ -48,17 +49,18 @@ def reference_logps(policy, records: list, batch_size: int, max_length: int, lay
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"record id {dup!r} appears more than once; reference log-probs are stored by id")
-    out: dict[str, tuple[float, float, int, int]] = {}
+    out: dict[str, tuple] = {}
     with torch.no_grad(), policy.reference() as ref, tqdm(total=len(records), desc="reference log-probs", unit="pair",
                                                            disable=not progress, file=sys.stderr,
                                                            dynamic_ncols=True) as bar:
         for k, batch in enumerate(loader):
             bar.update(min(batch_size, len(records) - k * batch_size))
             if batch is not None:
-                c, cm, r, rm = ref.pair_logprobs(to_device(batch, device))
-                for m, a, b, na, nb in zip(batch["meta"], (c * cm).sum(1).tolist(), (r * rm).sum(1).tolist(),
-                                           cm.sum(1).tolist(), rm.sum(1).tolist()):
-                    out[m["id"]] = (a, b, int(na), int(nb))
+                parts = ref.pair_logprobs(to_device(batch, device))
+                sums = [(parts[j] * parts[j + 1]).sum(1).tolist() for j in range(0, len(parts), 2)]
+                counts = [parts[j + 1].sum(1).tolist() for j in range(0, len(parts), 2)]
+                for i, m in enumerate(batch["meta"]):
+                    out[m["id"]] = tuple(s[i] for s in sums) + tuple(int(n[i]) for n in counts)
     missing = {r.id: f"does not fit max_length={max_length} (image tokens + prompt + answer)"
                for r in records if r.id not in out}
     return out, missing
@@ -104,10 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for obj, r in zip(raw, records):
         if r.id in scored:
-            c, rej, nc, nr = scored[r.id]
-            rows.append({**obj, "ref_chosen_logp": c, "ref_rejected_logp": rej,
-                         "ref_chosen_tokens": nc, "ref_rejected_tokens": nr, "ref_model": config["model"],
-                         "ref_max_length": args.max_length})
+            vals = scored[r.id]
+            k = len(vals) // 2
+            names = ("chosen", "rejected", "chosen_rejimg")[:k]
+            rows.append({**obj, **{f"ref_{n}_logp": v for n, v in zip(names, vals[:k])},
+                         **{f"ref_{n}_tokens": v for n, v in zip(names, vals[k:])},
+                         "ref_model": config["model"], "ref_max_length": args.max_length})
     with StageOutput(args.out, stage=STAGE, config=config, inputs=inputs) as st:
         atomic_write_jsonl(st.path / "pairs.jsonl", rows)
         atomic_write_jsonl(st.path / "rejects.jsonl", [{"id": k, "reason": v} for k, v in missing.items()])

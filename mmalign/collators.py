@@ -218,6 +218,13 @@ class PreferenceCollator:
 
     Per-pair ``meta`` (ids, scores, reward margins, precomputed reference log-probs) is passed
     through as ``batch["meta"]``, one dict per kept pair.
+
+    Visual pairs (Re-Align): examples that also carry ``"rejected_images"`` get a third row, the
+    chosen answer under the rejected images (``batch["visual"] = True``). ``"concat"``: rows are
+    chosen, rejected, chosen-under-rejected-images (``3B``). ``"shared_prompt"``: ``2B`` prompts
+    (the original images, then the rejected ones) and ``3B`` completions, ``completion_owner[j]``
+    the prompt row completion ``j`` continues: ``chosen_0, rejected_0, ...`` on the original
+    prompts, then ``chosen_0, chosen_1, ...`` on the rejected-image prompts.
     """
 
     processor: Any
@@ -242,21 +249,22 @@ class PreferenceCollator:
     def _concat(self, examples: list[dict]) -> dict | None:
         inner = VisionChatCollator(self.processor, max_length=self.max_length, mode="train", train_on="last",
                                    on_overlength="drop")
+        visual = _visual(examples)
+        sides = ("chosen", "rejected", "visual") if visual else ("chosen", "rejected")
         while examples:
-            rows = []
-            for i, ex in enumerate(examples):
-                for side in ("chosen", "rejected"):
-                    rows.append({"images": ex["images"], "messages": ex["prompt"] + [_assistant(ex[side])],
-                                 "meta": {"source": _where(ex), "pair": i, "side": side}})
-            # chosen rows first, then rejected rows: rows[0::2] then rows[1::2]
-            rows = rows[0::2] + rows[1::2]
+            # all chosen rows, then all rejected rows (then chosen under the rejected images)
+            rows = [{"images": ex["rejected_images"] if side == "visual" else ex["images"],
+                     "messages": ex["prompt"] + [_assistant(ex["rejected" if side == "rejected" else "chosen"])],
+                     "meta": {"source": _where(ex), "pair": i, "side": side}}
+                    for side in sides for i, ex in enumerate(examples)]
             with _quiet(log):
                 batch = inner(rows)
-            kept = [] if batch is None else [(m["pair"], m["side"]) for m in batch["meta"]]
-            complete = {i for i, _ in kept if (i, "chosen") in kept and (i, "rejected") in kept}
-            if batch is not None and len(complete) == len(examples) and len(kept) == 2 * len(examples):
+            kept = set() if batch is None else {(m["pair"], m["side"]) for m in batch["meta"]}
+            complete = {i for i in range(len(examples)) if all((i, side) in kept for side in sides)}
+            if batch is not None and len(complete) == len(examples) and len(kept) == len(sides) * len(examples):
                 batch["meta"] = [ex.get("meta", {}) for ex in examples]
                 batch["layout"] = "concat"
+                batch["visual"] = visual
                 return batch
             for i, ex in enumerate(examples):
                 if i not in complete:
@@ -283,10 +291,15 @@ class PreferenceCollator:
             turns.append((ids[0], ids[1]))
         if not kept:
             return None
-        prompt = gen([{"images": ex["images"], "messages": ex["prompt"], "meta": ex.get("meta", {})} for ex in kept])
+        visual = _visual(kept)
+        image_sets = [ex["images"] for ex in kept] + ([ex["rejected_images"] for ex in kept] if visual else [])
+        prompt = gen([{"images": imgs, "messages": ex["prompt"], "meta": ex.get("meta", {})}
+                      for imgs, ex in zip(image_sets, kept + kept)])
         prompt_lens = prompt["attention_mask"].sum(1).tolist()
+        b = len(kept)
         ok = []
-        for i, (ex, n) in enumerate(zip(kept, prompt_lens)):
+        for i, ex in enumerate(kept):
+            n = max(prompt_lens[i], prompt_lens[b + i]) if visual else prompt_lens[i]
             room = self.max_length - n
             if room < 1 or not turns[i][0] or not turns[i][1]:
                 self._drop(OverlengthError(f"{_where(ex)}: prompt is {n} tokens (images included); "
@@ -297,10 +310,15 @@ class PreferenceCollator:
             if not ok:
                 return None
             return self._shared([kept[i] for i in ok])
-        rows = []
+        rows, owner = [], []
         for i, (c, r) in enumerate(turns):
             room = self.max_length - prompt_lens[i]
             rows += [c[:room], r[:room]]
+            owner += [i, i]
+        if visual:
+            for i, (c, _) in enumerate(turns):
+                rows.append(c[: self.max_length - prompt_lens[b + i]])
+                owner.append(b + i)
         width = max(len(x) for x in rows)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         completion_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -308,9 +326,19 @@ class PreferenceCollator:
         for j, x in enumerate(rows):
             completion_ids[j, : len(x)] = torch.tensor(x, dtype=torch.long)
             completion_mask[j, : len(x)] = 1
-        meta = prompt.pop("meta")
+        meta = prompt.pop("meta")[:b]
         return {"prompt": prompt, "completion_ids": completion_ids, "completion_mask": completion_mask,
-                "meta": meta, "layout": "shared_prompt"}
+                "completion_owner": torch.tensor(owner, dtype=torch.long), "meta": meta,
+                "layout": "shared_prompt", "visual": visual}
+
+
+def _visual(examples: list[dict]) -> bool:
+    """Whether the examples carry rejected images (all or none of a batch may)."""
+    has = [bool(ex.get("rejected_images")) for ex in examples]
+    if any(has) and not all(has):
+        missing = next(_where(ex) for ex, h in zip(examples, has) if not h)
+        raise RecordError(f"{missing}: no rejected_images, but other pairs of the batch have them (all or none)")
+    return bool(has) and all(has)
 
 
 def _assistant(text: str) -> dict:

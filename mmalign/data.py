@@ -195,7 +195,9 @@ class PreferenceDataset(_RecordDataset):
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]
         where, images = self._load(r)
+        extra = {"rejected_images": [load_image(p, where) for p in r.rejected_images]} if r.rejected_images else {}
         return {
+            **extra,
             "images": images,
             "prompt": r.prompt,
             "chosen": message_text(r.chosen[0]),

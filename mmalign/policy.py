@@ -38,17 +38,19 @@ class Policy(nn.Module, abc.ABC):
         pass (reward and value heads read the hidden states; the LM loss reads the logits)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose hidden states")
 
-    def pair_logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def pair_logprobs(self, batch: dict) -> tuple[torch.Tensor, ...]:
         """Per-token log-probs of both completions of a preference batch
         (:class:`mmalign.collators.PreferenceCollator`): ``(chosen_logps, chosen_mask,
-        rejected_logps, rejected_mask)``, each ``(B, T)``, 0 / mask 0 where not scored.
+        rejected_logps, rejected_mask)``, each ``(B, T)``, 0 / mask 0 where not scored; a visual
+        batch (``batch["visual"]``) adds ``(visual_logps, visual_mask)``: the chosen answer under
+        the rejected images.
 
         The base implementation handles the ``"concat"`` layout (``2B`` full rows, chosen first)
         with :meth:`completion_logprobs`; adapters that can share the prompt's KV cache override
         it for ``"shared_prompt"``."""
         if batch.get("layout") != "concat":
             raise NotImplementedError(f"{type(self).__name__} only supports the 'concat' pair layout")
-        return split_concat(*self.completion_logprobs(batch))
+        return split_concat(*self.completion_logprobs(batch), visual=bool(batch.get("visual")))
 
     @abc.abstractmethod
     def generate(self, batch: dict, **generation_kwargs: Any) -> list[str]:
@@ -72,8 +74,13 @@ class Policy(nn.Module, abc.ABC):
         return (p for p in self.parameters() if p.requires_grad)
 
 
-def split_concat(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(2B, T)`` log-probs of a ``"concat"`` pair batch (chosen rows, then rejected rows) ->
-    ``(chosen_logps, chosen_mask, rejected_logps, rejected_mask)``, each ``(B, T)``."""
-    b = logps.shape[0] // 2
-    return logps[:b], mask[:b], logps[b:], mask[b:]
+def split_concat(logps: torch.Tensor, mask: torch.Tensor, visual: bool = False) -> tuple[torch.Tensor, ...]:
+    """``(kB, T)`` log-probs of a ``"concat"`` pair batch (chosen rows, then rejected rows, then,
+    for a visual batch, chosen rows under the rejected images) -> ``(chosen_logps, chosen_mask,
+    rejected_logps, rejected_mask[, visual_logps, visual_mask])``, each ``(B, T)``."""
+    k = 3 if visual else 2
+    b = logps.shape[0] // k
+    out = []
+    for j in range(k):
+        out += [logps[j * b:(j + 1) * b], mask[j * b:(j + 1) * b]]
+    return tuple(out)

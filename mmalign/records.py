@@ -166,7 +166,11 @@ class SFTRecord:
 
 @dataclass
 class PreferenceRecord:
-    """A preference pair for one (images, prompt): ``chosen`` is preferred over ``rejected``."""
+    """A preference pair for one (images, prompt): ``chosen`` is preferred over ``rejected``.
+
+    ``rejected_images`` (optional; Re-Align's dual preference): images that look like ``images``
+    but do not show the same thing; with them, ``chosen`` under ``images`` is also preferred over
+    ``chosen`` under ``rejected_images``. Same count as ``images``, resolved and checked alike."""
 
     id: str
     images: list[str]
@@ -176,6 +180,7 @@ class PreferenceRecord:
     score_chosen: float | None = None
     score_rejected: float | None = None
     meta: dict = field(default_factory=dict)
+    rejected_images: list[str] = field(default_factory=list)
 
     kind: ClassVar[str] = "preference"
 
@@ -195,17 +200,23 @@ class PreferenceRecord:
             _check_text(message_text(msgs[0]), key, where, max_chars)
             completions[key] = msgs
         images = _check_images(obj.get("images", []), n, where)
-        known = {"id", "images", "prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
+        rejected_images = []
+        if obj.get("rejected_images") is not None:
+            rejected_images = _check_images(obj["rejected_images"], n, where + " rejected_images")
+        known = {"id", "images", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "rejected_images"}
         return cls(
             id=str(obj.get("id", where)), images=images, prompt=prompt,
             chosen=completions["chosen"], rejected=completions["rejected"],
             score_chosen=_check_score(obj.get("score_chosen"), "score_chosen", where),
             score_rejected=_check_score(obj.get("score_rejected"), "score_rejected", where),
             meta={k: v for k, v in obj.items() if k not in known},
+            rejected_images=rejected_images,
         )
 
     def to_json(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "meta" and v is not None}
+        if not self.rejected_images:
+            del d["rejected_images"]
         return {**d, **self.meta}
 
 
@@ -348,15 +359,17 @@ def read_records(
                 if rec.id in seen:
                     raise RecordError(f"{where}: duplicate id {rec.id!r} (first at line {seen[rec.id]})")
                 seen[rec.id] = lineno
-            resolved = []
-            for rel in rec.images:
-                full = resolve_image_path(rel, root, where)
-                if check_images != "none" and not full.is_file():
-                    raise RecordError(f"{where}: image {rel!r} not found under {root}")
-                if check_images == "decode":
-                    load_image(full, where)
-                resolved.append(str(full))
-            rec.images = resolved
+            for attr in ("images", "rejected_images"):
+                resolved = []
+                for rel in getattr(rec, attr, ()):
+                    full = resolve_image_path(rel, root, where)
+                    if check_images != "none" and not full.is_file():
+                        raise RecordError(f"{where}: image {rel!r} not found under {root}")
+                    if check_images == "decode":
+                        load_image(full, where)
+                    resolved.append(str(full))
+                if hasattr(rec, attr):
+                    setattr(rec, attr, resolved)
             rec.meta.setdefault("source", where)
             out.append(rec)
         except RecordError as e:

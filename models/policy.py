@@ -235,20 +235,22 @@ class ReferenceView:
                          num_return_sequences)
 
 
-def pair_logprobs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_logprobs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, ...]:
     """Per-token log-probs of the chosen and rejected completions of a preference batch
     (:class:`mmalign.collators.PreferenceCollator`), ``(chosen_logps, chosen_mask,
-    rejected_logps, rejected_mask)``, each ``(B, T)``.
+    rejected_logps, rejected_mask)``, each ``(B, T)``, plus ``(visual_logps, visual_mask)`` (the
+    chosen answer under the rejected images) for a visual batch.
 
-    ``"concat"``: one forward over the ``2B`` full rows. ``"shared_prompt"``: one forward over
-    the ``B`` left-padded prompts (images encoded once) that fills the KV cache, the cache
-    repeated for the two completions of each pair, then one forward over the ``2B`` completions
-    on it. Gradients flow through the cache into the prompt pass. Positions follow the attention
+    ``"concat"``: one forward over the full rows. ``"shared_prompt"``: one forward over the
+    left-padded prompts (images encoded once) that fills the KV cache, the cache rows gathered
+    for the completions (``completion_owner``: two per original prompt, one per rejected-image
+    prompt), then one forward over the completions on it. Gradients flow through the cache into the prompt pass. Positions follow the attention
     mask (``cumsum - 1``), so a left-padded prompt gets the positions it has unpadded, exactly as
     in the concat rows: the two layouts give the same log-probs up to float rounding.
     """
+    visual = bool(batch.get("visual"))
     if batch.get("layout") == "concat":
-        return split_concat(*token_logprobs(HFPolicy._logits(model, batch), batch["labels"]))
+        return split_concat(*token_logprobs(HFPolicy._logits(model, batch), batch["labels"]), visual=visual)
     if batch.get("layout") != "shared_prompt":
         raise ValueError(f"unknown pair layout {batch.get('layout')!r}")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -270,19 +272,24 @@ def pair_logprobs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Te
         # transformers turns the cache off under gradient checkpointing in training mode.
         raise ValueError("the 'shared_prompt' pair layout needs the model's KV cache, and this model returned none "
                          "(gradient checkpointing disables it): use data.init_args.layout: concat")
-    cache.batch_repeat_interleave(2)                                   # rows: c0, r0, c1, r1, ...
-    ids, c_mask = batch["completion_ids"], batch["completion_mask"]    # (2B, C)
-    c_pos = p_pos[:, -1:].repeat_interleave(2, dim=0) + 1 + torch.arange(ids.shape[1], device=ids.device)
-    attn = torch.cat([p_mask.repeat_interleave(2, dim=0), c_mask], dim=1)
+    ids, c_mask = batch["completion_ids"], batch["completion_mask"]    # (N, C)
+    owner = batch.get("completion_owner")                              # (N,) prompt row of each completion
+    if owner is None:
+        owner = torch.arange(p_mask.shape[0], device=ids.device).repeat_interleave(2)
+    cache.batch_select_indices(owner)                                  # rows: c0, r0, c1, r1, ... [, v0, v1, ...]
+    c_pos = p_pos[owner, -1:] + 1 + torch.arange(ids.shape[1], device=ids.device)
+    attn = torch.cat([p_mask[owner], c_mask], dim=1)
     out2 = model(input_ids=ids, attention_mask=attn, position_ids=c_pos, use_cache=True,
                  **{cache_kw: cache})
     # The prompt's last logits predict each completion's first token; completion logits [:-1] the rest.
-    logits = torch.cat([out.logits[:, -1:].repeat_interleave(2, dim=0), out2.logits[:, :-1]], dim=1)
+    logits = torch.cat([out.logits[owner, -1:], out2.logits[:, :-1]], dim=1)
     logits = logits.float()
     logps = torch.gather(logits, -1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     mask = c_mask.to(logps.dtype)
     logps = logps * mask
-    return logps[0::2], mask[0::2], logps[1::2], mask[1::2]
+    b = len(batch["meta"])
+    pairs = (logps[: 2 * b: 2], mask[: 2 * b: 2], logps[1: 2 * b: 2], mask[1: 2 * b: 2])
+    return pairs + (logps[2 * b:], mask[2 * b:]) if visual else pairs
 
 
 def _generate(model, processor, batch, max_new_tokens, do_sample, temperature, top_p, num_return_sequences):

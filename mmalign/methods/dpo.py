@@ -51,6 +51,9 @@ from mmalign.policy import Policy
 log = logging.getLogger(__name__)
 
 LossType = Literal["sigmoid", "ipo", "nll"]
+#: record keys of precomputed reference log-probs (data_pipelines.ref_logps): chosen, rejected, and
+#: the chosen answer under the rejected images (visual pairs)
+REF_KEYS = ("ref_chosen_logp", "ref_rejected_logp", "ref_chosen_rejimg_logp")
 ReferenceMode = Literal["on_the_fly", "precomputed"]
 
 
@@ -148,23 +151,26 @@ class DPOModule(PolicyModule):
         if self.hparams.probe_file:
             self._probe("start")
 
-    def _reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reference_logps(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """``(B,)`` reference sequence log-probs of the chosen and the rejected answers, and for a
+        visual batch of the chosen answer under the rejected images."""
         if self.hparams.reference == "on_the_fly":
             with torch.no_grad(), self.policy.reference() as ref:
-                rc, rcm, rr, rrm = ref.pair_logprobs(batch)
-            return pair_sums(rc, rcm)[0], pair_sums(rr, rrm)[0]
-        chosen, rejected = [], []
+                parts = ref.pair_logprobs(batch)
+            return tuple(pair_sums(parts[j], parts[j + 1])[0] for j in range(0, len(parts), 2))
+        keys = REF_KEYS[: 3 if batch.get("visual") else 2]
+        cols: list[list[float]] = [[] for _ in keys]
         for m in batch["meta"]:
-            if "ref_chosen_logp" not in m or "ref_rejected_logp" not in m:
-                raise ValueError(f"{m.get('source', m.get('id'))}: reference 'precomputed' needs ref_chosen_logp and "
-                                 "ref_rejected_logp in every record (run data_pipelines.ref_logps on the pairs)")
+            missing = [k for k in keys if k not in m]
+            if missing:
+                raise ValueError(f"{m.get('source', m.get('id'))}: reference 'precomputed' needs {', '.join(keys)} in "
+                                 f"every record, {', '.join(missing)} missing (run data_pipelines.ref_logps on the pairs)")
             if self._ref_id and m.get("ref_model") and m["ref_model"] != self._ref_id:
                 raise ValueError(f"{m.get('source', m.get('id'))}: reference log-probs were made by {m['ref_model']}, "
                                  f"but the policy starts from {self._ref_id}")
-            chosen.append(float(m["ref_chosen_logp"]))
-            rejected.append(float(m["ref_rejected_logp"]))
-        dev = self.device
-        return torch.tensor(chosen, device=dev), torch.tensor(rejected, device=dev)
+            for col, k in zip(cols, keys):
+                col.append(float(m[k]))
+        return tuple(torch.tensor(col, device=self.device) for col in cols)
 
     # -- loss -----------------------------------------------------------------------------------
 
@@ -187,10 +193,10 @@ class DPOModule(PolicyModule):
     def compute_loss(self, batch: dict) -> tuple[DPOOutput, dict[str, torch.Tensor]]:
         """The loss of one preference batch and the per-step statistics to log."""
         hp = self.hparams
-        pc_tok, pc_mask, pr_tok, pr_mask = self.policy.pair_logprobs(batch)
+        pc_tok, pc_mask, pr_tok, pr_mask = self.policy.pair_logprobs(batch)[:4]
         pc, n_c = pair_sums(pc_tok, pc_mask)
         pr, n_r = pair_sums(pr_tok, pr_mask)
-        rc, rr = self._reference_logps(batch)
+        rc, rr = self._reference_logps(batch)[:2]
         beta = self.pair_beta(batch)
         if hp.loss_type == "sigmoid":
             out = dpo_sigmoid_loss(pc, pr, rc, rr, beta, hp.label_smoothing)
