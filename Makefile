@@ -18,7 +18,7 @@ TORCH_INDEX ?=
 FIT = $(PY) -m mmalign.cli fit
 
 .PHONY: help install venv deps data tiny-model sft eval-sft eval eval-compare sample judge feedback prefs mmrlhf-import \
-  rm rm-score ref-logps dpo mmdpo sft-continued eval-mmrlhf index bench bench-dpo bench-index demo test test-slow clean
+  rm rm-score ref-logps dpo mmdpo sft-continued eval-mmrlhf index realign-data realign realign-text eval-realign bench bench-dpo bench-index demo test test-slow clean
 
 help:
 	@echo "mmalign stages (make <target> [RUN=name] [SEED=n]); outputs under runs/<RUN>/"
@@ -49,7 +49,11 @@ help:
 	@echo "  sft-continued / dpo / mmdpo   SFT 400 more steps, plain DPO, MM-DPO (Dynamic Reward Scaling)"
 	@echo "  eval-mmrlhf the three and SFT on the held-out scenes, side by side -> $(OUT)/eval/compare-mmrlhf"
 	@echo "  mmrlhf-import MMRLHF=<folder>   the published MM-RLHF data -> $(OUT)/mmrlhf/import"
-	@echo "  index       Re-Align: train images embedded by the SFT policy's vision tower -> FAISS index $(OUT)/index"
+	@echo "  Re-Align (issue 6):"
+	@echo "  index       train images embedded by the SFT policy's vision tower -> FAISS index $(OUT)/index"
+	@echo "  realign-data  injected rejected answer + retrieved rejected image per caption -> $(OUT)/realign-data"
+	@echo "  realign / realign-text   rDPO, and its text-only ablation (DPO on the same pairs)"
+	@echo "  eval-realign  SFT, SFT-continued, text-only DPO, rDPO side by side -> $(OUT)/eval/compare-realign"
 	@echo "  bench       bench-dpo (DPO pairs/s and peak memory vs TRL's DPOTrainer) and bench-index"
 	@echo "              (FAISS IVF / HNSW recall@10 and latency vs exact and NumPy) -> benchmarks/results/"
 	@echo ""
@@ -228,6 +232,24 @@ index: deps $(OUT)/index/manifest.json
 $(OUT)/index/manifest.json: $(OUT)/data/manifest.json $(OUT)/sft/model/config.json data_pipelines/index.py mmalign/retrieval.py models/embedders.py
 	$(PY) -m data_pipelines.index --data $(OUT)/data --splits train --embedder policy --model $(OUT)/sft/model \
 	  --kind $(INDEX_KIND) --out $(OUT)/index
+
+# Dual preferences (Re-Align): per train caption, a hallucination-injected rejected answer and, as the
+# rejected image, the nearest train image whose scene makes the caption wrong.
+realign-data: deps $(OUT)/realign-data/manifest.json
+$(OUT)/realign-data/manifest.json: $(OUT)/data/manifest.json $(OUT)/index/manifest.json data_pipelines/realign_data.py mmalign/inject.py mmalign/oracle.py mmalign/retrieval.py
+	$(PY) -m data_pipelines.realign_data --data $(OUT)/data --index $(OUT)/index --split train \
+	  --tasks detailed_caption --k 10 --seed $(SEED) --out $(OUT)/realign-data
+
+# rDPO (text + visual term) and its text-only ablation (plain DPO on the same pairs), then SFT,
+# SFT-continued, text-only DPO and rDPO side by side on the held-out scenes.
+REALIGN_DATA = --data.init_args.train_file $(OUT)/realign-data/train/pairs.jsonl \
+  --data.init_args.val_file $(OUT)/realign-data/val/pairs.jsonl --data.init_args.data_root $(OUT)/data \
+  --model.init_args.probe_file $(OUT)/data/val/sft.jsonl
+$(eval $(call fit_policy,realign,configs/realign/tiny.yaml,$(OUT)/realign-data/manifest.json,$(REALIGN_DATA)))
+$(eval $(call fit_policy,realign-text,configs/realign/tiny.yaml,$(OUT)/realign-data/manifest.json,$(REALIGN_DATA) --model.init_args.visual_weight 0))
+eval-realign: deps $(foreach r,sft sft-continued realign-text realign,$(OUT)/eval/$(r)/metrics.json)
+	$(EVAL) compare $(foreach r,sft sft-continued realign-text realign,$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-realign
+	@head -12 $(OUT)/eval/compare-realign/compare.md
 
 # --- benchmarks ----------------------------------------------------------------------------------
 
