@@ -265,7 +265,8 @@ bench: bench-dpo bench-index
 bench-dpo: deps $(OUT)/sft/model/config.json $(OUT)/sample/manifest.json
 	$(PY) benchmarks/bench_dpo.py --model $(OUT)/sft/model --responses $(OUT)/sample/responses.jsonl --data-root $(OUT)/data
 
-demo: data tiny-model sft eval-sft sample judge feedback prefs rm rm-score ref-logps sft-continued dpo mmdpo eval-mmrlhf
+demo: data tiny-model sft eval-sft sample judge feedback prefs rm rm-score ref-logps sft-continued dpo mmdpo eval-mmrlhf \
+  index realign-data realign-text realign eval-realign
 	@echo "demo done: see $(OUT)/eval/sft/report.md (chart.png, metrics.json, generations.jsonl beside it)"
 
 # --- tests ----------------------------------------------------------------------------------------

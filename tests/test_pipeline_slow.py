@@ -21,7 +21,7 @@ def test_make_demo_end_to_end():
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Shorter reward-model and preference trainings than the demo's (same code and configs): the
     # whole pipeline has to fit CI's budget.
-    make = ["make", "-C", str(ROOT), "demo", f"RUN={run}", f"PY={sys.executable}", "RM_STEPS=150", "ALIGN_STEPS=100"]
+    make = ["make", "-C", str(ROOT), "demo", f"RUN={run}", f"PY={sys.executable}", "RM_STEPS=100", "ALIGN_STEPS=60"]
     subprocess.run(make, check=True, env=env)
     out = ROOT / "runs" / run
     doc = json.loads((out / "eval/sft/metrics.json").read_text())
@@ -59,8 +59,17 @@ def test_make_demo_end_to_end():
     with open(out / "mmdpo/logs/metrics.csv") as f:
         header = f.readline()
     assert "probe/distinct2" in header and "train/beta" in header
+    # Re-Align: the index, dual preferences with retrieved images, rDPO and its text-only ablation.
+    rd = json.loads((out / "realign-data/report.json").read_text())
+    assert rd["pairs"]["train"] > 1000
+    compare = (out / "eval/compare-realign/compare.md").read_text()
+    for name in ("sft-continued", "realign-text", "realign"):
+        assert name in compare
+    with open(out / "realign/logs/metrics.csv") as f:
+        assert "train/visual_loss" in f.readline()
     # Unchanged inputs: a second `make demo` redoes nothing.
     again = subprocess.run(make, check=True, env=env, capture_output=True, text=True)
     for stage in ("mmalign.cli fit", "data_pipelines.scenes", "data_pipelines.sample", "data_pipelines.feedback",
-                  "data_pipelines.prefs", "data_pipelines.score_rm", "data_pipelines.ref_logps", "mmalign.cli eval --model"):
+                  "data_pipelines.prefs", "data_pipelines.score_rm", "data_pipelines.ref_logps", "mmalign.cli eval --model",
+                  "data_pipelines.index", "data_pipelines.realign_data"):
         assert stage not in again.stdout, stage
