@@ -244,9 +244,10 @@ def pair_logprobs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, ...]:
     ``"concat"``: one forward over the full rows. ``"shared_prompt"``: one forward over the
     left-padded prompts (images encoded once) that fills the KV cache, the cache rows gathered
     for the completions (``completion_owner``: two per original prompt, one per rejected-image
-    prompt), then one forward over the completions on it. Gradients flow through the cache into the prompt pass. Positions follow the attention
-    mask (``cumsum - 1``), so a left-padded prompt gets the positions it has unpadded, exactly as
-    in the concat rows: the two layouts give the same log-probs up to float rounding.
+    prompt), then one forward over the completions on it. Gradients flow through the cache into
+    the prompt pass. Positions follow the attention mask (``cumsum - 1``), so a left-padded prompt
+    gets the positions it has unpadded, exactly as in the concat rows: the two layouts give the
+    same log-probs up to float rounding.
     """
     visual = bool(batch.get("visual"))
     if batch.get("layout") == "concat":
