@@ -198,12 +198,12 @@ class DPOModule(PolicyModule):
         pr, n_r = pair_sums(pr_tok, pr_mask)
         rc, rr = self._reference_logps(batch)[:2]
         beta = self.pair_beta(batch)
+        nll = -pc / n_c.clamp(min=1)                                   # (B,) mean NLL of each chosen answer
         if hp.loss_type == "sigmoid":
             out = dpo_sigmoid_loss(pc, pr, rc, rr, beta, hp.label_smoothing)
         elif hp.loss_type == "ipo":
             out = ipo_loss(pc, pr, rc, rr, hp.beta, chosen_lengths=n_c, rejected_lengths=n_r)
         else:
-            nll = -pc / n_c.clamp(min=1)
             out = nll_anchored_dpo_loss(pc, pr, rc, rr, nll, beta, hp.nll_alpha, hp.label_smoothing)
         stats = {
             "reward_accuracy": out.reward_accuracy,
@@ -212,7 +212,7 @@ class DPOModule(PolicyModule):
             "rejected_reward": out.rejected_rewards.mean(),
             "logp_chosen": pc.detach().mean(),
             "logp_rejected": pr.detach().mean(),
-            "nll_chosen": (-pc / n_c.clamp(min=1)).detach().mean(),
+            "nll_chosen": nll.detach().mean(),
             "beta": torch.as_tensor(beta, dtype=torch.float32).mean(),
         }
         return out, stats
