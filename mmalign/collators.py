@@ -42,6 +42,27 @@ def to_device(batch: dict, device: torch.device | str) -> dict:
             for k, v in batch.items()}
 
 
+def select_rows(batch: dict, index: torch.Tensor | list[int]) -> dict:
+    """The rows ``index`` of a batch (repeats allowed, in that order): every tensor whose first
+    dimension is the batch is indexed, ``meta`` too; other entries are kept. A tensor with another
+    first dimension (patches of several images flattened together, as some families do) cannot be
+    split per row: a ValueError names it."""
+    b = len(batch["meta"]) if "meta" in batch else batch["input_ids"].shape[0]
+    idx = torch.as_tensor(index, dtype=torch.long)
+    out = {}
+    for key, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            if v.shape[0] != b:
+                raise ValueError(f"cannot select rows of {key!r} (shape {tuple(v.shape)}): its first dimension is not "
+                                 f"the batch ({b})")
+            out[key] = v[idx.to(v.device)]
+        elif key == "meta":
+            out[key] = [v[i] for i in idx.tolist()]
+        else:
+            out[key] = v
+    return out
+
+
 def render(processor: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 

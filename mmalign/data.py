@@ -187,6 +187,77 @@ class SFTDataModule(_RecordDataModule):
         return WeightedRandomSampler(w, num_samples=len(recs), replacement=True)
 
 
+class PromptDataset(_RecordDataset):
+    """SFT records as prompts only (assistant turns dropped), for on-policy sampling; ``meta``
+    keeps the record's fields, its resolved ``image_paths`` and ``prompt_messages`` (reward
+    models re-read them to score a response)."""
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        where, images = self._load(r)
+        prompt = [m for m in r.messages if m["role"] != "assistant"]
+        return {
+            "images": images,
+            "messages": prompt,
+            "meta": {**{k: v for k, v in r.meta.items() if k != "source"}, "id": r.id, "source": where,
+                     "image_paths": [str(p) for p in r.images], "prompt_messages": prompt},
+        }
+
+
+class PromptDataModule(_RecordDataModule):
+    """Prompts (image + question) for on-policy RL from JSONL files of SFT records: each distinct
+    (images, question) once, the reference answer dropped; batches are left-padded for generation.
+
+    Args:
+        train_file: JSONL of SFT records; their user turns are the prompts.
+        val_file: optional held-out prompts (unused by methods that validate by probing).
+        data_root: folder that image paths are relative to (default: each file's folder).
+        tasks: keep only records whose ``task`` is in this list (all when empty).
+        limit: use at most this many prompts (0 = all).
+        batch_size: prompts per rollout.
+        num_workers: DataLoader worker processes.
+        max_length: longest prompt in tokens, image tokens included.
+        check_images: "exists", "decode" (find corrupt images up front) or "none".
+        on_error: "raise" at the first malformed record, or "skip" it into a rejects file.
+    """
+
+    kind = "sft"
+
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str | None = None,
+        data_root: str | None = None,
+        tasks: list[str] | None = None,
+        limit: int = 0,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        max_length: int = 512,
+        check_images: Literal["none", "exists", "decode"] = "exists",
+        on_error: Literal["raise", "skip"] = "raise",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+
+    def _read(self, path: str) -> PromptDataset:
+        hp = self.hparams
+        seen, recs = set(), []
+        for r in self._records(path):
+            if hp.tasks and r.meta.get("task") not in hp.tasks:
+                continue
+            key = (tuple(r.images), tuple(message_text(m) for m in r.messages if m["role"] == "user"))
+            if key not in seen:
+                seen.add(key)
+                recs.append(r)
+        if not recs:
+            raise ValueError(f"{path}: no prompts left (tasks filter {hp.tasks})")
+        return PromptDataset(recs)
+
+    def _make_collator(self) -> VisionChatCollator:
+        return VisionChatCollator(self.processor, max_length=self.hparams.max_length, mode="generate",
+                                  on_overlength="error")
+
+
 class PreferenceDataset(_RecordDataset):
     """Preference records (:class:`~mmalign.records.PreferenceRecord`) as
     :class:`~mmalign.collators.PreferenceCollator` examples. ``meta`` carries the record's extra

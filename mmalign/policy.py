@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,8 +57,21 @@ class Policy(nn.Module, abc.ABC):
     def generate(self, batch: dict, **generation_kwargs: Any) -> list[str]:
         """Decode completions for a left-padded prompt batch; returns the new text only."""
 
+    def generate_ids(self, batch: dict, **generation_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`generate` but returns the new *token ids* ``(B', L)`` and their mask
+        ``(B', L)`` (1 up to and including each row's first end-of-sequence token): RL trains on
+        exactly the tokens it sampled, which re-tokenising decoded text would not give back."""
+        raise NotImplementedError(f"{type(self).__name__} does not return generated token ids")
+
+    def response_forward(self, prompt: dict, response_ids: torch.Tensor, response_mask: torch.Tensor,
+                         hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward over each left-padded prompt of ``prompt`` (a generate-mode batch) followed
+        by its response tokens: the logits that predict the response tokens ``(B, L, V)`` and, with
+        ``hidden``, the last layer's hidden states at the response tokens ``(B, L, H)``."""
+        raise NotImplementedError(f"{type(self).__name__} does not score prompt + response rows")
+
     @abc.abstractmethod
-    def reference(self) -> contextlib.AbstractContextManager["Policy"]:
+    def reference(self) -> contextlib.AbstractContextManager[Policy]:
         """Context in which calls go to the frozen reference model (adapter disabled under
         LoRA, else a frozen copy taken at the first call)."""
 

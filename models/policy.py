@@ -175,6 +175,24 @@ class HFPolicy(Policy):
         return _generate(self.model, self.processor, batch, max_new_tokens, do_sample, temperature, top_p,
                          num_return_sequences)
 
+    @torch.no_grad()
+    def generate_ids(self, batch: dict, max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
+                     top_p: float = 1.0, num_return_sequences: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        return _generate_ids(self.model, self.processor, batch, max_new_tokens, do_sample, temperature, top_p,
+                             num_return_sequences)
+
+    def response_forward(self, prompt: dict, response_ids: torch.Tensor, response_mask: torch.Tensor,
+                         hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return response_forward(self.model, prompt, response_ids, response_mask, hidden)
+
+    def snapshot_reference(self) -> None:
+        """Take the frozen reference copy now (no-op under LoRA, whose reference is the base
+        with the adapter off). Call before a checkpoint is restored: a copy taken lazily after
+        resuming would be the half-trained policy, not the starting one."""
+        if not self.is_lora and self.__dict__["_ref_model"] is None:
+            with self.reference():
+                pass
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[ReferenceView]:
         if self.is_lora:
@@ -233,6 +251,44 @@ class ReferenceView:
                  top_p: float = 1.0, num_return_sequences: int = 1) -> list[str]:
         return _generate(self.model, self.processor, batch, max_new_tokens, do_sample, temperature, top_p,
                          num_return_sequences)
+
+    def response_forward(self, prompt: dict, response_ids: torch.Tensor, response_mask: torch.Tensor,
+                         hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return response_forward(self.model, prompt, response_ids, response_mask, hidden)
+
+
+def _uses_mrope(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return hasattr(base, "get_rope_index") or hasattr(getattr(base, "model", None), "get_rope_index")
+
+
+def response_forward(model: nn.Module, prompt: dict, response_ids: torch.Tensor, response_mask: torch.Tensor,
+                     hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits ``(B, L, V)`` predicting each response token (and hidden states ``(B, L, H)`` at
+    the response tokens with ``hidden``) from one forward over ``prompt`` (left-padded, as
+    generation saw it) + ``response_ids`` (right-padded). Positions follow the attention mask, as
+    in generation, so the log-probs are the ones the tokens were sampled with (up to float
+    rounding); multimodal-RoPE models (Qwen2-VL) compute their own from the mask."""
+    inputs = Policy.model_inputs(prompt)
+    p_ids, p_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    if p_mask[:, -1].min() == 0:
+        raise ValueError("response_forward needs a left-padded prompt batch (VisionChatCollator(mode='generate'))")
+    if response_ids.shape[0] != p_ids.shape[0]:
+        raise ValueError(f"{response_ids.shape[0]} responses for {p_ids.shape[0]} prompts: repeat the prompt rows "
+                         "per sample first (mmalign.collators.select_rows)")
+    ids = torch.cat([p_ids, response_ids], dim=1)
+    attn = torch.cat([p_mask, response_mask.to(p_mask.dtype)], dim=1)
+    for key, v in list(inputs.items()):
+        # per-token side inputs (Qwen2-VL's mm_token_type_ids): response tokens are text, type 0
+        if v.shape[:2] == p_ids.shape:
+            inputs[key] = torch.cat([v, v.new_zeros((v.shape[0], response_ids.shape[1]) + v.shape[2:])], dim=1)
+    if not _uses_mrope(model):
+        inputs["position_ids"] = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, use_cache=False, output_hidden_states=hidden, **inputs)
+    p, n = p_ids.shape[1], response_ids.shape[1]
+    # position p - 1 + j predicts response token j
+    logits = out.logits[:, p - 1:p - 1 + n]
+    return logits, (out.hidden_states[-1][:, p:p + n] if hidden else None)
 
 
 def pair_logprobs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, ...]:
@@ -294,6 +350,11 @@ def pair_logprobs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, ...]:
 
 
 def _generate(model, processor, batch, max_new_tokens, do_sample, temperature, top_p, num_return_sequences):
+    ids, _ = _generate_ids(model, processor, batch, max_new_tokens, do_sample, temperature, top_p, num_return_sequences)
+    return [t.strip() for t in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def _generate_ids(model, processor, batch, max_new_tokens, do_sample, temperature, top_p, num_return_sequences):
     inputs = Policy.model_inputs(batch)
     if inputs["attention_mask"][:, -1].min() == 0:
         raise ValueError("generation batches must be left-padded (VisionChatCollator(mode='generate'))")
@@ -308,8 +369,14 @@ def _generate(model, processor, batch, max_new_tokens, do_sample, temperature, t
         out = model.generate(**inputs, **kwargs)
     finally:
         model.train(was_training)
-    new_tokens = out[:, inputs["input_ids"].shape[1]:]
-    return [t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True)]
+    new = out[:, inputs["input_ids"].shape[1]:]
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = tok.eos_token_id if eos is None else eos
+    eos_ids = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=new.device)
+    is_eos = torch.isin(new, eos_ids)
+    # keep every token up to and including the first end-of-sequence; what follows is padding
+    after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    return new.masked_fill(after, tok.pad_token_id), (~after).long()
 
 
 def _bnb_config(quantization: str, compute_dtype: torch.dtype):

@@ -33,13 +33,19 @@ class PolicyModule(L.LightningModule):
         # logs); pickling a whole model into hparams would break weights_only checkpoint loads.
         self.save_hyperparameters(ignore=["policy"])
 
+    def extra_parameter_groups(self) -> list[tuple[list[torch.nn.Parameter], float]]:
+        """Trainable parameters outside the policy (score heads, value models), as ``(params,
+        lr)`` pairs: each gets its own learning rate (a head starting from scratch usually wants a
+        larger one) and the same weight-decay split and schedule as the policy."""
+        return []
+
     def configure_optimizers(self):
         hp = self.hparams
-        decay, no_decay = [], []
-        for p in self.policy.trainable_parameters():
-            (decay if p.ndim >= 2 else no_decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=(0.9, 0.95))
+        groups = []
+        for params, lr in [(list(self.policy.trainable_parameters()), hp.lr), *self.extra_parameter_groups()]:
+            groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay, "lr": lr},
+                       {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.95))
         total = max(1, int(self.trainer.estimated_stepping_batches))
 
         def schedule(step: int) -> float:
@@ -57,12 +63,30 @@ class PolicyModule(L.LightningModule):
             print("fast_dev_run: export skipped")
             return
         if self.hparams.export_dir and self.trainer.is_global_zero:
-            export_policy(self.policy, self.hparams.export_dir, self.hparams.merge_lora)
+            self.export(self.hparams.export_dir)
+
+    def export(self, out_dir: str) -> None:
+        """Write what the next stage loads (the policy; reward models add their heads)."""
+        export_policy(self.policy, out_dir, self.hparams.merge_lora)
 
 
-def export_policy(policy: Policy, out_dir: str, merge_lora: bool = True) -> None:
+def export_policy(policy: Policy, out_dir: str, merge_lora: bool = True, heads: torch.nn.Module | None = None,
+                  head_file: str = "", config_file: str = "", config: dict | None = None, what: str = "policy") -> None:
     """Write ``policy`` to ``out_dir`` as a stage output: saved beside it, manifest last, then
-    swapped in, so a killed export never leaves a half model where the next stage looks."""
-    with StageOutput(out_dir, stage="export", config={"merge_lora": merge_lora}) as st:
+    swapped in, so a killed export never leaves a half model where the next stage looks. A reward
+    model adds its ``heads`` (safetensors, ``head_file``) and its ``config`` (JSON, ``config_file``)
+    to the same output."""
+    import json
+
+    from mmalign.stage import atomic_write_text
+
+    with StageOutput(out_dir, stage="export", config={"merge_lora": merge_lora, **({what: config} if config else {})}) as st:
         policy.save_pretrained(str(st.path), merge_lora=merge_lora)
-    print(f"exported policy -> {out_dir}")
+        if heads is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in heads.state_dict().items()},
+                      str(st.path / head_file))
+        if config is not None:
+            atomic_write_text(st.path / config_file, json.dumps(config, indent=2) + "\n")
+    print(f"exported {what} -> {out_dir}")

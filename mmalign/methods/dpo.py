@@ -142,6 +142,12 @@ class DPOModule(PolicyModule):
 
     # -- reference ------------------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        # A frozen-copy reference taken lazily after `--ckpt_path last` would be the resumed,
+        # half-trained policy: take it now, before Lightning restores the checkpoint.
+        if self.hparams.reference == "on_the_fly" and hasattr(self.policy, "snapshot_reference"):
+            self.policy.snapshot_reference()
+
     def on_fit_start(self) -> None:
         if self.hparams.reference == "precomputed":
             from mmalign.stage import checkpoint_id

@@ -86,7 +86,7 @@ from mmalign.losses.reward import (
     last_label_index,
     reward_centering,
 )
-from mmalign.methods.base import PolicyModule
+from mmalign.methods.base import PolicyModule, export_policy
 from mmalign.methods.sft import sft_loss
 from mmalign.ops import token_logprobs
 from mmalign.policy import Policy
@@ -98,7 +98,6 @@ from mmalign.records import (
     message_text,
     read_records,
 )
-from mmalign.stage import StageOutput, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -365,20 +364,10 @@ class RewardModule(PolicyModule):
 
     # -- optimisation --------------------------------------------------------------------------
 
-    def configure_optimizers(self):
-        # PolicyModule's optimiser holds the policy's parameters only; the head is added as its own
-        # groups (own lr: it starts from scratch). LambdaLR fixes its groups when built, so it is
-        # rebuilt over all groups with the same schedule function.
-        cfg = super().configure_optimizers()
-        opt, old = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    def extra_parameter_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        # the score head starts from scratch: its own learning rate
         hp = self.hparams
-        lr = hp.head_lr if hp.head_lr is not None else hp.lr
-        weights = [p for p in self.head.parameters() if p.ndim >= 2]
-        biases = [p for p in self.head.parameters() if p.ndim < 2]
-        opt.add_param_group({"params": weights, "weight_decay": hp.weight_decay, "lr": lr})
-        opt.add_param_group({"params": biases, "weight_decay": 0.0, "lr": lr})
-        cfg["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(opt, old.lr_lambdas[0])
-        return cfg
+        return [(list(self.head.parameters()), hp.head_lr if hp.head_lr is not None else hp.lr)]
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -438,27 +427,15 @@ class RewardModule(PolicyModule):
         layer = self.head.dense if self.head.kind == "mlp" else self.head.score
         return layer.in_features
 
-    def on_train_end(self) -> None:
-        if self.trainer.fast_dev_run:
-            # A smoke run must never leave a model where the next stage would take it as trained.
-            print("fast_dev_run: export skipped")
-            return
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            export_reward_model(self.policy, self.head, self.reward_config(), self.hparams.export_dir,
-                                self.hparams.merge_lora)
+    def export(self, out_dir: str) -> None:
+        export_reward_model(self.policy, self.head, self.reward_config(), out_dir, self.hparams.merge_lora)
 
 
 def export_reward_model(policy: Policy, head: ScoreHead, config: dict, out_dir: str, merge_lora: bool = True) -> None:
     """Write the policy (Hugging Face format), ``reward_head.safetensors`` and
     ``reward_config.json`` to ``out_dir`` as one stage output (manifest last, swapped in whole)."""
-    from safetensors.torch import save_file
-
-    with StageOutput(out_dir, stage="export", config={"merge_lora": merge_lora, "reward": config}) as st:
-        policy.save_pretrained(str(st.path), merge_lora=merge_lora)
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()},
-                  str(st.path / HEAD_FILE))
-        atomic_write_text(st.path / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-    print(f"exported reward model -> {out_dir}")
+    export_policy(policy, out_dir, merge_lora, heads=head, head_file=HEAD_FILE, config_file=CONFIG_FILE,
+                  config=config, what="reward")
 
 
 # ---------------------------------------------------------------------------------------------
