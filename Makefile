@@ -18,7 +18,8 @@ TORCH_INDEX ?=
 FIT = $(PY) -m mmalign.cli fit
 
 .PHONY: help install venv deps data tiny-model sft eval-sft eval eval-compare sample judge feedback prefs mmrlhf-import \
-  rm rm-score ref-logps dpo mmdpo sft-continued eval-mmrlhf index realign-data realign realign-text eval-realign bench bench-dpo bench-index demo test test-slow clean
+  rm rm-score ref-logps dpo mmdpo sft-continued eval-mmrlhf index realign-data realign realign-text eval-realign \
+  sample-val feedback-val fg-rm fg-rm-eval fgaif fgaif-seq fgaif-oracle eval-fgaif bench bench-dpo bench-index demo test test-slow clean
 
 help:
 	@echo "mmalign stages (make <target> [RUN=name] [SEED=n]); outputs under runs/<RUN>/"
@@ -54,6 +55,14 @@ help:
 	@echo "  realign-data  injected rejected answer + retrieved rejected image per caption -> $(OUT)/realign-data"
 	@echo "  realign / realign-text   rDPO, and its text-only ablation (DPO on the same pairs)"
 	@echo "  eval-realign  SFT, SFT-continued, text-only DPO, rDPO side by side -> $(OUT)/eval/compare-realign"
+	@echo "  FGAIF (issue 7):"
+	@echo "  sample-val / feedback-val   SFT samples on the val scenes, labelled by the oracle (held-out RM test)"
+	@echo "  fg-rm       object / attribute / relation reward models (3-class head at every segment end), trained"
+	@echo "              on FG_SOURCE=$(FG_SOURCE) labels -> $(OUT)/fg-rm/$(FG_SOURCE)/<type>/model (FG_RM_SHARED=1: one model)"
+	@echo "  fg-rm-eval  precision / recall / F1 of 'hallucinated' per type on the held-out responses"
+	@echo "  fgaif / fgaif-seq   PPO with dense segment rewards, and the sequence-level-reward ablation"
+	@echo "  fgaif-oracle  control: the same PPO with the oracle's segment labels as rewards (perfect reward models)"
+	@echo "  eval-fgaif  SFT, SFT-continued, sequence-reward PPO, FGAIF, oracle-reward PPO -> $(OUT)/eval/compare-fgaif"
 	@echo "  bench       bench-dpo (DPO pairs/s and peak memory vs TRL's DPOTrainer) and bench-index"
 	@echo "              (FAISS IVF / HNSW recall@10 and latency vs exact and NumPy) -> benchmarks/results/"
 	@echo ""
@@ -101,8 +110,12 @@ $(OUT)/sft/model/config.json: $(OUT)/tiny-model/build.json configs/sft/tiny.yaml
 
 eval-sft: deps $(OUT)/eval/sft/metrics.json
 EVAL = $(PY) -m mmalign.cli eval
+# EVAL_LIMIT=n evaluates the first n held-out scenes only (CI's whole-pipeline test; the demo's
+# reported numbers use all 500).
+EVAL_LIMIT ?=
+EVAL_OPTS = $(if $(EVAL_LIMIT),--limit $(EVAL_LIMIT))
 $(OUT)/eval/sft/metrics.json: $(OUT)/sft/model/config.json $(wildcard mmalign/eval/*.py)
-	$(EVAL) --model $(OUT)/sft/model --data $(OUT)/data --split test --out $(OUT)/eval/sft
+	$(EVAL) --model $(OUT)/sft/model --data $(OUT)/data --split test $(EVAL_OPTS) --out $(OUT)/eval/sft
 	@cat $(OUT)/eval/sft/report.md
 
 # Any checkpoint on the same held-out benchmark: make eval CKPT=runs/demo/sft/model NAME=sft-again
@@ -110,7 +123,7 @@ CKPT ?=
 NAME ?= $(notdir $(patsubst %/,%,$(CKPT)))
 eval: deps
 	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=<checkpoint folder> [NAME=<name>] [RUN=$(RUN)]"; exit 2; }
-	$(EVAL) --model $(CKPT) --data $(OUT)/data --split test --out $(OUT)/eval/$(NAME)
+	$(EVAL) --model $(CKPT) --data $(OUT)/data --split test $(EVAL_OPTS) --out $(OUT)/eval/$(NAME)
 
 # make eval-compare RUNS="runs/demo/eval/sft runs/demo/eval/other"  (the first is the baseline)
 RUNS ?=
@@ -218,7 +231,7 @@ $(eval $(call fit_policy,sft-continued,configs/sft/continue.yaml,$(OUT)/sft/mode
 
 # Held-out evaluation of each, and the side-by-side table with paired differences vs SFT.
 $(OUT)/eval/%/metrics.json: $(OUT)/%/model/config.json $(wildcard mmalign/eval/*.py)
-	$(EVAL) --model $(OUT)/$*/model --data $(OUT)/data --split test --out $(OUT)/eval/$*
+	$(EVAL) --model $(OUT)/$*/model --data $(OUT)/data --split test $(EVAL_OPTS) --out $(OUT)/eval/$*
 eval-mmrlhf: deps $(foreach r,sft sft-continued dpo mmdpo,$(OUT)/eval/$(r)/metrics.json)
 	$(EVAL) compare $(foreach r,sft sft-continued dpo mmdpo,$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-mmrlhf
 	@cat $(OUT)/eval/compare-mmrlhf/compare.md
@@ -251,6 +264,69 @@ eval-realign: deps $(foreach r,sft sft-continued realign-text realign,$(OUT)/eva
 	$(EVAL) compare $(foreach r,sft sft-continued realign-text realign,$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-realign
 	@head -12 $(OUT)/eval/compare-realign/compare.md
 
+# --- FGAIF ---------------------------------------------------------------------------------------
+
+# Held-out responses for the fine-grained reward models' precision / recall: the SFT policy's samples
+# on the val scenes, labelled by the oracle.
+sample-val: deps $(OUT)/sample-val/manifest.json
+$(OUT)/sample-val/manifest.json: $(OUT)/sft/model/config.json data_pipelines/sample.py
+	$(PY) -m data_pipelines.sample --model $(OUT)/sft/model --data $(OUT)/data --split val \
+	  --k $(K) --seed $(SEED) --out $(OUT)/sample-val
+feedback-val: deps $(OUT)/feedback-val/oracle/manifest.json
+$(OUT)/feedback-val/oracle/manifest.json: $(OUT)/sample-val/manifest.json data_pipelines/feedback.py
+	$(PY) -m data_pipelines.feedback --responses $(OUT)/sample-val --data $(OUT)/data --source oracle \
+	  --out $(OUT)/feedback-val/oracle
+
+# Three fine-grained reward models (object existence, attribute, relation), each the SFT model with a
+# 3-class head read at every segment's last token, trained on FG_SOURCE's segment labels of the SFT
+# model's train samples, into runs/<RUN>/fg-rm/<FG_SOURCE>/<type>. FG_SOURCE=judge is refused by the
+# stage: the tiny judge labels no segment hallucinated (README "Sampling and AI feedback"), and a
+# reward model trained on that is a constant. FG_RM_SHARED=1 trains one model with three heads
+# (.../shared) instead. FG_RM_STEPS (default RM_STEPS) shortens the trainings.
+comma := ,
+FG_SOURCE ?= oracle
+FG_RM_SHARED ?=
+FG_RM_STEPS ?= $(RM_STEPS)
+FG_TYPES := object attribute relation
+FG_RM := $(OUT)/fg-rm/$(FG_SOURCE)
+FG_RM_MODELS := $(if $(FG_RM_SHARED),shared,$(FG_TYPES))
+FG_RM_PATH = $(FG_RM)/$(if $(FG_RM_SHARED),shared,$(1))/model
+FG_RM_DEPS = $(foreach m,$(FG_RM_MODELS),$(FG_RM)/$(m)/model/fg_reward_config.json)
+fg-rm: deps $(FG_RM_DEPS)
+$(FG_RM)/%/model/fg_reward_config.json: $(OUT)/feedback/$(FG_SOURCE)/manifest.json $(OUT)/feedback-val/oracle/manifest.json \
+    $(OUT)/sft/model/config.json configs/fg_rm/tiny.yaml mmalign/methods/fg_reward.py
+	$(FIT) --config configs/fg_rm/tiny.yaml --seed_everything $(SEED) \
+	  --trainer.default_root_dir $(FG_RM)/$* $(if $(FG_RM_STEPS),--trainer.max_steps $(FG_RM_STEPS)) \
+	  --model.init_args.policy.init_args.path $(OUT)/sft/model \
+	  --model.init_args.types '$(if $(filter shared,$*),[object$(comma) attribute$(comma) relation],[$*])' \
+	  --model.init_args.export_dir $(FG_RM)/$*/model \
+	  --data.init_args.train_file $(OUT)/feedback/$(FG_SOURCE)/feedback.jsonl \
+	  --data.init_args.val_file $(OUT)/feedback-val/oracle/feedback.jsonl \
+	  --data.init_args.data_root $(OUT)/data
+# Precision / recall / F1 of "hallucinated" per type on the held-out (val-scene) responses vs the oracle.
+FG_RM_EVAL := $(FG_RM)/eval$(if $(FG_RM_SHARED),-shared)
+fg-rm-eval: deps $(FG_RM_EVAL)/manifest.json
+	@head -12 $(FG_RM_EVAL)/report.md
+$(FG_RM_EVAL)/manifest.json: $(FG_RM_DEPS) $(OUT)/feedback-val/oracle/manifest.json data_pipelines/fg_rm_eval.py
+	$(PY) -m data_pipelines.fg_rm_eval --models $(foreach t,$(FG_TYPES),$(t)=$(call FG_RM_PATH,$(t))) \
+	  --feedback $(OUT)/feedback-val/oracle --data-root $(OUT)/data --out $(FG_RM_EVAL)
+
+# PPO with the dense segment rewards (FGAIF) and the sequence-level ablation (same reward models,
+# same total reward on the last token), then SFT, SFT-continued, the ablation and FGAIF side by side.
+FGAIF_ARGS = --data.init_args.train_file $(OUT)/data/train/sft.jsonl --data.init_args.data_root $(OUT)/data \
+  --model.init_args.reward_models '{"object": "$(call FG_RM_PATH,object)", "attribute": "$(call FG_RM_PATH,attribute)", \
+  "relation": "$(call FG_RM_PATH,relation)"}'
+$(eval $(call fit_policy,fgaif,configs/fgaif/tiny.yaml,$(FG_RM_DEPS) mmalign/methods/fgaif.py mmalign/losses/ppo.py,$(FGAIF_ARGS)))
+$(eval $(call fit_policy,fgaif-seq,configs/fgaif/tiny.yaml,$(FG_RM_DEPS) mmalign/methods/fgaif.py mmalign/losses/ppo.py,$(FGAIF_ARGS) --model.init_args.reward_placement sequence))
+# Control: the same PPO with the oracle's segment labels as rewards (perfect reward models).
+$(eval $(call fit_policy,fgaif-oracle,configs/fgaif/tiny.yaml,$(OUT)/data/manifest.json mmalign/methods/fgaif.py mmalign/losses/ppo.py,\
+  --data.init_args.train_file $(OUT)/data/train/sft.jsonl --data.init_args.data_root $(OUT)/data \
+  --model.init_args.reward_models '{"object": "oracle"$(comma) "attribute": "oracle"$(comma) "relation": "oracle"}'))
+FGAIF_RUNS = sft sft-continued fgaif-seq fgaif fgaif-oracle
+eval-fgaif: deps $(foreach r,$(FGAIF_RUNS),$(OUT)/eval/$(r)/metrics.json)
+	$(EVAL) compare $(foreach r,$(FGAIF_RUNS),$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-fgaif
+	@head -12 $(OUT)/eval/compare-fgaif/compare.md
+
 # --- benchmarks ----------------------------------------------------------------------------------
 
 # Retrieval recall@10 and latency of IVF and HNSW against exact flat search and NumPy brute force,
@@ -266,7 +342,8 @@ bench-dpo: deps $(OUT)/sft/model/config.json $(OUT)/sample/manifest.json
 	$(PY) benchmarks/bench_dpo.py --model $(OUT)/sft/model --responses $(OUT)/sample/responses.jsonl --data-root $(OUT)/data
 
 demo: data tiny-model sft eval-sft sample judge feedback prefs rm rm-score ref-logps sft-continued dpo mmdpo eval-mmrlhf \
-  index realign-data realign-text realign eval-realign
+  index realign-data realign-text realign eval-realign \
+  sample-val feedback-val fg-rm fg-rm-eval fgaif-seq fgaif fgaif-oracle eval-fgaif
 	@echo "demo done: see $(OUT)/eval/sft/report.md (chart.png, metrics.json, generations.jsonl beside it)"
 
 # --- tests ----------------------------------------------------------------------------------------

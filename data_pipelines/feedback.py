@@ -32,9 +32,20 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mmalign.feedback import HALLUCINATION_TYPES, FeedbackItem, check_feedback, feedback_to_json
-from mmalign.records import read_records, read_scenes
-from mmalign.stage import StageOutput, atomic_write_jsonl, atomic_write_text, is_up_to_date
+from mmalign.feedback import (
+    HALLUCINATION_TYPES,
+    FeedbackItem,
+    check_feedback,
+    feedback_to_json,
+)
+from mmalign.oracle import load_world_scenes
+from mmalign.records import read_records
+from mmalign.stage import (
+    StageOutput,
+    atomic_write_jsonl,
+    atomic_write_text,
+    is_up_to_date,
+)
 from mmalign.world import Scene
 
 STAGE = "feedback"
@@ -43,9 +54,9 @@ SOURCES = {"oracle": None, "judge": "models.feedback_sources.VLMJudgeSource",
 
 
 def load_scenes(data: Path) -> dict[str, Scene]:
-    """Absolute image path -> scene graph, over every split of the data stage."""
-    return {str((data / image).resolve()): scene
-            for f in sorted(data.glob("*/scenes.jsonl")) for scene, image in read_scenes(f)}
+    """Absolute image path -> scene graph, over every split of the data stage ({} when the folder
+    has no scene graphs, e.g. real data)."""
+    return load_world_scenes(data) if any(Path(data).glob("*/scenes.jsonl")) else {}
 
 
 def prompt_text(messages: list[dict]) -> str:

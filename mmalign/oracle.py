@@ -56,6 +56,8 @@ __all__ = [
     "critique_and_refinement",
     "WorldOracle",
     "CocoOracle",
+    "OracleSegmentRewards",
+    "load_world_scenes",
 ]
 
 _TYPE_ORDER = {t: k for k, t in enumerate(HALLUCINATION_TYPES)}
@@ -490,3 +492,53 @@ class CocoOracle:
                 critique=critique, refinement=refinement,
                 meta={"hallucinated": _label_counts(segments), "claims": len(claims)}, segments=segments))
         return out
+
+
+def load_world_scenes(data: str | os.PathLike) -> dict[str, W.Scene]:
+    """Absolute image path -> scene graph, over every split of a data stage folder."""
+    from pathlib import Path
+
+    from mmalign.records import read_scenes
+
+    data = Path(data)
+    files = sorted(data.glob("*/scenes.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"{data}: no <split>/scenes.jsonl (is this the data stage's folder?)")
+    return {str((data / image).resolve()): scene for f in files for scene, image in read_scenes(f)}
+
+
+#: segment reward of each oracle label (the fine-grained reward models' VALUES)
+ORACLE_REWARD = {"hallucinated": -1.0, "n/a": 0.0, "correct": 1.0}
+
+
+class OracleSegmentRewards:
+    """The scene-graph oracle's per-segment labels as fine-grained rewards: -1 hallucinated,
+    +1 correct, 0 n/a, for the segments of :func:`split_segments` -- a drop-in for a trained
+    fine-grained reward model (``segment_rewards(items, mode, batch_size)``), so PPO can be run
+    with *perfect* rewards as a control: what FGAIF's machinery does when the reward models are
+    right. ``items`` carry the image path (``images[0]``) the oracle looks the scene up by."""
+
+    types = ("object", "attribute", "relation")
+
+    def __init__(self, scenes: Mapping[str, W.Scene]) -> None:
+        self.oracle = WorldOracle(scenes, mention_missing=False)
+
+    def segment_rewards(self, items: Sequence[Any], mode: str = "label", batch_size: int | None = None,
+                        types: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        import torch
+
+        types = list(types or self.types)
+        out = []
+        for it in items:
+            image = it.images[0] if it.images else None
+            item = FeedbackItem(id=str(it.id), prompt="", response=it.response,
+                                image=str(image) if image is not None else None)
+            if not it.response.strip():
+                out.append({t: torch.zeros(0) for t in types})
+                continue
+            fb = self.oracle.feedback(item, self.oracle.scene_for(item))
+            out.append({t: torch.tensor([ORACLE_REWARD[s.labels[t]] for s in fb.segments]) for t in types})
+        return out
+
+    def to(self, device: Any) -> "OracleSegmentRewards":
+        return self
