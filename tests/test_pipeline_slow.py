@@ -19,14 +19,16 @@ def test_make_demo_end_to_end():
     run = "ci-demo"
     shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # Shorter reward-model and preference trainings than the demo's (same code and configs): the
-    # whole pipeline has to fit CI's budget.
-    make = ["make", "-C", str(ROOT), "demo", f"RUN={run}", f"PY={sys.executable}", "RM_STEPS=100", "ALIGN_STEPS=60"]
+    # Shorter reward-model, preference and PPO trainings than the demo's and 100 of the 500
+    # held-out scenes per evaluation (same code and configs): the whole pipeline has to fit CI's
+    # budget.
+    make = ["make", "-C", str(ROOT), "demo", f"RUN={run}", f"PY={sys.executable}", "RM_STEPS=100", "ALIGN_STEPS=60",
+            "EVAL_LIMIT=100"]
     subprocess.run(make, check=True, env=env)
     out = ROOT / "runs" / run
     doc = json.loads((out / "eval/sft/metrics.json").read_text())
     caps = doc["sections"]["captions"]
-    assert caps["n"] == 500, "the demo evaluates 500 held-out scenes"
+    assert caps["n"] == 100, "EVAL_LIMIT=100 evaluates the first 100 held-out scenes"
     assert {f"{k}/{s}" for k in ("existence", "attribute", "relation") for s in ("random", "popular", "adversarial")} \
         <= set(doc["sections"])
     for key, v in caps["metrics"].items():
@@ -67,9 +69,23 @@ def test_make_demo_end_to_end():
         assert name in compare
     with open(out / "realign/logs/metrics.csv") as f:
         assert "train/visual_loss" in f.readline()
+    # FGAIF: three fine-grained reward models measured on held-out responses, PPO with dense
+    # segment rewards, the sequence-reward ablation and the oracle-reward control side by side.
+    fg = json.loads((out / "fg-rm/oracle/eval/metrics.json").read_text())
+    assert set(fg["types"]) == {"object", "attribute", "relation"} and fg["responses"] == 800
+    for t, m in fg["types"].items():
+        assert m["support"]["hallucinated"] > 0, t
+    compare = (out / "eval/compare-fgaif/compare.md").read_text()
+    for name in ("sft-continued", "fgaif-seq", "fgaif", "fgaif-oracle"):
+        assert f"| {name} |" in compare, name
+    with open(out / "fgaif/logs/metrics.csv") as f:
+        header = f.readline()
+    for key in ("train/reward/object", "train/kl", "train/clip_fraction", "train/time/generation_s",
+                "train/time/scoring_s", "train/time/training_s", "train/rollout_tokens_per_s"):
+        assert key in header, key
     # Unchanged inputs: a second `make demo` redoes nothing.
     again = subprocess.run(make, check=True, env=env, capture_output=True, text=True)
     for stage in ("mmalign.cli fit", "data_pipelines.scenes", "data_pipelines.sample", "data_pipelines.feedback",
                   "data_pipelines.prefs", "data_pipelines.score_rm", "data_pipelines.ref_logps", "mmalign.cli eval --model",
-                  "data_pipelines.index", "data_pipelines.realign_data"):
+                  "data_pipelines.index", "data_pipelines.realign_data", "data_pipelines.fg_rm_eval"):
         assert stage not in again.stdout, stage
