@@ -9,6 +9,10 @@
     mmalign eval --model PATH --images AMBER/image --amber-queries query_all.json \\
         --amber-annotations annotations.json --out runs/llava/eval-amber
 
+    # a DRESS model is asked with the best condition saved beside it (dress_condition.json);
+    # --condition TEXT asks with another, --no-condition with none
+    mmalign eval --model runs/demo/dress/model --data runs/demo/data --out runs/demo/eval/dress
+
     # side by side: the first run is the baseline; later runs get paired differences
     mmalign eval compare runs/demo/eval/sft runs/demo/eval/mmdpo --out runs/demo/eval/compare
 
@@ -24,6 +28,7 @@ import json
 import sys
 from pathlib import Path
 
+from mmalign.conditions import CONDITION_FILE
 from mmalign.eval.pope import STRATEGIES
 from mmalign.eval.runner import DEFAULT_JUDGE, DEFAULT_POLICY
 from mmalign.eval.world_bench import CAPTION_PROMPT
@@ -60,6 +65,12 @@ def _run_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=128, help="caption length cap in tokens")
     g.add_argument("--yesno-max-new-tokens", type=int, default=8, help="yes/no answer length cap in tokens")
     g.add_argument("--prompt", default=CAPTION_PROMPT, help=f"caption prompt (default: {CAPTION_PROMPT!r})")
+    c = g.add_mutually_exclusive_group()
+    c.add_argument("--condition", metavar="TEXT",
+                   help="DRESS condition put before the first user text of every prompt, captions and yes/no alike "
+                        f"(default: the best level of the model folder's {CONDITION_FILE} when it has one, else none)")
+    c.add_argument("--no-condition", action="store_true",
+                   help=f"ask without a condition even when the model folder has {CONDITION_FILE}")
     j = ap.add_argument_group("optional judge (MMHal-Bench style: a model rates each caption 0-6 against the reference)")
     j.add_argument("--judge", help="judge checkpoint folder (any Hugging Face model)")
     j.add_argument("--judge-class", default=DEFAULT_JUDGE, help=f"feedback source class (default: {DEFAULT_JUDGE})")
@@ -92,6 +103,11 @@ def run_main(argv: list[str]) -> int:
     if not model.exists():
         ap.error(f"--model {model}: no such folder")
 
+    try:
+        condition, condition_source = resolve_condition(model, args.condition, args.no_condition)
+    except ValueError as e:
+        ap.error(str(e))
+
     benches = []
     if args.data:
         benches.append(R.world_benchmark(args.data, args.split, args.limit, args.seed, args.kinds, args.splits,
@@ -114,6 +130,10 @@ def run_main(argv: list[str]) -> int:
         "benchmark": bench.name, "limit": args.limit, "split": args.split if args.data else None,
         "kinds": args.kinds, "splits": args.splits, "judge": args.judge,
     }
+    # Recorded only when a condition is used or a model's own is turned off, so outputs made before
+    # conditions existed stay up to date.
+    if condition or condition_source:
+        settings.update(condition=condition, condition_source=condition_source)
     inputs = [p for p in (args.data, args.coco_instances, args.amber_queries, args.amber_annotations, *args.pope) if p]
     inputs += [model / "config.json", *sorted(model.glob("*.safetensors"))]
     inputs = [p for p in inputs if Path(p).exists()]
@@ -136,9 +156,30 @@ def run_main(argv: list[str]) -> int:
     return 0
 
 
+def resolve_condition(model: Path, condition: str | None, no_condition: bool) -> tuple[str, str]:
+    """(condition text, where it came from) for a model: ``--condition`` when given, nothing with
+    ``--no-condition``, else the best level of the scheme saved beside the model
+    (:func:`mmalign.conditions.load_scheme`), else nothing. The source is "" when there is no
+    condition to speak of (no flag, no scheme). A malformed scheme file is a ValueError."""
+    from mmalign.conditions import load_scheme
+
+    if condition is not None and no_condition:
+        raise ValueError("--condition and --no-condition exclude each other")
+    if condition is not None:  # an explicit empty text asks without a condition
+        return (condition, "--condition") if condition.strip() else ("", "--condition ''")
+    scheme = load_scheme(model)
+    if no_condition:
+        return "", f"--no-condition: {CONDITION_FILE} ignored" if scheme is not None else ""
+    if scheme is not None:
+        return scheme.best(), f"{model / CONDITION_FILE}"
+    return "", ""
+
+
 def _summary_lines(doc: dict, fmt) -> str:
     """The headline numbers, printed at the end of a run."""
     out = [f"{doc['model']} ({doc['benchmark']}), 95% bootstrap intervals:"]
+    if doc["settings"].get("condition"):
+        out.append(f"  condition: {doc['settings']['condition']!r}")
     for section, sec in doc["sections"].items():
         m = sec["metrics"]
         if sec["metric_set"].endswith("caption"):

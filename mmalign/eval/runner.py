@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmalign import world as W
 from mmalign.collators import VisionChatCollator, to_device
+from mmalign.conditions import with_condition
 from mmalign.eval import summary as S
 from mmalign.eval.pope import STRATEGIES
 from mmalign.eval.vocab import ObjectVocabulary
@@ -82,7 +83,7 @@ class Benchmark:
     scorers: dict[str, Callable[[EvalItem, str], dict[str, int]]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
-    def __add__(self, other: "Benchmark") -> "Benchmark":
+    def __add__(self, other: Benchmark) -> Benchmark:
         clash = set(self.metric_sets) & set(other.metric_sets)
         if clash:
             raise ValueError(f"two benchmarks both have sections {sorted(clash)}")
@@ -222,31 +223,47 @@ def amber_benchmark(queries: Path, annotations: Path, images: Path, limit: int =
 # generation
 
 
+#: a prompt: (image, question text), or (image, a whole conversation ending with a user turn whose
+#: first user turn holds the one image part)
+Prompt = tuple[Path, str | Sequence[dict]]
+
+
 class _Prompts(Dataset):
-    def __init__(self, prompts: Sequence[tuple[Path, str]]):
+    """(image, text) prompts as one-turn chats, ``condition`` (DRESS; :mod:`mmalign.conditions`)
+    before the text of the first user turn; an empty condition leaves the messages as they were.
+    A prompt whose second element is a list of messages is used as it is (plus the condition)."""
+
+    def __init__(self, prompts: Sequence[Prompt], condition: str = ""):
         self.prompts = prompts
+        self.condition = condition
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def __getitem__(self, i: int) -> dict:
         image, text = self.prompts[i]
-        return {"images": [load_image(image, str(image))],
-                "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+        if isinstance(text, str):
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        else:
+            messages = [dict(m) for m in text]
+        if self.condition:
+            messages = with_condition(messages, self.condition, turn="first")
+        return {"images": [load_image(image, str(image))], "messages": messages,
                 "meta": {"id": f"prompt-{i}", "source": str(image)}}
 
 
-def generate_answers(policy: Any, prompts: Sequence[tuple[Path, str]], batch_size: int, max_new_tokens: int,
-                     desc: str, progress: bool = True) -> tuple[list[str], float]:
+def generate_answers(policy: Any, prompts: Sequence[Prompt], batch_size: int, max_new_tokens: int,
+                     desc: str, progress: bool = True, condition: str = "") -> tuple[list[str], float]:
     """Greedy answers in prompt order, and the seconds it took. Batches are left-padded
     (:class:`VisionChatCollator` in generate mode), moved to the policy's device; images are
-    decoded lazily, per batch."""
+    decoded lazily, per batch. ``condition`` (empty: none) goes before the first user text of
+    every prompt, as a conditioned model (DRESS) is asked at inference."""
     from tqdm.auto import tqdm
 
     if not prompts:
         return [], 0.0
     collator = VisionChatCollator(policy.processor, max_length=1 << 16, mode="generate", on_overlength="error")
-    loader = DataLoader(_Prompts(prompts), batch_size=batch_size, shuffle=False, collate_fn=collator)
+    loader = DataLoader(_Prompts(prompts, condition), batch_size=batch_size, shuffle=False, collate_fn=collator)
     device = next(policy.parameters()).device
     out: list[str] = []
     t0 = time.perf_counter()
@@ -324,6 +341,8 @@ def evaluate(policy: Any, benchmark: Benchmark, out: Path, settings: Mapping[str
 
     gens: dict[str, str] = {}
     throughput: dict[str, Any] = {}
+    # DRESS: the condition a conditioned model is asked with (settings["condition"]; absent = none)
+    condition = settings.get("condition") or ""
     yesno_bs = settings.get("yesno_batch_size", settings["batch_size"])
     for kind, max_new, bs in (("caption", settings["max_new_tokens"], settings["batch_size"]),
                               ("yesno", settings["yesno_max_new_tokens"], yesno_bs)):
@@ -331,13 +350,16 @@ def evaluate(policy: Any, benchmark: Benchmark, out: Path, settings: Mapping[str
         # Identical (image, prompt) pairs are answered once: the POPE splits share their positives.
         unique = list(dict.fromkeys((it.image, it.prompt) for it in its))
         answers, secs = generate_answers(policy, unique, bs, max_new,
-                                         "captions" if kind == "caption" else "yes/no", progress)
+                                         "captions" if kind == "caption" else "yes/no", progress, condition)
         lookup = dict(zip(unique, answers))
         gens.update({it.id: lookup[(it.image, it.prompt)] for it in its})
         if unique:
             throughput[kind] = {"prompts": len(unique), "items": len(its), "seconds": round(secs, 2),
                                 "per_second": round(len(unique) / secs, 2) if secs else None}
     rows = score(benchmark, gens)
+    if condition:
+        for r in rows:
+            r["condition"] = condition
     if judge is not None:
         _judge(judge, benchmark, rows)
     doc = {
@@ -353,11 +375,27 @@ def evaluate(policy: Any, benchmark: Benchmark, out: Path, settings: Mapping[str
     with StageOutput(out, stage="eval", config=settings, inputs=inputs) as st:
         atomic_write_jsonl(st.path / "generations.jsonl", rows)
         atomic_write_text(st.path / "metrics.json", json.dumps(doc, indent=2, default=str) + "\n")
-        atomic_write_text(st.path / "report.md", markdown_report(doc))
+        atomic_write_text(st.path / "report.md", _with_condition_line(markdown_report(doc), settings))
         plot_report(doc, st.path / "chart.png")
         for section, s in doc["sections"].items():
             st.count(f"items/{section}", s["n"])
     return doc
+
+
+def _with_condition_line(md: str, settings: Mapping[str, Any]) -> str:
+    """The report with a line saying which condition the prompts carried (after its first paragraph)."""
+    condition = settings.get("condition") or ""
+    if not condition and not settings.get("condition_source"):
+        return md
+    head, sep, rest = md.partition("\n\n")
+    head2, sep2, rest2 = rest.partition("\n\n")
+    source = settings.get("condition_source") or ""
+    if condition:
+        line = f"Condition (DRESS, before the first user text of every prompt): `{condition}`"
+        line += f" (from {source})." if source else "."
+    else:
+        line = f"Condition: none ({source})."
+    return head + sep + head2 + sep2 + line + "\n\n" + rest2
 
 
 def _judge(judge: Any, benchmark: Benchmark, rows: list[dict[str, Any]]) -> None:
