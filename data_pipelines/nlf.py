@@ -1,0 +1,502 @@
+"""The ``nlf`` stage: DRESS's natural-language-feedback data as conditioned SFT records.
+
+    python -m data_pipelines.nlf --feedback runs/demo/feedback/oracle --data runs/demo/data \\
+        --model runs/demo/sft/model --out runs/demo/nlf [--val-fraction 0.05] \\
+        [--score-weights faithfulness=1] [--thresholds 0.75] [--names bad good] \\
+        [--template "Answer quality: {name}."] [--revisions 1] [--max-new-tokens 96] \\
+        [--batch-size 32] [--seed 0] [--limit 0]
+
+DRESS (Chen et al. CVPR 2024, "DRESS: Instructing Large Vision-Language Models to Align and
+Interact with Humans via Natural Language Feedback") trains with "generalized conditional RL": a
+language-modelling loss on responses conditioned on their feedback. Its feedback comes in two
+kinds, and this stage makes one kind of record from each:
+
+* **critique examples** (critique NLF with a rating aligns responses): one per feedback record.
+  ``score`` = the weighted mean (``--score-weights``, :func:`mmalign.ranking.overall`) of the
+  feedback's scores; the condition is :meth:`ConditionScheme.for_score` of it, put before the
+  question (first user turn):
+  ``[user: image + "<condition> <question>", assistant: response]``.
+* **refinement episodes** (refinement NLF teaches revising across turns): for every feedback
+  record whose refinement says something to fix, the policy (``--model``) is asked to revise:
+  ``[user: image + question, assistant: response, user: refinement]`` (generate mode; sampled
+  with ``--temperature`` / ``--top-p``, batched, seeded ``seed + 100003 * (round - 1) + batch
+  index``, so round 1 draws as the sample stage does). The world oracle
+  (:class:`mmalign.oracle.WorldOracle`, scenes of ``--data``) judges the revision: ``score_after``
+  (same weights), hallucinated claims, a new critique and refinement. *Every* revision is kept,
+  better or not, as ``[user: image + question, assistant: response, user: "<condition of
+  score_after> <refinement>", assistant: revision]`` (the condition in the *last* user turn,
+  :func:`mmalign.conditions.with_condition` ``turn="last"``): hindsight relabelling, the revision
+  is what a model asked with that condition should write. With ``--revisions N`` round k+1
+  refines round k's revision with the oracle's new refinement, and each round is one record
+  holding the whole conversation so far (earlier user turns as the policy saw them, without a
+  condition; only the last assistant turn is meant to carry loss: train with ``train_on: last``,
+  as ``configs/dress`` does). An episode stops when the oracle finds nothing left to fix, or
+  when a revision is empty (that one goes to ``rejects.jsonl``).
+
+Before/after: the "before" of round 1 is the world oracle's judgement of the original response
+(equal to the feedback record's own scores when the feedback source is the oracle; with a judge
+source the two would be on different scales, so both sides of a comparison always come from the
+oracle), the "before" of round k+1 is round k's "after". ``success`` = ``score_after >
+score_before``; ``fixed`` = fewer hallucinated claims (object + attribute + relation) after than
+before.
+
+Caveat of the default ``--score-weights faithfulness=1``: faithfulness is the share of checkable
+claims that hold, 1.0 when there are none, so a revision that makes no checkable claim (e.g. an
+undertrained policy's noise) scores 1.0, "succeeds" and is "fixed". ``report.json`` counts such
+revisions (``revisions_without_checkable_claims``); ``--score-weights
+faithfulness=1,helpfulness=1`` (the oracle's coverage of the scene) scores them low.
+
+"Nothing to fix": a refinement that is empty or the oracle's "No change is needed." makes no
+episode; such feedback records are counted (``report.json``: ``feedback.without_refinement``).
+
+Output (atomic, with ``manifest.json``; an unchanged re-run is skipped, ``--force`` redoes it):
+
+* ``train/sft.jsonl``, ``val/sft.jsonl``: :class:`mmalign.records.SFTRecord` s, image paths
+  relative to ``--data`` (read them with ``read_records(path, "sft", data_root=<--data>)``).
+  Split by scene: ``val`` when sha256 of the scene id, as a fraction of 2^64, is below
+  ``--val-fraction`` (:func:`mmalign.ranking.split_of`), so every record of a scene (all its
+  responses, critique and refinement) lands in one split, whatever the seed or file order.
+  Meta of a critique example: ``kind: "critique"``, ``score``, ``scores``, ``level``,
+  ``condition``, ``critique``, ``refinement``, ``source_id`` (the feedback record), ``prompt_id``,
+  ``scene_id``, ``task``, ``feedback_source``. Of a refinement episode: ``kind: "refinement"``,
+  ``round``, ``score_before``, ``score_after``, ``scores_after``, ``success``, ``fixed``,
+  ``hallucinated_before`` / ``hallucinated_after`` (per type), ``level``, ``condition``,
+  ``refinement`` (the feedback the revision answers), ``critique`` (the oracle's critique of the
+  revision), ``checkable_claims_after``, ``judged_by: "oracle"``, ``policy`` and the ids above.
+* ``condition.json``: the condition scheme (:meth:`ConditionScheme.to_dict`); the DRESS
+  trainer must be given the same (``condition_thresholds`` / ``condition_names`` /
+  ``condition_template``).
+* ``report.json`` / ``report.md``: records per kind and split, per condition level, per round the
+  revisions' success and fix rates with 95% bootstrap intervals (over revisions), mean score
+  before / after; feedback records without a refinement; why episodes stopped; rejects.
+* ``rejects.jsonl``: feedback lines that could not be used (``--on-error skip``; otherwise the
+  first one stops the stage with ``file:line: what is wrong``) and empty revisions, each with its
+  ``reason``.
+
+``--revisions 0`` makes critique examples only; ``--model`` and scene graphs are then not needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmalign.conditions import ConditionScheme, with_condition
+from mmalign.feedback import HALLUCINATION_TYPES
+from mmalign.ranking import parse_weights, split_of
+from mmalign.records import RecordError, SFTRecord
+from mmalign.stage import (
+    StageOutput,
+    atomic_write_jsonl,
+    atomic_write_text,
+    checkpoint_id,
+    is_up_to_date,
+)
+
+STAGE = "nlf"
+KINDS = ("critique", "refinement")
+#: refinements that ask for nothing (the world oracle writes the first for a perfect response)
+NOTHING_TO_FIX = ("No change is needed.", "")
+#: the seed of round r, batch b is seed + ROUND_SEED_STRIDE * (r - 1) + b
+ROUND_SEED_STRIDE = 100_003
+DEFAULT_WEIGHTS = "faithfulness=1"
+N_BOOT = 2000
+
+
+# ---------------------------------------------------------------------------------------------
+# records (shared with data_pipelines.import_dress)
+
+
+def text_turn(role: str, text: str) -> dict:
+    return {"role": role, "content": [{"type": "text", "text": text}]}
+
+
+def nothing_to_fix(refinement: str | None) -> bool:
+    return refinement is None or refinement.strip() in NOTHING_TO_FIX
+
+
+def scheme_from(thresholds: Sequence[float], names: Sequence[str], template: str) -> ConditionScheme:
+    """The :class:`ConditionScheme` of the command line (a ValueError says what is wrong)."""
+    return ConditionScheme(tuple(float(t) for t in thresholds), tuple(names), template)
+
+
+def critique_record(rid: str, images: list[str], prompt: list[dict], response: str, score: float,
+                    scheme: ConditionScheme, meta: dict[str, Any]) -> dict[str, Any]:
+    """A critique example: the condition of ``score`` before the first user turn's text, then the
+    response as the (loss-bearing) assistant turn."""
+    cond = scheme.for_score(score)
+    row = {"id": rid, "images": list(images), "messages": with_condition(prompt, cond, "first") + [
+        text_turn("assistant", response)], "kind": "critique", "score": score, "level": scheme.name(score),
+        "condition": cond, **meta}
+    return checked(row)
+
+
+def refinement_record(rid: str, images: list[str], conversation: list[dict], revision: str, score_before: float,
+                      score_after: float, rnd: int, scheme: ConditionScheme, meta: dict[str, Any]) -> dict[str, Any]:
+    """A refinement episode: ``conversation`` (ending with the user turn holding the refinement
+    feedback) with the condition of ``score_after`` in that last user turn, then the revision."""
+    cond = scheme.for_score(score_after)
+    row = {"id": rid, "images": list(images), "messages": with_condition(conversation, cond, "last") + [
+        text_turn("assistant", revision)], "kind": "refinement", "round": rnd, "score_before": score_before,
+        "score_after": score_after, "success": score_after > score_before, "level": scheme.name(score_after),
+        "condition": cond, **meta}
+    return checked(row)
+
+
+def checked(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` after a round trip through the SFT schema, so an output line can never fail to load."""
+    SFTRecord.from_json(row, f"record {row['id']}", max_chars=None)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# report (shared with data_pipelines.import_dress)
+
+
+def _ci(values: Sequence[float]) -> dict[str, float] | None:
+    from mmalign.metrics import bootstrap_ci
+
+    if not values:
+        return None
+    v, lo, hi = bootstrap_ci([float(x) for x in values], n_boot=N_BOOT, seed=0)
+    return {"value": round(v, 4), "low": round(lo, 4), "high": round(hi, 4)}
+
+
+def revision_stats(rows: list[dict]) -> dict[str, Any]:
+    """Success / fix rates (95% bootstrap intervals over revisions) and mean scores of refinement rows."""
+    fixed = [r["fixed"] for r in rows if r.get("fixed") is not None]
+    return {"n": len(rows), "success_rate": _ci([r["success"] for r in rows]),
+            "fix_rate": _ci(fixed), "fix_known": len(fixed),
+            "score_before": _ci([r["score_before"] for r in rows]),
+            "score_after": _ci([r["score_after"] for r in rows]),
+            "score_delta": _ci([r["score_after"] - r["score_before"] for r in rows])}
+
+
+def summarize(splits: dict[str, list[dict]], scheme: ConditionScheme) -> dict[str, Any]:
+    """The part of the report both DRESS stages share: records per kind / split / level, revisions."""
+    rows = [r for v in splits.values() for r in v]
+    refin = [r for r in rows if r["kind"] == "refinement"]
+    rounds = sorted({r["round"] for r in refin})
+    return {
+        "records": {k: {**{s: sum(r["kind"] == k for r in v) for s, v in splits.items()},
+                        "total": sum(r["kind"] == k for r in rows)} for k in KINDS}
+        | {"total": {**{s: len(v) for s, v in splits.items()}, "total": len(rows)}},
+        "levels": {k: {n: sum(r["kind"] == k and r["level"] == n for r in rows) for n in scheme.names} for k in KINDS},
+        "critique_score": _ci([r["score"] for r in rows if r["kind"] == "critique"]),
+        "revisions": {"all": revision_stats(refin),
+                      **{f"round {k}": revision_stats([r for r in refin if r["round"] == k]) for k in rounds}},
+    }
+
+
+def _pct(v: dict | None) -> str:
+    return "n/a" if not v else f"{v['value']:.1%} [{v['low']:.1%}, {v['high']:.1%}]"
+
+
+def _num(v: dict | None) -> str:
+    return "n/a" if not v else f"{v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+
+
+def summary_md(rep: dict[str, Any], scheme: ConditionScheme) -> list[str]:
+    splits = [s for s in rep["records"]["total"] if s != "total"]
+    lines = [f"| kind | {' | '.join(splits)} | total |", "|---" * (len(splits) + 2) + "|"]
+    for k in (*KINDS, "total"):
+        c = rep["records"][k]
+        lines.append(f"| {k} | {' | '.join(str(c[s]) for s in splits)} | {c['total']} |")
+    lines += ["", f"Condition levels (template {scheme.template!r}, thresholds {list(scheme.thresholds)}):", "",
+              f"| kind | {' | '.join(scheme.names)} |", "|---" * (len(scheme.names) + 1) + "|"]
+    lines += [f"| {k} | {' | '.join(str(rep['levels'][k][n]) for n in scheme.names)} |" for k in KINDS]
+    lines += ["", f"Mean critique-example score: {_num(rep['critique_score'])}.", "",
+              ("Revisions (95% bootstrap intervals over revisions; success = score after > before, "
+               "fixed = fewer hallucinated claims after than before):"), "",
+              "| round | revisions | success | fixed | score before | score after |", "|---|---|---|---|---|---|"]
+    if not rep["revisions"]["all"]["n"]:
+        lines.append("| (none) | 0 | | | | |")
+    for name, s in rep["revisions"].items():
+        if s["n"]:
+            lines.append(f"| {name} | {s['n']} | {_pct(s['success_rate'])} | {_pct(s['fix_rate'])} | "
+                         f"{_num(s['score_before'])} | {_num(s['score_after'])} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# revising
+
+
+@dataclass
+class Episode:
+    """One refinement episode in progress."""
+
+    prompt: Any  # data_pipelines.prefs.Prompt
+    sample: Any  # data_pipelines.prefs.Response
+    split: str
+    images: list[str]  # absolute
+    conversation: list[dict]  # up to the assistant turn being refined
+    score: float  # the oracle's score of that turn
+    hallucinated: dict[str, int]
+    refinement: str
+    done: str | None = None
+
+
+def revise(policy, asks: list[tuple[str, list[str], list[dict]]], temperature: float, top_p: float,
+           max_new_tokens: int, batch_size: int, seed: int, desc: str = "revising",
+           progress: bool = True) -> list[str]:
+    """One sampled answer per ``(id, absolute image paths, messages ending with a user turn)``,
+    in order; batch ``b`` is seeded ``seed + b``."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from mmalign.collators import VisionChatCollator, to_device
+    from mmalign.data import ChatDataset
+
+    records = [SFTRecord(id=i, images=imgs, messages=msgs, meta={"source": i}) for i, imgs, msgs in asks]
+    collator = VisionChatCollator(policy.processor, max_length=1 << 16, mode="generate", on_overlength="error")
+    loader = DataLoader(ChatDataset(records), batch_size=batch_size, shuffle=False, collate_fn=collator)
+    device = next(policy.parameters()).device
+    out: list[str] = []
+    with torch.no_grad(), tqdm(total=len(records), desc=desc, unit="rev", disable=not progress, file=sys.stderr,
+                               dynamic_ncols=True) as bar:
+        for b, batch in enumerate(loader):
+            torch.manual_seed(seed + b)
+            texts = policy.generate(to_device(batch, device), max_new_tokens=max_new_tokens, do_sample=True,
+                                    temperature=temperature, top_p=top_p, num_return_sequences=1)
+            out += texts
+            bar.update(len(texts))
+    if len(out) != len(records):
+        raise RuntimeError(f"the policy returned {len(out)} texts for {len(records)} prompts")
+    return out
+
+
+def _judge(oracle, p, text: str, rid: str, weights: dict[str, float], where: str):
+    """The oracle's feedback on ``text`` for prompt ``p``, its weighted score and hallucinated counts."""
+    from data_pipelines.feedback import prompt_text
+    from data_pipelines.prefs import weighted_scores
+    from mmalign.feedback import FeedbackItem
+
+    fb = oracle.feedback(FeedbackItem(id=rid, prompt=prompt_text(p.prompt), response=text, image=p.image,
+                                      meta={"scene_id": p.scene_id}), p.scene)
+    scores, score = weighted_scores(fb.scores, weights, where)
+    hal = {t: int(fb.meta.get("hallucinated", {}).get(t, 0)) for t in HALLUCINATION_TYPES}
+    return fb, scores, score, hal
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_report(summary: dict, stats: Counter, rejects: list[dict], seconds: float, extra: dict) -> dict:
+    return {**extra, **summary,
+            "feedback": {"records": stats["feedback_records"], "without_refinement": stats["without_refinement"],
+                         "episodes": stats["episodes"]},
+            "episodes_stopped": {k.split(":", 1)[1]: v for k, v in sorted(stats.items()) if k.startswith("stop:")},
+            "revisions_without_checkable_claims": stats["revisions_without_checkable_claims"],
+            "rejects": {"total": len(rejects), "reasons": dict(Counter(r["reason"] for r in rejects))},
+            "seconds": round(seconds, 2)}
+
+
+def report_md(rep: dict, scheme: ConditionScheme) -> str:
+    w = ", ".join(f"{d}={v:g}" for d, v in rep["weights"].items())
+    fb = rep["feedback"]
+    lines = ["# DRESS natural-language-feedback data", "",
+             (f"{fb['records']} feedback records ({fb['without_refinement']} with nothing to fix), "
+              f"{fb['episodes']} refinement episodes, up to {rep['revisions_asked']} round(s); "
+              f"score = weighted mean ({w}); revisions judged by the world oracle."), "",
+             *summary_md(rep, scheme), ""]
+    stopped = ", ".join(f"{k}: {v}" for k, v in rep["episodes_stopped"].items()) or "none"
+    lines += [f"Episodes stopped before the last round: {stopped}.",
+              (f"Revisions without any checkable claim: {rep['revisions_without_checkable_claims']} (faithfulness "
+               "counts them as 1.0; helpfulness in --score-weights penalises an answer that says nothing)."),
+              f"Rejected: {rep['rejects']['total']} {rep['rejects']['reasons'] or ''}".rstrip()
+              + f" (rejects.jsonl). {rep['seconds']} s."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_pipelines.nlf", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--feedback", required=True, type=Path,
+                    help="the feedback stage's folder (feedback.jsonl) or an annotated-response JSONL file")
+    ap.add_argument("--data", required=True, type=Path,
+                    help="the data stage's folder: image root and <split>/scenes.jsonl (the oracle's scenes)")
+    ap.add_argument("--model", type=Path,
+                    help="the policy checkpoint that revises (Hugging Face folder; needed unless --revisions 0)")
+    ap.add_argument("--policy-class", default="models.policy.HFPolicy", help="Policy implementation to load it with")
+    ap.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
+    ap.add_argument("--val-fraction", type=float, default=0.05,
+                    help="share of scenes (by a hash of the scene id) whose records go to val (default 0.05)")
+    ap.add_argument("--score-weights", default=DEFAULT_WEIGHTS,
+                    help=f"feedback score dimensions and weights of the score that picks the condition "
+                         f"(default {DEFAULT_WEIGHTS}; the oracle also gives helpfulness)")
+    ap.add_argument("--thresholds", nargs="+", type=float, default=[0.75],
+                    help="ascending score cut points in [0, 1] between condition levels (default 0.75)")
+    ap.add_argument("--names", nargs="+", default=["bad", "good"],
+                    help="one level name per interval, worst first; the last is asked at inference (default bad good)")
+    ap.add_argument("--template", default="Answer quality: {name}.",
+                    help="the condition text, with {name} (default 'Answer quality: {name}.')")
+    ap.add_argument("--revisions", type=int, default=1,
+                    help="refinement rounds per episode (0 = critique examples only; default 1)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of revisions (default 1.0)")
+    ap.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling of revisions (default 0.95)")
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="longest revision in tokens (default 96)")
+    ap.add_argument("--batch-size", type=int, default=32, help="conversations per generate() call (default 32)")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the sampling (per round and batch; default 0)")
+    ap.add_argument("--limit", type=int, default=0,
+                    help="use at most this many feedback records, prompt by prompt in file order (0 = all)")
+    ap.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                    help="an unusable feedback line: stop with file:line (raise) or put it in rejects.jsonl (skip)")
+    ap.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, ...")
+    ap.add_argument("--force", action="store_true", help="re-run even when the output is up to date")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    try:
+        weights = parse_weights(args.score_weights)
+        scheme = scheme_from(args.thresholds, args.names, args.template)
+    except ValueError as e:
+        ap.error(str(e).replace("--weights", "--score-weights"))
+    if args.revisions < 0 or args.limit < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
+        ap.error("need --revisions >= 0, --limit >= 0, --batch-size >= 1 and --max-new-tokens >= 1")
+    if not 0 <= args.val_fraction < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1:
+        ap.error("need 0 <= --val-fraction < 1, --temperature > 0 and 0 < --top-p <= 1")
+    feedback = args.feedback / "feedback.jsonl" if args.feedback.is_dir() else args.feedback
+    if not feedback.is_file():
+        ap.error(f"--feedback {args.feedback}: no feedback.jsonl there")
+    if args.revisions:
+        if args.model is None:
+            ap.error("--revisions > 0 needs --model (the policy that revises); --revisions 0 makes critique examples only")
+        if not (args.model / "config.json").exists():
+            ap.error(f"--model {args.model}: no config.json there (a Hugging Face checkpoint folder?)")
+    config = {"weights": weights, "scheme": scheme.to_dict(), "val_fraction": args.val_fraction,
+              "revisions": args.revisions, "temperature": args.temperature, "top_p": args.top_p,
+              "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "seed": args.seed,
+              "limit": args.limit, "on_error": args.on_error,
+              "policy_class": args.policy_class if args.revisions else None}
+    inputs = [feedback, args.data]
+    if args.revisions:
+        inputs += [args.model / "config.json", *sorted(args.model.glob("*.safetensors"))]
+    if not args.force and is_up_to_date(args.out, config, inputs):
+        print(f"{STAGE}: {args.out} up to date, skipping (--force to redo)")
+        return 0
+
+    from data_pipelines.feedback import load_scenes
+    from data_pipelines.prefs import read_feedback
+    from mmalign.oracle import WorldOracle
+
+    t0 = time.perf_counter()
+    scenes = None
+    if args.revisions:
+        scenes = load_scenes(args.data)
+        if not scenes:
+            ap.error(f"refinement episodes are judged by the world oracle, which needs scene graphs "
+                     f"(<data>/<split>/scenes.jsonl) under {args.data}; use --revisions 0 without them")
+    root = args.data.resolve()
+    rejects: list[dict] = []
+    stats: Counter = Counter()
+    prompts = read_feedback(feedback, args.data, weights, scenes, args.on_error, rejects)
+    for r in rejects:
+        r["reason"] = f"input: {r['reason']}"
+    todo = [(p, s) for p in prompts for s in p.samples][: args.limit or None]
+    if not todo:
+        raise RecordError(f"{feedback}: no usable annotated responses ({len(rejects)} rejected)")
+    stats["feedback_records"] = len(todo)
+
+    splits: dict[str, list[dict]] = {"train": [], "val": []}
+    episodes: list[Episode] = []
+    oracle = WorldOracle(scenes) if scenes else None
+    for p, s in todo:
+        key = p.scene_id or (p.scene.scene_id if p.scene is not None else None) or (p.images[0] if p.images else p.id)
+        split = split_of(str(key), args.val_fraction)
+        ids = {"source_id": s.sample_id, "prompt_id": p.id, "scene_id": p.scene_id, "task": p.task,
+               "feedback_source": s.scored_by}
+        splits[split].append(critique_record(
+            f"{s.sample_id}-critique", p.images, p.prompt, s.text, s.overall, scheme,
+            {"scores": s.scores, "critique": s.critique, "refinement": s.refinement, **ids}))
+        if nothing_to_fix(s.refinement):
+            stats["without_refinement"] += 1
+            continue
+        if args.revisions:
+            _fb, _sc, score, hal = _judge(oracle, p, s.text, f"{s.sample_id}-before", weights,
+                                          f"{p.where} (response {s.sample_id!r})")
+            episodes.append(Episode(p, s, split, [str(root / rel) for rel in p.images],
+                                    p.prompt + [text_turn("assistant", s.text)], score, hal, s.refinement.strip()))
+    stats["episodes"] = len(episodes)
+
+    pid = None
+    if episodes:
+        import torch
+
+        from mmalign.eval.runner import load_component
+
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        policy = load_component(args.policy_class, path=str(args.model)).eval().to(device)
+        pid = checkpoint_id(args.model)
+        active = episodes
+        for rnd in range(1, args.revisions + 1):
+            if not active:
+                break
+            convs = [ep.conversation + [text_turn("user", ep.refinement)] for ep in active]
+            texts = revise(policy, [(f"{ep.sample.sample_id}-refine{rnd}", ep.images, c) for ep, c in zip(active, convs)],
+                           args.temperature, args.top_p, args.max_new_tokens, args.batch_size,
+                           args.seed + ROUND_SEED_STRIDE * (rnd - 1), desc=f"revising (round {rnd})",
+                           progress=not args.no_progress)
+            nxt = []
+            for ep, conv, text in zip(active, convs, texts):
+                rid = f"{ep.sample.sample_id}-refine{rnd}"
+                text = text.strip()
+                if not text:
+                    rejects.append({"id": rid, "reason": "empty revision", "round": rnd,
+                                    "source_id": ep.sample.sample_id, "messages": conv})
+                    stats["stop:empty revision"] += rnd < args.revisions
+                    continue
+                fb, scores, score, hal = _judge(oracle, ep.prompt, text, rid, weights, f"{ep.prompt.where} ({rid})")
+                checkable = int(fb.meta.get("claims", 0)) - int(fb.meta.get("unverifiable", 0))
+                stats["revisions_without_checkable_claims"] += checkable == 0
+                meta = {"scores_after": scores, "fixed": sum(hal.values()) < sum(ep.hallucinated.values()),
+                        "checkable_claims_after": checkable,
+                        "hallucinated_before": ep.hallucinated, "hallucinated_after": hal,
+                        "refinement": ep.refinement, "critique": fb.critique, "judged_by": "oracle", "policy": pid,
+                        "source_id": ep.sample.sample_id, "prompt_id": ep.prompt.id, "scene_id": ep.prompt.scene_id,
+                        "task": ep.prompt.task, "feedback_source": ep.sample.scored_by}
+                splits[ep.split].append(refinement_record(rid, ep.prompt.images, conv, text, ep.score, score, rnd,
+                                                          scheme, meta))
+                ep.conversation, ep.score, ep.hallucinated = conv + [text_turn("assistant", text)], score, hal
+                if rnd == args.revisions:
+                    continue
+                if nothing_to_fix(fb.refinement):
+                    stats["stop:nothing left to fix"] += 1
+                    continue
+                ep.refinement = fb.refinement.strip()
+                nxt.append(ep)
+            active = nxt
+
+    seconds = time.perf_counter() - t0
+    rep = build_report(summarize(splits, scheme), stats, rejects, seconds,
+                       {"feedback": str(feedback), "weights": weights, "scheme": scheme.to_dict(),
+                        "revisions_asked": args.revisions, "policy": pid, "val_fraction": args.val_fraction})
+    md = report_md(rep, scheme)
+    with StageOutput(args.out, stage=STAGE, config=config, inputs=inputs) as st:
+        for split, rows in splits.items():
+            atomic_write_jsonl(st.path / split / "sft.jsonl", rows)
+            for k in KINDS:
+                st.count(f"{split}/{k}", sum(r["kind"] == k for r in rows))
+        atomic_write_jsonl(st.path / "rejects.jsonl", rejects)
+        atomic_write_text(st.path / "condition.json", json.dumps(scheme.to_dict(), indent=2) + "\n")
+        atomic_write_text(st.path / "report.json", json.dumps(rep, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(st.path / "report.md", md)
+        st.count("feedback_records", stats["feedback_records"])
+        st.count("without_refinement", stats["without_refinement"])
+        st.count("rejected", len(rejects))
+        st.info.update(scheme=scheme.to_dict(), policy=pid)
+    print(md)
+    print(f"{STAGE}: {rep['records']['total']['total']} records ({rep['records']['total']['train']} train, "
+          f"{rep['records']['total']['val']} val) in {seconds:.1f} s -> {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
