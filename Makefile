@@ -19,7 +19,8 @@ FIT = $(PY) -m mmalign.cli fit
 
 .PHONY: help install venv deps data tiny-model sft eval-sft eval eval-compare sample judge feedback prefs mmrlhf-import \
   rm rm-score ref-logps dpo mmdpo sft-continued eval-mmrlhf index realign-data realign realign-text eval-realign \
-  sample-val feedback-val fg-rm fg-rm-eval fgaif fgaif-seq fgaif-oracle eval-fgaif bench bench-dpo bench-index demo test test-slow clean
+  sample-val feedback-val fg-rm fg-rm-eval fgaif fgaif-seq fgaif-oracle eval-fgaif \
+  nlf dress-import dress eval-dress bench bench-dpo bench-index demo test test-slow clean
 
 help:
 	@echo "mmalign stages (make <target> [RUN=name] [SEED=n]); outputs under runs/<RUN>/"
@@ -63,6 +64,11 @@ help:
 	@echo "  fgaif / fgaif-seq   PPO with dense segment rewards, and the sequence-level-reward ablation"
 	@echo "  fgaif-oracle  control: the same PPO with the oracle's segment labels as rewards (perfect reward models)"
 	@echo "  eval-fgaif  SFT, SFT-continued, sequence-reward PPO, FGAIF, oracle-reward PPO -> $(OUT)/eval/compare-fgaif"
+	@echo "  DRESS (issue 8):"
+	@echo "  nlf         critique examples + refinement episodes (SFT revisions judged by the oracle) with conditions -> $(OUT)/nlf"
+	@echo "  dress       conditional RL from SFT (configs/dress/tiny.yaml); dress-import DRESS=<LVLM_NLF folder>"
+	@echo "  eval-dress  SFT, SFT-continued, DRESS (asked with its best condition) + the refinement benchmark"
+	@echo "              (answer, oracle refinement, answer again; 2 turns) -> $(OUT)/eval/compare-dress, $(OUT)/refine/compare"
 	@echo "  bench       bench-dpo (DPO pairs/s and peak memory vs TRL's DPOTrainer) and bench-index"
 	@echo "              (FAISS IVF / HNSW recall@10 and latency vs exact and NumPy) -> benchmarks/results/"
 	@echo ""
@@ -327,6 +333,50 @@ eval-fgaif: deps $(foreach r,$(FGAIF_RUNS),$(OUT)/eval/$(r)/metrics.json)
 	$(EVAL) compare $(foreach r,$(FGAIF_RUNS),$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-fgaif
 	@head -12 $(OUT)/eval/compare-fgaif/compare.md
 
+# --- DRESS ---------------------------------------------------------------------------------------
+
+# Natural-language feedback records for conditional RL: a critique example per sampled response
+# (its rating's condition + question -> response) and a refinement episode per response with
+# something to fix (response, the oracle's refinement, the SFT policy's revision judged again; every
+# revision kept with its own condition). Score = mean of the oracle's faithfulness and helpfulness,
+# so a revision that drops everything does not pass as "good".
+NLF_SOURCE ?= oracle
+NLF_REVISIONS ?= 1
+NLF_THRESHOLD ?= 0.6
+nlf: deps $(OUT)/nlf/manifest.json
+$(OUT)/nlf/manifest.json: $(OUT)/feedback/$(NLF_SOURCE)/manifest.json $(OUT)/sft/model/config.json \
+    $(OUT)/data/manifest.json data_pipelines/nlf.py mmalign/conditions.py mmalign/oracle.py
+	$(PY) -m data_pipelines.nlf --feedback $(OUT)/feedback/$(NLF_SOURCE) --data $(OUT)/data \
+	  --model $(OUT)/sft/model --out $(OUT)/nlf --revisions $(NLF_REVISIONS) --seed $(SEED) \
+	  --score-weights faithfulness=1,helpfulness=1 --thresholds $(NLF_THRESHOLD)
+
+# DRESS's released NLF data (unzipped YangyiYY/LVLM_NLF) + COCO train2017 images.
+DRESS ?= data/LVLM_NLF
+COCO_TRAIN ?= $(DRESS)/train2017
+dress-import: deps
+	$(PY) -m data_pipelines.import_dress --input $(DRESS) --images $(COCO_TRAIN) \
+	  --out $(OUT)/dress/import --val-fraction 0.05 --on-error skip
+
+# Conditional RL from the SFT model (configs/dress/tiny.yaml; the condition scheme must match nlf's).
+$(eval $(call fit_policy,dress,configs/dress/tiny.yaml,$(OUT)/nlf/manifest.json mmalign/methods/dress.py,\
+  --data.init_args.train_file $(OUT)/nlf/train/sft.jsonl --data.init_args.val_file $(OUT)/nlf/val/sft.jsonl \
+  --data.init_args.data_root $(OUT)/data --model.init_args.condition_thresholds '[$(NLF_THRESHOLD)]'))
+
+# Held-out evaluation (a DRESS model is asked with its best condition, read from its folder), and the
+# refinement benchmark: answer, get the oracle's refinement, answer again (2 turns, 200 test scenes).
+REFINE = $(PY) -m data_pipelines.refine_bench
+REFINE_OPTS ?= --limit 200 --turns 2
+$(OUT)/refine/%/manifest.json: $(OUT)/%/model/config.json $(OUT)/data/manifest.json data_pipelines/refine_bench.py \
+    mmalign/oracle.py mmalign/conditions.py
+	$(REFINE) --model $(OUT)/$*/model --data $(OUT)/data --split test $(REFINE_OPTS) --out $(OUT)/refine/$*
+refine-bench-%: deps $(OUT)/refine/%/manifest.json
+	@cat $(OUT)/refine/$*/report.md
+DRESS_RUNS = sft sft-continued dress
+eval-dress: deps $(foreach r,$(DRESS_RUNS),$(OUT)/eval/$(r)/metrics.json $(OUT)/refine/$(r)/manifest.json)
+	$(EVAL) compare $(foreach r,$(DRESS_RUNS),$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-dress
+	$(REFINE) compare $(foreach r,$(DRESS_RUNS),$(OUT)/refine/$(r)) --names $(DRESS_RUNS) --out $(OUT)/refine/compare
+	@head -12 $(OUT)/eval/compare-dress/compare.md; cat $(OUT)/refine/compare/compare.md
+
 # --- benchmarks ----------------------------------------------------------------------------------
 
 # Retrieval recall@10 and latency of IVF and HNSW against exact flat search and NumPy brute force,
@@ -343,7 +393,8 @@ bench-dpo: deps $(OUT)/sft/model/config.json $(OUT)/sample/manifest.json
 
 demo: data tiny-model sft eval-sft sample judge feedback prefs rm rm-score ref-logps sft-continued dpo mmdpo eval-mmrlhf \
   index realign-data realign-text realign eval-realign \
-  sample-val feedback-val fg-rm fg-rm-eval fgaif-seq fgaif fgaif-oracle eval-fgaif
+  sample-val feedback-val fg-rm fg-rm-eval fgaif-seq fgaif fgaif-oracle eval-fgaif \
+  nlf dress eval-dress
 	@echo "demo done: see $(OUT)/eval/sft/report.md (chart.png, metrics.json, generations.jsonl beside it)"
 
 # --- tests ----------------------------------------------------------------------------------------

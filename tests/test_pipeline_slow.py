@@ -23,7 +23,7 @@ def test_make_demo_end_to_end():
     # held-out scenes per evaluation (same code and configs): the whole pipeline has to fit CI's
     # budget.
     make = ["make", "-C", str(ROOT), "demo", f"RUN={run}", f"PY={sys.executable}", "RM_STEPS=100", "ALIGN_STEPS=60",
-            "EVAL_LIMIT=100"]
+            "EVAL_LIMIT=100", "REFINE_OPTS=--limit 50 --turns 2"]
     subprocess.run(make, check=True, env=env)
     out = ROOT / "runs" / run
     doc = json.loads((out / "eval/sft/metrics.json").read_text())
@@ -83,9 +83,20 @@ def test_make_demo_end_to_end():
     for key in ("train/reward/object", "train/kl", "train/clip_fraction", "train/time/generation_s",
                 "train/time/scoring_s", "train/time/training_s", "train/rollout_tokens_per_s"):
         assert key in header, key
+    # DRESS: feedback records with conditions, conditional RL, the conditioned evaluation and the
+    # refinement benchmark turn by turn for SFT, SFT-continued and DRESS.
+    nlf = json.loads((out / "nlf/report.json").read_text())
+    assert nlf["records"]["critique"]["total"] > 1000 and nlf["records"]["refinement"]["total"] > 1000
+    dress = json.loads((out / "eval/dress/metrics.json").read_text())
+    assert dress["settings"]["condition"] == "Answer quality: good."
+    refine = (out / "refine/compare/compare.md").read_text()
+    for name in ("sft", "sft-continued", "dress"):
+        assert f"| {name} |" in refine or f"- {name}:" in refine, name
+    assert "## turn 2" in refine
     # Unchanged inputs: a second `make demo` redoes nothing.
     again = subprocess.run(make, check=True, env=env, capture_output=True, text=True)
     for stage in ("mmalign.cli fit", "data_pipelines.scenes", "data_pipelines.sample", "data_pipelines.feedback",
                   "data_pipelines.prefs", "data_pipelines.score_rm", "data_pipelines.ref_logps", "mmalign.cli eval --model",
-                  "data_pipelines.index", "data_pipelines.realign_data", "data_pipelines.fg_rm_eval"):
+                  "data_pipelines.index", "data_pipelines.realign_data", "data_pipelines.fg_rm_eval",
+                  "data_pipelines.nlf", "data_pipelines.refine_bench --model"):
         assert stage not in again.stdout, stage

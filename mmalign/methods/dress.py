@@ -1,0 +1,131 @@
+"""DRESS: conditional RL on natural-language feedback, with multi-turn refinement.
+
+Chen et al. 2024, "DRESS: Instructing Large Vision-Language Models to Align and Interact with
+Humans via Natural Language Feedback" (CVPR). Feedback in natural language is not differentiable;
+DRESS "generalize[s] conditional reinforcement learning" and trains the model "to produce
+corresponding responses conditioned on the NLF using language modeling loss on the responses"
+(project page). Two kinds of records (``make nlf``, :mod:`data_pipelines.nlf`):
+
+* **critique** examples: (image, condition c(r) + question) -> response r, where the condition is
+  the level of r's feedback rating (:class:`mmalign.conditions.ConditionScheme`: e.g. "Answer
+  quality: good." / "... bad.");
+* **refinement** episodes: (image, question) -> r_1, then (condition c(r_2) + refinement feedback)
+  -> r_2: the loss is on the revision only, kept whether the revision fixed anything or not,
+  labelled by its own condition.
+
+With ``lp_b`` the per-token log-probs of example ``b``'s last assistant turn (the response, or the
+revision), ``n_b`` its token count and ``w_b = kind_weights[kind_b]``:
+
+    NLL_b = -(1 / n_b) * sum_t lp_b[t]
+    loss  = sum_b w_b * NLL_b / sum_b w_b
+
+At inference the model is asked with the best condition (``ConditionScheme.best()``); the export
+writes the scheme beside the model (``dress_condition.json``), so ``mmalign eval`` and the
+refinement benchmark ask exactly that.
+
+What the released sources fix and what is ours: the released NLF data (LVLM_NLF) gives every model
+turn a ``rating`` and a critique, and multi-turn episodes with the refinement feedback as the next
+user turn; how a rating becomes the condition, and the loss weights, are not in the sources we
+could read: thresholds, names, template and ``kind_weights`` are config fields (docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from mmalign.conditions import CONDITION_FILE, ConditionScheme
+from mmalign.methods.base import export_policy
+from mmalign.methods.sft import SFTModule
+from mmalign.policy import Policy
+from mmalign.records import RecordError
+
+KINDS = ("critique", "refinement")
+
+
+def dress_loss(logps: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_b w_b NLL_b / sum_b w_b`` with ``NLL_b`` the mean negative log-prob of example
+    ``b``'s scored tokens (examples without scored tokens or with weight 0 do not count).
+
+    Args:
+        logps: ``(B, T)`` label log-probs (0 where masked).
+        mask: ``(B, T)`` float, 1 on the scored tokens (the last assistant turn).
+        weights: ``(B,)`` per-example weights >= 0.
+    """
+    n = mask.sum(dim=1)                                                   # (B,)
+    nll = -(logps * mask).sum(dim=1) / n.clamp(min=1)                     # (B,)
+    w = weights.to(nll.dtype) * (n > 0).to(nll.dtype)
+    total = w.sum()
+    if total <= 0:
+        return nll.sum() * 0.0
+    return (w * nll).sum() / total
+
+
+class DRESSModule(SFTModule):
+    """Conditional RL on critique examples and refinement episodes (module docstring).
+
+    Args:
+        condition_thresholds: ascending score cut points in [0, 1] (the data stage's ``--thresholds``).
+        condition_names: one name per level, worst first; the last is the inference condition.
+        condition_template: the condition text, with ``{name}``.
+        kind_weights: loss weight per record kind ("critique", "refinement").
+
+    The data are SFT records (``make nlf``) read with ``train_on: last``; every record's
+    ``condition`` must be one of this scheme's texts (a record made with another scheme is an
+    error naming it). The other options are :class:`SFTModule`'s.
+    """
+
+    def __init__(self, policy: Policy, condition_thresholds: Sequence[float] = (0.75,),
+                 condition_names: Sequence[str] = ("bad", "good"),
+                 condition_template: str = "Answer quality: {name}.",
+                 kind_weights: dict[str, float] | None = None,
+                 lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 20, min_lr_ratio: float = 0.1,
+                 export_dir: str | None = None, merge_lora: bool = True):
+        scheme = ConditionScheme(tuple(condition_thresholds), tuple(condition_names), condition_template)
+        weights = {"critique": 1.0, "refinement": 1.0} if kind_weights is None else dict(kind_weights)
+        unknown = set(weights) - set(KINDS)
+        if unknown:
+            raise ValueError(f"kind_weights: unknown kind(s) {sorted(unknown)}; kinds are {list(KINDS)}")
+        for k, v in weights.items():
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"kind_weights[{k}] must be a finite number >= 0, got {v}")
+        super().__init__(policy, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                         min_lr_ratio=min_lr_ratio, export_dir=export_dir, merge_lora=merge_lora,
+                         loss_normalization="example")
+        self.scheme = scheme
+        self.kind_weights = {k: weights.get(k, 0.0) for k in KINDS}
+        self._texts = {self.scheme.text(n) for n in self.scheme.names}
+
+    def _weights(self, meta: list[dict]) -> torch.Tensor:
+        out = []
+        for m in meta:
+            kind, cond = m.get("kind"), m.get("condition")
+            where = m.get("source") or m.get("id")
+            if kind not in KINDS:
+                raise RecordError(f"{where}: record kind {kind!r} is not one of {list(KINDS)} (make nlf writes them)")
+            if cond not in self._texts:
+                raise RecordError(f"{where}: condition {cond!r} is not one of this scheme's {sorted(self._texts)}; "
+                                  "the data were made with another condition scheme")
+            out.append(self.kind_weights[kind])
+        return torch.tensor(out)
+
+    def _step(self, batch: dict, stage: str):
+        logps, mask = self.policy.completion_logprobs(batch)              # (B, T-1)
+        w = self._weights(batch["meta"]).to(logps.device)
+        loss = dress_loss(logps, mask, w)
+        bs = len(batch["meta"])
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs)
+        with torch.no_grad():
+            for kind in KINDS:
+                sel = torch.tensor([m["kind"] == kind for m in batch["meta"]], device=logps.device)
+                if sel.any():
+                    self.log(f"{stage}/nll_{kind}", dress_loss(logps[sel], mask[sel], torch.ones(int(sel.sum()))),
+                             batch_size=int(sel.sum()))
+        return loss
+
+    def export(self, out_dir: str) -> None:
+        # the scheme goes with the model: evaluation asks it with the best condition
+        export_policy(self.policy, out_dir, self.hparams.merge_lora, config=self.scheme.to_dict(),
+                      config_file=CONDITION_FILE, what="dress")
