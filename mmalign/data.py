@@ -49,7 +49,27 @@ class ChatDataset(_RecordDataset):
         }
 
 
-class _RecordDataModule(L.LightningDataModule):
+class Loaders:
+    """The train / val DataLoaders every DataModule here builds the same way: ``train_set`` and
+    ``val_set`` with ``self.collator``, ``hparams.batch_size`` and ``hparams.num_workers``;
+    ``_sampler()`` may replace shuffling for training (task weights)."""
+
+    def _sampler(self) -> Any:
+        return None
+
+    def _loader(self, ds: Dataset, shuffle: bool, sampler=None) -> DataLoader:
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                          num_workers=self.hparams.num_workers, collate_fn=self.collator,
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True, sampler=self._sampler())
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
+
+
+class _RecordDataModule(Loaders, L.LightningDataModule):
     """What the record-file DataModules share: reading (malformed records skipped into a
     rejects file or raised, per ``on_error``), the processor taken from the trained policy, and
     the loaders. Subclasses say which record kind, dataset and collator."""
@@ -97,19 +117,6 @@ class _RecordDataModule(L.LightningDataModule):
         if self.val_set is None and hp.val_file:
             self.val_set = self._read(hp.val_file)
 
-    def _sampler(self) -> Any:
-        return None
-
-    def _loader(self, ds: Dataset, shuffle: bool, sampler=None) -> DataLoader:
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                          num_workers=self.hparams.num_workers, collate_fn=self.collator,
-                          persistent_workers=self.hparams.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True, sampler=self._sampler())
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
 
 
 class SFTDataModule(_RecordDataModule):

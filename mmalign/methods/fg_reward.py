@@ -82,9 +82,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from mmalign.collators import VisionChatCollator, to_device
+from mmalign.data import Loaders
 from mmalign.feedback import HALLUCINATION_TYPES
 from mmalign.methods.base import PolicyModule, export_policy
 from mmalign.ops import IGNORE_INDEX
@@ -664,7 +665,7 @@ class FGRewardDataset(Dataset):
                 "segments": self.segments[i], "labels": self.labels[i], "meta": {"id": r.id, "source": where}}
 
 
-class FGRewardDataModule(L.LightningDataModule):
+class FGRewardDataModule(Loaders, L.LightningDataModule):
     """Per-segment labels for fine-grained reward models, from the feedback stage's
     ``feedback.jsonl`` (annotated-response records).
 
@@ -769,15 +770,6 @@ class FGRewardDataModule(L.LightningDataModule):
         if self.val_set is None and hp.val_file:
             self.val_set = self._read(hp.val_file, hp.val_limit, train=False)
 
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
-                          collate_fn=self.collator, persistent_workers=self.hparams.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,9 +77,10 @@ import lightning as L
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from mmalign.collators import VisionChatCollator, to_device
+from mmalign.data import Loaders
 from mmalign.losses.reward import (
     bradley_terry_loss,
     gather_at,
@@ -442,7 +443,7 @@ def export_reward_model(policy: Policy, head: ScoreHead, config: dict, out_dir: 
 # the DataModule
 
 
-class RewardDataModule(L.LightningDataModule):
+class RewardDataModule(Loaders, L.LightningDataModule):
     """Preference pairs for reward-model training, from JSONL files of PreferenceRecords.
 
     Each pair gives two rows built by :func:`reward_messages`: in critique mode the record's
@@ -519,15 +520,6 @@ class RewardDataModule(L.LightningDataModule):
         if self.val_set is None and hp.val_file:
             self.val_set = self._read(hp.val_file, hp.val_limit)
 
-    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
-                          collate_fn=self.collator, persistent_workers=self.hparams.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []
 
 
 # ---------------------------------------------------------------------------------------------
