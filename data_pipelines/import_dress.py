@@ -82,6 +82,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipelines.nlf import (
+    add_scheme_arguments,
     critique_record,
     refinement_record,
     scheme_from,
@@ -441,12 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the bottom of the rating scale: score = (rating - min) / (max - min) (default 0)")
     ap.add_argument("--val-fraction", type=float, default=0.05,
                     help="share of images (by a hash of the image id) whose records go to val (default 0.05)")
-    ap.add_argument("--thresholds", nargs="+", type=float, default=[0.75],
-                    help="ascending score cut points in [0, 1] between condition levels (default 0.75)")
-    ap.add_argument("--names", nargs="+", default=["bad", "good"],
-                    help="one level name per interval, worst first (default bad good)")
-    ap.add_argument("--template", default="Answer quality: {name}.",
-                    help="the condition text, with {name} (default 'Answer quality: {name}.')")
+    add_scheme_arguments(ap)
     ap.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                     help="raise: stop at the first bad line, write nothing; skip: put it in rejects.jsonl with its "
                          "reason and go on (default raise)")

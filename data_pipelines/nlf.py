@@ -127,6 +127,19 @@ def scheme_from(thresholds: Sequence[float], names: Sequence[str], template: str
     return ConditionScheme(tuple(float(t) for t in thresholds), tuple(names), template)
 
 
+def add_scheme_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--thresholds``, ``--names``, ``--template``: the condition scheme's command line (this stage
+    and the DRESS importer), defaults from :class:`ConditionScheme`."""
+    d = ConditionScheme()
+    ap.add_argument("--thresholds", nargs="+", type=float, default=list(d.thresholds),
+                    help=f"ascending score cut points in [0, 1] between condition levels (default {list(d.thresholds)})")
+    ap.add_argument("--names", nargs="+", default=list(d.names),
+                    help=f"one level name per interval, worst first; the last is asked at inference "
+                         f"(default {' '.join(d.names)})")
+    ap.add_argument("--template", default=d.template,
+                    help=f"the condition text, with {{name}} (default {d.template!r})")
+
+
 def critique_record(rid: str, images: list[str], prompt: list[dict], response: str, score: float,
                     scheme: ConditionScheme, meta: dict[str, Any]) -> dict[str, Any]:
     """A critique example: the condition of ``score`` before the first user turn's text, then the
@@ -333,12 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--score-weights", default=DEFAULT_WEIGHTS,
                     help=f"feedback score dimensions and weights of the score that picks the condition "
                          f"(default {DEFAULT_WEIGHTS}; the oracle also gives helpfulness)")
-    ap.add_argument("--thresholds", nargs="+", type=float, default=[0.75],
-                    help="ascending score cut points in [0, 1] between condition levels (default 0.75)")
-    ap.add_argument("--names", nargs="+", default=["bad", "good"],
-                    help="one level name per interval, worst first; the last is asked at inference (default bad good)")
-    ap.add_argument("--template", default="Answer quality: {name}.",
-                    help="the condition text, with {name} (default 'Answer quality: {name}.')")
+    add_scheme_arguments(ap)
     ap.add_argument("--revisions", type=int, default=1,
                     help="refinement rounds per episode (0 = critique examples only; default 1)")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of revisions (default 1.0)")
