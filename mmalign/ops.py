@@ -20,14 +20,17 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
         ``(logps, mask)``, both ``(B, T - 1)``: ``logps[b, t] = log softmax(logits[b, t])[labels[b, t + 1]]``
         (0 where masked) and ``mask`` the float mask of scored positions.
     """
-    logits = logits[:, :-1].float()
     targets = labels[:, 1:]
     mask = targets != ignore_index
-    safe = targets.masked_fill(~mask, 0)
-    # log_softmax + gather is the exact form; logsumexp keeps it one pass over V.
-    picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1)
-    logps = picked - torch.logsumexp(logits, dim=-1)
+    logps = gather_logprobs(logits[:, :-1], targets.masked_fill(~mask, 0))
     return logps * mask, mask.float()
+
+
+def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[..., ids]`` in float32: ``(B, T, V)`` logits, ``(B, T)`` ids -> ``(B, T)``."""
+    logits = logits.float()
+    # log_softmax + gather is the exact form; logsumexp keeps it one pass over V.
+    return torch.gather(logits, -1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mmalign.ops import token_logprobs
+from mmalign.ops import gather_logprobs, token_logprobs
 from mmalign.policy import Policy, split_concat
 
 log = logging.getLogger(__name__)
@@ -340,8 +340,7 @@ def pair_logprobs(model: nn.Module, batch: dict) -> tuple[torch.Tensor, ...]:
                  **{cache_kw: cache})
     # The prompt's last logits predict each completion's first token; completion logits [:-1] the rest.
     logits = torch.cat([out.logits[owner, -1:], out2.logits[:, :-1]], dim=1)
-    logits = logits.float()
-    logps = torch.gather(logits, -1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logps = gather_logprobs(logits, ids)
     mask = c_mask.to(logps.dtype)
     logps = logps * mask
     b = len(batch["meta"])

@@ -61,6 +61,7 @@ from mmalign.losses.ppo import (
 )
 from mmalign.methods.base import PolicyModule
 from mmalign.methods.dpo import collapsed, probe_health
+from mmalign.ops import gather_logprobs
 from mmalign.policy import Policy
 from mmalign.segments import split_segments
 
@@ -274,9 +275,7 @@ class FGAIFModule(PolicyModule):
 
     @staticmethod
     def _gather_logps(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        logps = torch.gather(logits, -1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        return logps * mask
+        return gather_logprobs(logits, ids) * mask
 
     @torch.no_grad()
     def rollout(self, batch: dict) -> dict:
