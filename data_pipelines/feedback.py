@@ -16,6 +16,12 @@ Each response is split into segments (``mmalign.segments``); each segment gets a
 attribute / relation label (hallucinated, correct, n/a), the response scores (faithfulness, and
 helpfulness where the source can tell) and DRESS-style critique and refinement text.
 
+Scale-out: the responses are labelled in chunks of ``--chunk-size`` (one ``annotate`` call each,
+so a judge batches its questions within a chunk); chunk ``c`` goes to rank ``c % N`` under
+``python -m torch.distributed.run --nproc_per_node N -m data_pipelines.feedback ...`` (or
+``--shard I/N``), and rank 0 merges in input order: the output is the same on any number of ranks
+(:mod:`mmalign.shard`). The agreement report is computed once, on rank 0, over all responses.
+
 Output (atomic, with ``manifest.json``): ``feedback.jsonl`` (the annotated-response records with
 ``annotations`` filled), ``rejects.jsonl`` (input lines that could not be read, with the reason),
 ``report.json`` / ``report.md``: label counts per type and, whenever scene graphs exist and the
@@ -26,6 +32,7 @@ recall of "hallucinated" over segments, with 95% bootstrap intervals).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections import Counter
@@ -36,10 +43,13 @@ from mmalign.feedback import (
     HALLUCINATION_TYPES,
     FeedbackItem,
     check_feedback,
+    feedback_from_json,
     feedback_to_json,
 )
 from mmalign.oracle import load_world_scenes
-from mmalign.records import read_records
+from mmalign.records import ReadReport, read_records
+from mmalign.shard import add_shard_args
+from mmalign.shard import setup as shard_setup
 from mmalign.stage import (
     StageOutput,
     atomic_write_jsonl,
@@ -89,8 +99,8 @@ def agreement(source_fb: list, oracle_fb: list) -> dict[str, Any]:
                 c["tp"] += (sl == "hallucinated" and ol == "hallucinated")
                 c["fp"] += (sl == "hallucinated" and ol != "hallucinated")
                 c["fn"] += (sl != "hallucinated" and ol == "hallucinated")
-            for k in per:
-                per[k].append(c[k])
+            for k, column in per.items():
+                column.append(c[k])
         res: dict[str, Any] = {k: int(sum(v)) for k, v in per.items()}
         if res["n"]:
             for name, num, den in (("precision", per["tp"], [a + b for a, b in zip(per["tp"], per["fp"])]),
@@ -125,8 +135,8 @@ def _pct(v: dict | None) -> str:
 
 
 def report_md(source: str, counts: dict, agree: dict | None) -> str:
-    lines = [f"# Feedback from `{source}`", "", f"{counts['responses']} responses "
-             f"({counts['responses_without_segments']} without any segment).", "",
+    lines = [f"# Feedback from `{source}`", "", (f"{counts['responses']} responses "
+             f"({counts['responses_without_segments']} without any segment)."), "",
              "| type | hallucinated | correct | n/a | responses with a hallucination |", "|---|---|---|---|---|"]
     for t in HALLUCINATION_TYPES:
         c = counts["segments"][t]
@@ -155,29 +165,54 @@ def main(argv: list[str] | None = None) -> int:
                          "labels, as DRESS prompts GPT-4; prompts in --teacher-prompts")
     ap.add_argument("--teacher-prompts", default="configs/feedback/teacher.yaml")
     ap.add_argument("--batch-size", type=int, default=64, help="questions per judge call")
+    ap.add_argument("--chunk-size", type=int, default=64,
+                    help="responses per annotate call, the unit of work a rank takes (a judge batches the questions "
+                         "of one chunk; the output depends on it, not on the number of ranks)")
     ap.add_argument("--trust-remote-code", action="store_true")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--force", action="store_true", help="re-run even when the output is up to date")
     ap.add_argument("--no-progress", action="store_true")
+    add_shard_args(ap)
     args = ap.parse_args(argv)
+    if args.chunk_size < 1:
+        ap.error("--chunk-size must be >= 1")
     model = {"judge": args.judge, "detector": args.detector}.get(args.source)
     if args.source != "oracle" and model is None:
         ap.error(f"--source {args.source} needs --{args.source} <checkpoint folder>")
     responses = args.responses / "responses.jsonl" if args.responses.is_dir() else args.responses
     config = {"source": args.source, "model": str(model) if model else None, "source_class": args.source_class,
               "teacher": str(args.teacher) if args.teacher else None,
-              "teacher_prompts": args.teacher_prompts if args.teacher else None}
+              "teacher_prompts": args.teacher_prompts if args.teacher else None, "chunk_size": args.chunk_size}
     inputs = [responses, args.data] + ([model / "config.json", *sorted(model.glob("*.safetensors"))] if model else [])
     if not args.force and is_up_to_date(args.out, config, inputs):
         print(f"{STAGE}: {args.out} up to date, skipping (--force to redo)")
         return 0
 
+    shard = shard_setup(args)
+    try:
+        return _run(ap, args, config, inputs, responses, model, shard)
+    finally:
+        shard.close()
+
+
+def _run(ap, args, config: dict, inputs: list, responses: Path, model: Path | None, shard) -> int:
+    from tqdm.auto import tqdm
+
     from mmalign.oracle import WorldOracle
 
     scenes = load_scenes(args.data)
-    with StageOutput(args.out, stage=STAGE, config=config, inputs=inputs) as st:
+    parts = shard.parts(args.out, STAGE, config, inputs)
+    # Rank 0 owns the output; the other ranks read the same records and put their copy of the
+    # rejects beside their parts (removed with them).
+    out_ctx = StageOutput(args.out, stage=STAGE, config=config, inputs=inputs) if shard.is_main \
+        else contextlib.nullcontext()
+    with out_ctx as st:
+        rejects_path = st.path / "rejects.jsonl" if st is not None else parts.folder / f"rejects.rank{shard.rank}.jsonl"
+        # Skipped lines go to rejects.jsonl and their count to the manifest and the printout:
+        # never lost silently.
+        read_rep = ReadReport(str(responses))
         recs = read_records(responses, "annotated", data_root=args.data, check_images="exists", on_error="skip",
-                            rejects_path=st.path / "rejects.jsonl")
+                            rejects_path=rejects_path, report=read_rep)
         items = [FeedbackItem(id=r.id, prompt=prompt_text(r.prompt), response=r.response,
                               image=r.images[0] if r.images else None, reference=r.meta.get("reference"),
                               meta={"scene_id": r.meta.get("scene_id")}) for r in recs]
@@ -191,16 +226,31 @@ def main(argv: list[str] | None = None) -> int:
 
             kwargs: dict[str, Any] = {"path": str(model), "trust_remote_code": args.trust_remote_code}
             if args.source == "judge":
-                kwargs.update(batch_size=args.batch_size, progress=not args.no_progress)
+                # one bar over the chunks below instead of one per annotate call
+                kwargs.update(batch_size=args.batch_size, progress=False)
             source = load_component(args.source_class or SOURCES[args.source], **kwargs)
-        fbs = source.annotate(items)
-        check_feedback(items, fbs)
+        teacher = None
         if args.teacher:
             from mmalign.eval.runner import load_component
 
             teacher = load_component("models.feedback_sources.TeacherCritic", path=str(args.teacher),
                                      prompt_file=args.teacher_prompts, trust_remote_code=args.trust_remote_code)
-            fbs = check_feedback(items, teacher.rewrite_all(items, fbs))
+        n_mine = sum(len(items[c * args.chunk_size:(c + 1) * args.chunk_size])
+                     for c in shard.chunks(-(-len(items) // args.chunk_size)))
+        with tqdm(total=n_mine, desc=f"feedback ({source.name})", unit="resp", file=sys.stderr, dynamic_ncols=True,
+                  disable=args.no_progress or not shard.is_main) as bar:
+            def annotate(_: int, chunk: list[FeedbackItem]) -> list[dict]:
+                fbs = check_feedback(chunk, source.annotate(chunk))
+                if teacher is not None:
+                    fbs = check_feedback(chunk, teacher.rewrite_all(chunk, fbs))
+                bar.update(len(chunk))
+                return [feedback_to_json(fb) for fb in fbs]
+
+            merged = parts.map("feedback", items, args.chunk_size, annotate)
+        if merged is None:  # not rank 0: its part is written, rank 0 merges
+            print(f"{STAGE}: {shard}: {n_mine} responses labelled, rank 0 writes {args.out}", file=sys.stderr)
+            return 0
+        fbs = check_feedback(items, [feedback_from_json(d) for d in merged.results])
         agree = None
         if oracle is not None and source is not oracle:
             ofb = oracle.annotate(items)
@@ -208,10 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         counts = label_counts(fbs)
         root = args.data.resolve()
         rows = []
-        for r, fb in zip(recs, fbs):
+        for r, fb in zip(recs, merged.results):
             row = r.to_json()
             row["images"] = [str(Path(p).resolve().relative_to(root)) for p in r.images]
-            row["annotations"] = {"source": source.name, **feedback_to_json(fb)}
+            row["annotations"] = {"source": source.name, **fb}
             if args.teacher:
                 row["annotations"]["critique_by"] = str(args.teacher)
             rows.append(row)
@@ -221,9 +271,15 @@ def main(argv: list[str] | None = None) -> int:
         md = report_md(source.name, counts, agree)
         atomic_write_text(st.path / "report.md", md)
         st.count("responses", len(rows))
+        st.count("rejected", read_rep.rejected)
+        if read_rep.rejected:
+            print(f"{STAGE}: {read_rep.rejected} unreadable response line(s) skipped -> {args.out / 'rejects.jsonl'}",
+                  file=sys.stderr)
         for t in HALLUCINATION_TYPES:
             for label, n in counts["segments"][t].items():
                 st.count(f"segments/{t}/{label}", n)
+        st.info["ranks"] = shard.world
+    parts.cleanup()
     print(md)
     print(f"-> {args.out / 'feedback.jsonl'}", file=sys.stderr)
     return 0

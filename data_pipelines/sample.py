@@ -6,8 +6,13 @@
 Every method after SFT learns from feedback on the policy's *own* responses; this stage makes
 them. Prompts are the (image, question) pairs of the data stage's records (``--tasks`` picks
 which; each pair once). Decoding: ``--k`` samples per prompt with temperature / top-p, batched
-with the KV cache, seeded per batch (``seed + batch index``), so a run is reproducible for a
-given batch size.
+with the KV cache, each batch seeded from ``(seed, batch index)`` (:func:`mmalign.shard.chunk_seed`),
+so a run is reproducible for a given batch size, on any number of ranks:
+
+    python -m torch.distributed.run --nproc_per_node 2 -m data_pipelines.sample ...   # or --shard I/N
+
+Batch ``b`` of the global prompt list goes to rank ``b % N``; rank 0 merges in prompt order and
+writes the output, identical to a one-rank run's (:mod:`mmalign.shard`).
 
 Output (atomic, with ``manifest.json``): ``responses.jsonl``, one annotated-response record per
 sample (``mmalign.records.AnnotatedResponse``: ``id``, ``images`` relative to the data root,
@@ -30,6 +35,8 @@ import torch
 from mmalign.collators import VisionChatCollator, to_device
 from mmalign.data import ChatDataset
 from mmalign.records import read_records
+from mmalign.shard import add_shard_args, chunk_seed
+from mmalign.shard import setup as shard_setup
 from mmalign.stage import StageOutput, atomic_write_jsonl, checkpoint_id, is_up_to_date
 
 STAGE = "sample"
@@ -56,27 +63,40 @@ def _prompt_only(r):
     return type(r)(id=r.id, images=r.images, messages=user, meta=r.meta)
 
 
+class Sampler:
+    """``k`` samples for each prompt of one batch, seeded from ``(seed, batch index)``: a batch
+    draws the same samples whichever rank runs it and whatever ran before it."""
+
+    def __init__(self, policy, k: int, temperature: float, top_p: float, max_new_tokens: int, seed: int):
+        self.policy, self.k, self.seed = policy, k, seed
+        self.gen = {"max_new_tokens": max_new_tokens, "do_sample": True, "temperature": temperature, "top_p": top_p}
+        self.collator = VisionChatCollator(policy.processor, max_length=1 << 16, mode="generate", on_overlength="error")
+        self.device = next(policy.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, batch_index: int, records: list) -> list[list[str]]:
+        prompts = ChatDataset([_prompt_only(r) for r in records])
+        batch = self.collator([prompts[i] for i in range(len(prompts))])
+        torch.manual_seed(chunk_seed(self.seed, batch_index))
+        texts = self.policy.generate(to_device(batch, self.device), num_return_sequences=self.k, **self.gen)
+        # generate returns the k samples of each prompt next to each other
+        return [texts[i * self.k:(i + 1) * self.k] for i in range(len(records))]
+
+
 def sample(policy, records: list, k: int, temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
            seed: int, progress: bool = True) -> tuple[list[list[str]], float]:
-    """``k`` samples per record (in record order) and the seconds it took."""
-    from torch.utils.data import DataLoader
+    """``k`` samples per record (in record order) and the seconds it took, on this process alone
+    (the same batches and seeds as :func:`main` on any number of ranks)."""
     from tqdm.auto import tqdm
 
-    collator = VisionChatCollator(policy.processor, max_length=1 << 16, mode="generate", on_overlength="error")
-    loader = DataLoader(ChatDataset([_prompt_only(r) for r in records]), batch_size=batch_size, shuffle=False,
-                        collate_fn=collator)
-    device = next(policy.parameters()).device
+    run = Sampler(policy, k, temperature, top_p, max_new_tokens, seed)
     out: list[list[str]] = []
     t0 = time.perf_counter()
-    with torch.no_grad(), tqdm(total=len(records) * k, desc="sampling", unit="resp", disable=not progress,
-                               file=sys.stderr, dynamic_ncols=True) as bar:
-        for b, batch in enumerate(loader):
-            torch.manual_seed(seed + b)
-            texts = policy.generate(to_device(batch, device), max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                                    top_p=top_p, num_return_sequences=k)
-            # generate returns the k samples of each prompt next to each other
-            out += [texts[i * k:(i + 1) * k] for i in range(len(texts) // k)]
-            bar.update(len(texts))
+    with tqdm(total=len(records) * k, desc="sampling", unit="resp", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for b in range(0, len(records), batch_size):
+            out += run(b // batch_size, records[b:b + batch_size])
+            bar.update(len(records[b:b + batch_size]) * k)
     return out, time.perf_counter() - t0
 
 
@@ -94,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=32, help="prompts per generate() call")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, ...")
+    ap.add_argument("--device", default="auto", help="auto (this rank's GPU when CUDA is there, else cpu), cpu, cuda, ...")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--force", action="store_true", help="re-run even when the output is up to date")
     ap.add_argument("--no-progress", action="store_true")
+    add_shard_args(ap)
     args = ap.parse_args(argv)
     if args.k < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1:
         ap.error("need --k >= 1, --temperature > 0 and 0 < --top-p <= 1")
@@ -117,11 +138,35 @@ def main(argv: list[str] | None = None) -> int:
     records = prompts_from(args.data, args.split, args.tasks, args.limit)
     if not records:
         ap.error(f"no {args.split} records with tasks {args.tasks} in {args.data}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    policy = load_component(args.policy_class, path=str(args.model)).eval().to(device)
+    shard = shard_setup(args)
+    try:
+        return _run(args, config, inputs, records, shard, load_component)
+    finally:
+        shard.close()
+
+
+def _run(args, config: dict, inputs: list, records: list, shard, load_component) -> int:
+    from tqdm.auto import tqdm
+
+    parts = shard.parts(args.out, STAGE, config, inputs)
+    policy = load_component(args.policy_class, path=str(args.model)).eval().to(shard.device(args.device))
     pid = checkpoint_id(args.model)
-    texts, secs = sample(policy, records, args.k, args.temperature, args.top_p, args.max_new_tokens,
-                         args.batch_size, args.seed, progress=not args.no_progress)
+    run = Sampler(policy, args.k, args.temperature, args.top_p, args.max_new_tokens, args.seed)
+    n_mine = sum(len(records[c * args.batch_size:(c + 1) * args.batch_size])
+                 for c in shard.chunks(-(-len(records) // args.batch_size)))
+    t0 = time.perf_counter()
+    with tqdm(total=n_mine * args.k, desc="sampling" if shard.world == 1 else f"sampling (rank 0 of {shard.world})",
+              unit="resp", disable=args.no_progress or not shard.is_main, file=sys.stderr, dynamic_ncols=True) as bar:
+        def work(b: int, chunk: list) -> list[list[str]]:
+            out = run(b, chunk)
+            bar.update(len(chunk) * args.k)
+            return out
+
+        merged = parts.map("samples", records, args.batch_size, work)
+    if merged is None:  # not rank 0: its part is written, rank 0 merges
+        print(f"{STAGE}: {shard}: {n_mine} prompts done, rank 0 writes {args.out}", file=sys.stderr)
+        return 0
+    texts, secs = merged.results, time.perf_counter() - t0
     gen = {k: config[k] for k in ("temperature", "top_p", "max_new_tokens", "k", "seed")}
     rows, rejects = [], []
     root = args.data.resolve()
@@ -143,9 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         st.count("responses", len(rows))
         st.count("rejected_empty", len(rejects))
         st.count("milliseconds", round(secs * 1000))
+        st.info["ranks"] = shard.world
+    parts.cleanup()
     n = len(records) * args.k
-    print(f"{STAGE}: {n} responses ({len(records)} prompts x {args.k}) in {secs:.1f} s = {n / secs:.1f} responses/s; "
-          f"{len(rejects)} empty (-> rejects.jsonl); policy {pid} -> {args.out / 'responses.jsonl'}")
+    print(f"{STAGE}: {n} responses ({len(records)} prompts x {args.k}) in {secs:.1f} s = {n / secs:.1f} responses/s "
+          f"on {shard.world} rank(s); {len(rejects)} empty (-> rejects.jsonl); policy {pid} -> "
+          f"{args.out / 'responses.jsonl'}")
     print(json.dumps({"example": rows[0]["response"] if rows else None})[:300])
     return 0
 

@@ -13,6 +13,10 @@
     # --condition TEXT asks with another, --no-condition with none
     mmalign eval --model runs/demo/dress/model --data runs/demo/data --out runs/demo/eval/dress
 
+    # on N ranks (processes or GPUs): batch b runs on rank b % N, rank 0 merges and writes; the
+    # output is the same as on one rank (mmalign.shard); without torchrun: --shard I/N per process
+    python -m torch.distributed.run --nproc_per_node 2 -m mmalign.cli eval --model ... --out ...
+
     # side by side: the first run is the baseline; later runs get paired differences
     mmalign eval compare runs/demo/eval/sft runs/demo/eval/mmdpo --out runs/demo/eval/compare
 
@@ -42,7 +46,8 @@ def _run_parser() -> argparse.ArgumentParser:
     m.add_argument("--policy-class", default=DEFAULT_POLICY,
                    help=f"Policy implementation to load --model with (default: {DEFAULT_POLICY})")
     m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    m.add_argument("--device", default="auto", help="where the model runs: auto (cuda when available, else cpu), cpu, cuda, cuda:1 ...")
+    m.add_argument("--device", default="auto",
+                   help="where the model runs: auto (this rank's GPU when CUDA is there, else cpu), cpu, cuda, cuda:1 ...")
     m.add_argument("--trust-remote-code", action="store_true",
                    help="allow the checkpoint's own Python code (off by default: it runs arbitrary code)")
     b = ap.add_argument_group("benchmark (the synthetic world, or any of the published formats)")
@@ -80,6 +85,9 @@ def _run_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=0, help="question sampling and bootstrap seed")
     o.add_argument("--force", action="store_true", help="re-run even when the output is up to date")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from mmalign.shard import add_shard_args
+
+    add_shard_args(ap)
     return ap
 
 
@@ -140,17 +148,27 @@ def run_main(argv: list[str]) -> int:
     if not args.force and is_up_to_date(args.out, settings, inputs):
         print(f"{args.out}: up to date, skipping (--force to redo)")
         return 0
-    torch.manual_seed(args.seed)
-    print(f"{bench.name}: {len(bench.items)} items in {len(bench.metric_sets)} sections; loading {model}",
-          file=sys.stderr)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    policy = R.load_component(args.policy_class, path=str(model), dtype=args.dtype,
-                              trust_remote_code=args.trust_remote_code).eval().to(device)
-    judge = None
-    if args.judge:
-        judge = R.load_component(args.judge_class, path=args.judge, trust_remote_code=args.trust_remote_code)
-    doc = R.evaluate(policy, bench, args.out, settings, inputs=inputs, judge=judge, n_boot=args.n_boot,
-                     progress=not args.no_progress)
+    from mmalign.shard import setup as shard_setup
+
+    shard = shard_setup(args)
+    try:
+        parts = shard.parts(args.out, "eval", settings, inputs)
+        torch.manual_seed(args.seed)
+        if shard.is_main:
+            print(f"{bench.name}: {len(bench.items)} items in {len(bench.metric_sets)} sections; loading {model}"
+                  + (f" on {shard.world} ranks" if shard.world > 1 else ""), file=sys.stderr)
+        policy = R.load_component(args.policy_class, path=str(model), dtype=args.dtype,
+                                  trust_remote_code=args.trust_remote_code).eval().to(shard.device(args.device))
+        judge = None
+        if args.judge:
+            judge = R.load_component(args.judge_class, path=args.judge, trust_remote_code=args.trust_remote_code)
+        doc = R.evaluate(policy, bench, args.out, settings, inputs=inputs, judge=judge, n_boot=args.n_boot,
+                         progress=not args.no_progress, parts=parts)
+    finally:
+        shard.close()
+    if doc is None:  # not rank 0: its parts are written, rank 0 merges
+        print(f"mmalign eval: {shard}: done, rank 0 writes {args.out}", file=sys.stderr)
+        return 0
     print(_summary_lines(doc, fmt))
     print(f"-> {args.out}/report.md, metrics.json, generations.jsonl, chart.png")
     return 0
@@ -230,14 +248,16 @@ def compare_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from mmalign.records import RecordError
+    from mmalign.shard import ShardError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
         return compare_main(argv[1:])
     try:
         return run_main(argv)
-    except (RecordError, FileNotFoundError) as e:
-        # Bad input files: one clear line naming the file and record, no traceback.
+    except (RecordError, FileNotFoundError, ShardError) as e:
+        # Bad input files, or a failed rank: one clear line naming the file and record (the rank
+        # and its part), no traceback.
         print(f"mmalign eval: {e}", file=sys.stderr)
         return 2
 

@@ -35,8 +35,15 @@ from mmalign.conditions import with_condition
 from mmalign.eval import summary as S
 from mmalign.eval.pope import STRATEGIES
 from mmalign.eval.vocab import ObjectVocabulary
-from mmalign.eval.world_bench import CAPTION_PROMPT, reference_stats, score_caption, world_questions, world_vocabulary
+from mmalign.eval.world_bench import (
+    CAPTION_PROMPT,
+    reference_stats,
+    score_caption,
+    world_questions,
+    world_vocabulary,
+)
 from mmalign.records import RecordError, load_image, read_scenes, resolve_image_path
+from mmalign.shard import Parts, Shard
 from mmalign.stage import StageOutput, atomic_write_jsonl, atomic_write_text, read_jsonl
 
 DEFAULT_POLICY = "models.policy.HFPolicy"
@@ -334,11 +341,22 @@ def machine() -> str:
 
 
 def evaluate(policy: Any, benchmark: Benchmark, out: Path, settings: Mapping[str, Any], *, inputs: Sequence[Path] = (),
-             judge: Any = None, n_boot: int = 1000, progress: bool = True) -> dict[str, Any]:
+             judge: Any = None, n_boot: int = 1000, progress: bool = True,
+             parts: Parts | None = None) -> dict[str, Any] | None:
     """Generate, score and write ``metrics.json``, ``report.md``, ``generations.jsonl`` and
-    ``chart.png`` into ``out`` (atomically, with a manifest). Returns the metrics document."""
+    ``chart.png`` into ``out`` (atomically, with a manifest). Returns the metrics document.
+
+    With ``parts`` (:mod:`mmalign.shard`) every rank calls this: the distinct prompts of each kind
+    are cut into generation batches, batch ``b`` runs on rank ``b % N`` (and the judge's batches
+    likewise), rank 0 merges in prompt order, scores and writes; the other ranks return None.
+    A batch is the same batch on any number of ranks, so the output is too.
+    """
+    from tqdm.auto import tqdm
+
     from mmalign.eval.report import markdown_report, plot_report
 
+    parts = parts if parts is not None else Parts(Shard(), None, "")
+    shard = parts.shard
     gens: dict[str, str] = {}
     throughput: dict[str, Any] = {}
     # DRESS: the condition a conditioned model is asked with (settings["condition"]; absent = none)
@@ -349,19 +367,40 @@ def evaluate(policy: Any, benchmark: Benchmark, out: Path, settings: Mapping[str
         its = [it for it in benchmark.items if it.kind == kind]
         # Identical (image, prompt) pairs are answered once: the POPE splits share their positives.
         unique = list(dict.fromkeys((it.image, it.prompt) for it in its))
-        answers, secs = generate_answers(policy, unique, bs, max_new,
-                                         "captions" if kind == "caption" else "yes/no", progress, condition)
-        lookup = dict(zip(unique, answers))
+        desc = "captions" if kind == "caption" else "yes/no"
+        n_mine = sum(len(unique[c * bs:(c + 1) * bs]) for c in shard.chunks(-(-len(unique) // bs)))
+        with tqdm(total=n_mine, desc=desc if shard.world == 1 else f"{desc} (rank 0 of {shard.world})",
+                  unit="prompt", disable=not progress or not shard.is_main or not unique, file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            # defaults bind this iteration's values (the closure runs within it anyway)
+            def answer(_: int, chunk: list, max_new: int = max_new, bs: int = bs, desc: str = desc,
+                       bar: Any = bar) -> list[str]:
+                texts = generate_answers(policy, chunk, bs, max_new, desc, False, condition)[0]
+                bar.update(len(chunk))
+                return texts
+
+            # the judge (below) rates captions on every rank, so every rank needs them
+            merged = parts.map(kind, unique, bs, answer, to="all" if kind == "caption" and judge is not None else "main")
+        if merged is None:
+            continue
+        lookup = dict(zip(unique, merged.results))
         gens.update({it.id: lookup[(it.image, it.prompt)] for it in its})
         if unique:
+            secs = merged.seconds
             throughput[kind] = {"prompts": len(unique), "items": len(its), "seconds": round(secs, 2),
-                                "per_second": round(len(unique) / secs, 2) if secs else None}
+                                "per_second": round(len(unique) / secs, 2) if secs else None, "ranks": shard.world}
+    ratings = _judge(judge, benchmark, gens, parts) if judge is not None else None
+    if not shard.is_main:
+        return None
     rows = score(benchmark, gens)
     if condition:
         for r in rows:
             r["condition"] = condition
-    if judge is not None:
-        _judge(judge, benchmark, rows)
+    if ratings is not None:
+        for r in rows:
+            if r["id"] in ratings:
+                r["judge_rating"] = ratings[r["id"]]
+                r["judge_hallucination"] = float(ratings[r["id"]] < 3)
     doc = {
         "benchmark": benchmark.name,
         "model": settings.get("model"),
@@ -379,6 +418,8 @@ def evaluate(policy: Any, benchmark: Benchmark, out: Path, settings: Mapping[str
         plot_report(doc, st.path / "chart.png")
         for section, s in doc["sections"].items():
             st.count(f"items/{section}", s["n"])
+        st.info["ranks"] = shard.world
+    parts.cleanup()
     return doc
 
 
@@ -398,19 +439,21 @@ def _with_condition_line(md: str, settings: Mapping[str, Any]) -> str:
     return head + sep + head2 + sep2 + line + "\n\n" + rest2
 
 
-def _judge(judge: Any, benchmark: Benchmark, rows: list[dict[str, Any]]) -> None:
-    """Rate every caption with a feedback source (MMHal-Bench style, 0-6 against the reference)."""
+def _judge(judge: Any, benchmark: Benchmark, gens: Mapping[str, str], parts: Parts) -> dict[str, float] | None:
+    """Rate every caption with a feedback source (MMHal-Bench style, 0-6 against the reference):
+    item id -> rating on rank 0, None on the others. One ``annotate`` call per judge batch
+    (``judge.batch_size``, else 16 captions), spread over the ranks like the generation batches."""
     from mmalign.feedback import FeedbackItem, check_feedback
 
-    by_id = {it.id: it for it in benchmark.items}
-    cap_rows = [r for r in rows if by_id[r["id"]].kind == "caption"]
-    items = [FeedbackItem(id=r["id"], prompt=r["prompt"], response=r["generation"], image=r["image"],
-                          reference=by_id[r["id"]].reference) for r in cap_rows]
-    fb = judge.annotate(items)
-    check_feedback(items, fb)
-    for r, f in zip(cap_rows, fb):
-        r["judge_rating"] = f.scores["mmhal_rating"]
-        r["judge_hallucination"] = float(f.scores["mmhal_rating"] < 3)
+    caps = [it for it in benchmark.items if it.kind == "caption"]
+    items = [FeedbackItem(id=it.id, prompt=it.prompt, response=gens[it.id], image=str(it.image),
+                          reference=it.reference) for it in caps]
+
+    def rate(_: int, chunk: list) -> list[float]:
+        return [f.scores["mmhal_rating"] for f in check_feedback(chunk, judge.annotate(chunk))]
+
+    merged = parts.map("judge", items, int(getattr(judge, "batch_size", 0) or 16), rate)
+    return None if merged is None else {it.id: r for it, r in zip(items, merged.results)}
 
 
 # ---------------------------------------------------------------------------------------------
