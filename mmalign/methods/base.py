@@ -6,9 +6,44 @@ import math
 
 import lightning as L
 import torch
+import torch.distributed as dist
 
 from mmalign.policy import Policy
 from mmalign.stage import StageOutput
+
+
+def data_parallel_size() -> int:
+    """Number of data-parallel processes (1 unless torch.distributed is initialised)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_denominator(local: torch.Tensor, min_total: float = 0.0) -> torch.Tensor:
+    """What a rank divides its *summed* loss by so that data parallelism trains on the mean over
+    the global batch, however unevenly its items (tokens, examples, weights) fall on the ranks.
+
+    DDP, FSDP and DeepSpeed average the gradients of the W ranks. If rank ``r`` returns
+    ``S_r / D`` with ``D = N / W``, ``N = sum_r N_r`` the all-reduced count, the average is
+    ``(1 / W) * sum_r grad S_r / (N / W) = grad (sum_r S_r) / N``: the one-process mean of the
+    global batch (Hugging Face Trainer's ``num_items_in_batch``). Each rank dividing by its own
+    ``N_r`` instead is only the same when every ``N_r`` is equal: e.g. 2 ranks with 40 and 2
+    answer tokens weigh each token of the short answers 20x more than the long ones.
+
+    Args:
+        local: count (or weight sum) of this rank's batch, a scalar or a vector of several
+            counts reduced in one call; detached here (a count is no function of the weights).
+        min_total: floor on the *global* count (1 for token counts, as ``masked_mean``), so an
+            empty global batch divides by something > 0.
+
+    Returns:
+        ``max(N, min_total) / W`` (on one process ``max(N_r, min_total)``). Every rank must call
+        it at the same point: under data parallelism it is a collective (one scalar all-reduce).
+    """
+    total = local.detach().float()
+    w = data_parallel_size()
+    if w > 1:
+        total = total.clone()
+        dist.all_reduce(total)
+    return total.clamp(min=min_total) / w
 
 
 class PolicyModule(L.LightningModule):
@@ -57,7 +92,14 @@ class PolicyModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def on_train_end(self) -> None:
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.export_dir and self._trainer is not None:
+            check_export_strategy(self.trainer.strategy)
+
+    def on_fit_end(self) -> None:
+        # Not on_train_end: Lightning skips the training loop (and its end hook) when a resumed
+        # checkpoint is already at max_steps, so a run killed during its export and resumed with
+        # --ckpt_path last would finish without a model. on_fit_end follows every completed fit.
         if self.trainer.fast_dev_run:
             # A smoke run must never leave a model where the next stage would take it as trained.
             print("fast_dev_run: export skipped")
@@ -68,6 +110,23 @@ class PolicyModule(L.LightningModule):
     def export(self, out_dir: str) -> None:
         """Write what the next stage loads (the policy; reward models add their heads)."""
         export_policy(self.policy, out_dir, self.hparams.merge_lora)
+
+
+def check_export_strategy(strategy) -> None:
+    """Refuse, before training, an export that the strategy cannot give.
+
+    The export is rank 0 calling ``save_pretrained`` on its own copy of the policy (every other
+    rank skips it). Under DDP and DeepSpeed ZeRO 1/2 every rank holds all the weights, so that
+    is the whole model. Under FSDP and ZeRO 3 each rank holds a shard: FSDP's state_dict is a
+    collective that rank 0 alone would wait on forever, and ZeRO 3's local parameters are empty
+    placeholders. Train those with ``export_dir: null`` and keep Lightning's checkpoints.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy) or (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3):
+        raise ValueError(f"export_dir is set but {type(strategy).__name__} shards the weights across ranks, and the "
+                         "export saves rank 0's copy only: use DDP or DeepSpeed stage 1/2 to export, or set "
+                         "model.init_args.export_dir null and keep the checkpoints")
 
 
 def export_policy(policy: Policy, out_dir: str, merge_lora: bool = True, heads: torch.nn.Module | None = None,

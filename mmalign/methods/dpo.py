@@ -45,7 +45,7 @@ from mmalign.losses.dpo import (
     ipo_loss,
     nll_anchored_dpo_loss,
 )
-from mmalign.methods.base import PolicyModule
+from mmalign.methods.base import PolicyModule, global_denominator
 from mmalign.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ class DPOModule(PolicyModule):
     # -- reference ------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)   # refuses an export the strategy cannot give
         # A frozen-copy reference taken lazily after `--ckpt_path last` would be the resumed,
         # half-trained policy: take it now, before Lightning restores the checkpoint.
         if self.hparams.reference == "on_the_fly" and hasattr(self.policy, "snapshot_reference"):
@@ -226,10 +227,17 @@ class DPOModule(PolicyModule):
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         out, stats = self.compute_loss(batch)
         bs = len(batch["meta"])
-        self.log(f"{stage}/loss", out.loss, prog_bar=True, batch_size=bs)
+        # The mean over the pairs of the *global* batch: summed per-pair losses over the
+        # all-reduced pair count / world size (global_denominator). Lightning's distributed
+        # sampler gives every rank as many pairs, where this equals out.loss; it also stays the
+        # global mean when they differ. On one process it is out.loss (up to rounding).
+        loss = out.losses.sum() / global_denominator(torch.tensor(float(bs), device=out.losses.device))
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        # The statistics are this rank's means (rank 0's batch when logged): an estimate, not
+        # worth a collective per statistic per step.
         for k, v in stats.items():
             self.log(f"{stage}/{k}", v, prog_bar=k == "reward_accuracy", batch_size=bs)
-        return out.loss
+        return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

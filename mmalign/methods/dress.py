@@ -37,12 +37,26 @@ from collections.abc import Sequence
 import torch
 
 from mmalign.conditions import CONDITION_FILE, ConditionScheme
-from mmalign.methods.base import export_policy
+from mmalign.methods.base import export_policy, global_denominator
 from mmalign.methods.sft import SFTModule
 from mmalign.policy import Policy
 from mmalign.records import RecordError
 
 KINDS = ("critique", "refinement")
+
+
+def dress_loss_terms(logps: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_b w_b NLL_b, sum_b w_b)``, the two halves of :func:`dress_loss` (examples without
+    scored tokens get weight 0), split so data parallelism can divide each rank's sum by the
+    all-reduced weight total (:func:`mmalign.methods.base.global_denominator`).
+
+    Args: as :func:`dress_loss`. Returns two scalars.
+    """
+    n = mask.sum(dim=1)                                                   # (B,)
+    nll = -(logps * mask).sum(dim=1) / n.clamp(min=1)                     # (B,)
+    w = weights.to(nll.dtype) * (n > 0).to(nll.dtype)
+    return (w * nll).sum(), w.sum()
 
 
 def dress_loss(logps: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -54,13 +68,10 @@ def dress_loss(logps: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -
         mask: ``(B, T)`` float, 1 on the scored tokens (the last assistant turn).
         weights: ``(B,)`` per-example weights >= 0.
     """
-    n = mask.sum(dim=1)                                                   # (B,)
-    nll = -(logps * mask).sum(dim=1) / n.clamp(min=1)                     # (B,)
-    w = weights.to(nll.dtype) * (n > 0).to(nll.dtype)
-    total = w.sum()
+    weighted, total = dress_loss_terms(logps, mask, weights)
     if total <= 0:
-        return nll.sum() * 0.0
-    return (w * nll).sum() / total
+        return weighted * 0.0
+    return weighted / total
 
 
 class DRESSModule(SFTModule):
@@ -114,9 +125,13 @@ class DRESSModule(SFTModule):
     def _step(self, batch: dict, stage: str):
         logps, mask = self.policy.completion_logprobs(batch)              # (B, T-1)
         w = self._weights(batch["meta"]).to(logps.device)
-        loss = dress_loss(logps, mask, w)
+        weighted, total = dress_loss_terms(logps, mask, w)
+        # Divided by the all-reduced weight total / world size: under data parallelism the
+        # ranks' gradient average is the global batch's weighted mean, whatever weights each
+        # rank drew (a no-op on one process). A zero global total gives weighted / tiny = 0.
+        loss = weighted / global_denominator(total, min_total=1e-12)
         bs = len(batch["meta"])
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         with torch.no_grad():
             for kind in KINDS:
                 sel = torch.tensor([m["kind"] == kind for m in batch["meta"]], device=logps.device)

@@ -72,7 +72,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -87,7 +87,7 @@ from torch.utils.data import Dataset
 from mmalign.collators import VisionChatCollator, to_device
 from mmalign.data import Loaders
 from mmalign.feedback import HALLUCINATION_TYPES
-from mmalign.methods.base import PolicyModule, export_policy
+from mmalign.methods.base import PolicyModule, export_policy, global_denominator
 from mmalign.ops import IGNORE_INDEX
 from mmalign.policy import Policy
 from mmalign.records import (
@@ -385,7 +385,9 @@ def segment_logits(policy: Policy, heads: nn.ModuleDict, batch: Mapping[str, Any
 
 
 def fg_loss(logits: Mapping[str, torch.Tensor], labels: torch.Tensor, types: Sequence[str],
-            class_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
+            class_weight: torch.Tensor | None = None,
+            denominator: Callable[[torch.Tensor], torch.Tensor] | None = None
+            ) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
     """Mean over types of the cross-entropy over each type's labelled segments.
 
     Args:
@@ -394,6 +396,11 @@ def fg_loss(logits: Mapping[str, torch.Tensor], labels: torch.Tensor, types: Seq
         types: the label columns' types.
         class_weight: ``(K, 3)`` per-class weights (PyTorch's ``weight=``: the loss is then the
             weighted mean over segments), or None.
+        denominator: maps the ``(K,)`` per-type totals the means divide by (labelled segments,
+            or their summed class weights) to the ones to use; data parallelism passes
+            :func:`mmalign.methods.base.global_denominator` so each rank's summed loss is its
+            share of the global batch's mean (the ranks hold different numbers of labelled
+            segments). None = this batch's own totals.
 
     Returns ``(loss, per_type)`` with ``per_type[t] = {"loss", "accuracy", "n"}`` (accuracy and
     n detached; a type without any labelled segment in the batch adds 0 to the loss and has
@@ -401,25 +408,31 @@ def fg_loss(logits: Mapping[str, torch.Tensor], labels: torch.Tensor, types: Seq
     """
     if labels.ndim != 3 or labels.shape[-1] != len(types):
         raise ValueError(f"labels must be (N, S, {len(types)}), got {tuple(labels.shape)}")
-    per: dict[str, dict[str, torch.Tensor]] = {}
-    total = None
+    sums, totals, per = [], [], {}
     for k, t in enumerate(types):
         lg = logits[t].float().reshape(-1, len(CLASSES))
         y = labels[..., k].reshape(-1).to(lg.device)
         keep = y != IGNORE_INDEX
+        w = (torch.ones(len(CLASSES), device=lg.device) if class_weight is None
+             else class_weight[k].to(lg.device, torch.float32))
+        # sum_i w_{y_i} ce_i and sum_i w_{y_i}: F.cross_entropy(weight=w)'s mean is their ratio
+        ce = F.cross_entropy(lg[keep], y[keep], weight=w, reduction="sum") if keep.any() else lg.sum() * 0.0
+        sums.append(ce)
+        totals.append(w[y[keep]].sum())
         n = int(keep.sum())
         if n == 0:
-            loss_t = lg.sum() * 0.0
             nan = torch.tensor(float("nan"), device=lg.device)
             per[t] = {"loss": nan, "accuracy": nan, "n": torch.tensor(0)}
         else:
-            w = None if class_weight is None else class_weight[k].to(lg.device, torch.float32)
-            loss_t = F.cross_entropy(lg[keep], y[keep], weight=w)
             with torch.no_grad():
                 acc = (lg[keep].argmax(-1) == y[keep]).float().mean()
-            per[t] = {"loss": loss_t.detach(), "accuracy": acc, "n": torch.tensor(n)}
-        total = loss_t if total is None else total + loss_t
-    return total / len(types), per
+            per[t] = {"loss": (ce / totals[-1]).detach(), "accuracy": acc, "n": torch.tensor(n)}
+    total = torch.stack(totals)                                                   # (K,)
+    # Called for every type even without labelled segments: under data parallelism it is a
+    # collective that every rank must join.
+    denom = total.clamp(min=1e-12) if denominator is None else denominator(total)
+    loss = sum(s / d.clamp(min=1e-12) for s, d in zip(sums, denom))
+    return loss / len(types), per
 
 
 def balanced_class_weights(counts: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
@@ -530,6 +543,7 @@ class FGRewardModule(PolicyModule):
         self._weights_from_data = True
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)   # refuses an export the strategy cannot give
         if stage != "fit" or self.hparams.class_weights != "balanced" or self._weights_from_data:
             return
         counts = getattr(self.trainer.datamodule, "train_class_counts", None) if self.trainer else None
@@ -554,9 +568,11 @@ class FGRewardModule(PolicyModule):
     def _step(self, batch: dict, stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = segment_logits(self.policy, self.heads, batch, self.types)
         labels = batch["segment_labels"]
-        loss, per = fg_loss(logits, labels, self.types, self._weights())
+        # global_denominator: each type's mean is over the labelled segments of the global batch,
+        # not of this rank's (the ranks hold different numbers of them)
+        loss, per = fg_loss(logits, labels, self.types, self._weights(), denominator=global_denominator)
         n_rows = batch["input_ids"].shape[0]
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n_rows)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n_rows, sync_dist=True)
         for t, m in per.items():
             n = int(m["n"])
             if n:

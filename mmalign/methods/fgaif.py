@@ -204,6 +204,7 @@ class FGAIFModule(PolicyModule):
     # -- set-up --------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)   # refuses an export the strategy cannot give
         # The reference must be the starting policy: snapshot it before Lightning restores a
         # checkpoint into the policy (restoring happens after setup()).
         snap = getattr(self.policy, "snapshot_reference", None)

@@ -87,8 +87,8 @@ from mmalign.losses.reward import (
     last_label_index,
     reward_centering,
 )
-from mmalign.methods.base import PolicyModule, export_policy
-from mmalign.methods.sft import sft_loss
+from mmalign.methods.base import PolicyModule, export_policy, global_denominator
+from mmalign.methods.sft import sft_loss_terms
 from mmalign.ops import token_logprobs
 from mmalign.policy import Policy
 from mmalign.records import (
@@ -389,17 +389,28 @@ class RewardModule(PolicyModule):
         logits, scores = score_rows(self.policy, self.head, batch)           # (2B, T, V), (2B,)
         chosen, rejected = scores[:n], scores[n:]                            # (B,) each
         bt, acc = bradley_terry_loss(chosen, rejected, self._margin(pairs))
-        loss = self.hparams.bt_weight * bt
         if self.lm_weight:
             logps, mask = token_logprobs(logits, batch["labels"])            # (2B, T-1)
-            lm = sft_loss(logps[:n], mask[:n], "example") + sft_loss(logps[n:], mask[n:], "example")
+            (lm_c, k_c), (lm_r, k_r) = (sft_loss_terms(logps[:n], mask[:n], "example"),
+                                        sft_loss_terms(logps[n:], mask[n:], "example"))
+        else:
+            lm_c = lm_r = k_c = k_r = torch.zeros((), device=scores.device)
+        # Every term is a mean over this rank's pairs or answers: rescaled to its share of the
+        # global batch's mean (global_denominator; one all-reduce of the three counts), so the
+        # ranks' gradient average is the one-process gradient however the items fall.
+        d_pairs, d_c, d_r = global_denominator(torch.stack([torch.tensor(float(n), device=scores.device),
+                                                            k_c.detach(), k_r.detach()]), min_total=1.0)
+        share = n / d_pairs                                                  # 1 on one process
+        loss = self.hparams.bt_weight * bt * share
+        if self.lm_weight:
+            lm = lm_c / d_c + lm_r / d_r
             loss = loss + self.lm_weight * lm
-            self.log(f"{stage}/lm_loss", lm, batch_size=n)
+            self.log(f"{stage}/lm_loss", lm, batch_size=n, sync_dist=True)
         if self.hparams.center_weight:
             center = reward_centering(chosen, rejected)
-            loss = loss + self.hparams.center_weight * center
+            loss = loss + self.hparams.center_weight * center * share
             self.log(f"{stage}/center_loss", center, batch_size=n)
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log(f"{stage}/bt_loss", bt, batch_size=n)
         self.log(f"{stage}/accuracy", acc, prog_bar=True, batch_size=n)
         with torch.no_grad():

@@ -18,11 +18,36 @@ from typing import Literal
 
 import torch
 
-from mmalign.methods.base import PolicyModule
-from mmalign.ops import masked_mean
+from mmalign.methods.base import PolicyModule, global_denominator
 from mmalign.policy import Policy
 
 LossNormalization = Literal["token", "example"]
+
+
+def sft_loss_terms(logps: torch.Tensor, mask: torch.Tensor, normalization: LossNormalization = "token"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed negative log-likelihood and the count it is averaged over: ``loss = total / count``.
+
+    Split so that data parallelism can divide each rank's ``total`` by the *global* count
+    (:func:`mmalign.methods.base.global_denominator`) instead of its own.
+
+    Args:
+        logps: ``(B, T)`` log-probabilities of the label tokens (any value where masked).
+        mask: ``(B, T)`` float, 1 where the token is scored.
+        normalization: "token": ``total = -sum_{b,t} m lp``, ``count = N`` the scored tokens;
+            "example": ``total = -sum_b (1 / n_b) sum_t m lp``, ``count = B`` the examples with any.
+
+    Returns:
+        ``(total, count)``, two scalars (``count`` as float, not clamped).
+    """
+    if normalization == "token":
+        return -(logps * mask).sum(), mask.sum()
+    if normalization == "example":
+        n = mask.sum(dim=1)                                            # (B,) scored tokens per example
+        per_example = (logps * mask).sum(dim=1) / n.clamp(min=1)       # (B,) mean log-prob per example
+        has = (n > 0).to(per_example.dtype)                            # (B,) examples that count
+        return -(per_example * has).sum(), has.sum()
+    raise ValueError(f"loss normalization must be 'token' or 'example', not {normalization!r}")
 
 
 def sft_loss(logps: torch.Tensor, mask: torch.Tensor, normalization: LossNormalization = "token") -> torch.Tensor:
@@ -37,14 +62,8 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor, normalization: LossNormali
     Returns:
         A scalar; 0 when nothing is scored.
     """
-    if normalization == "token":
-        return -masked_mean(logps, mask)
-    if normalization == "example":
-        n = mask.sum(dim=1)                                            # (B,) scored tokens per example
-        per_example = (logps * mask).sum(dim=1) / n.clamp(min=1)       # (B,) mean log-prob per example
-        has = (n > 0).to(per_example.dtype)                            # (B,) examples that count
-        return -masked_mean(per_example, has)
-    raise ValueError(f"loss normalization must be 'token' or 'example', not {normalization!r}")
+    total, count = sft_loss_terms(logps, mask, normalization)
+    return total / count.clamp(min=1)
 
 
 class SFTModule(PolicyModule):
@@ -66,17 +85,29 @@ class SFTModule(PolicyModule):
         # PolicyModule's save_hyperparameters reads this frame's arguments: loss_normalization
         # is in self.hparams (and in checkpoints) like the other options.
 
+    @staticmethod
+    def global_sft_loss(logps: torch.Tensor, mask: torch.Tensor, normalization: LossNormalization) -> torch.Tensor:
+        """:func:`sft_loss` of the *global* batch under data parallelism: this rank's summed NLL
+        over the all-reduced count / world size (:func:`global_denominator`), so the ranks'
+        gradient average is the one-process gradient of the whole batch even when ranks hold
+        different numbers of answer tokens; on one process exactly :func:`sft_loss`."""
+        total, count = sft_loss_terms(logps, mask, normalization)
+        return total / global_denominator(count, min_total=1.0)
+
     def _step(self, batch: dict, stage: str):
         logps, mask = self.policy.completion_logprobs(batch)           # (B, T-1) each
-        loss = sft_loss(logps, mask, self.hparams.loss_normalization)
+        loss = self.global_sft_loss(logps, mask, self.hparams.loss_normalization)
         bs = batch["input_ids"].shape[0]
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs)
-        self.log(f"{stage}/tokens", mask.sum(), reduce_fx="sum", batch_size=bs)
+        # sync_dist: each rank's value is W * (its share of the global mean); their mean is the
+        # global batch's loss (a no-op on one process).
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log(f"{stage}/tokens", mask.sum(), reduce_fx="sum", batch_size=bs, sync_dist=True)
         if stage == "val":
             # Both forms, so runs trained with either normalisation compare on the same scale.
             with torch.no_grad():
                 for norm in ("token", "example"):
-                    self.log(f"val/loss_{norm}", sft_loss(logps, mask, norm), batch_size=bs)
+                    self.log(f"val/loss_{norm}", self.global_sft_loss(logps, mask, norm), batch_size=bs,
+                             sync_dist=True)
         return loss
 
     def training_step(self, batch: dict, batch_idx: int):
