@@ -15,12 +15,69 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+
+class RNGState(Callback):
+    """Saves the global RNG states (torch, CUDA, numpy, Python) in every checkpoint and puts them
+    back when a resumed run takes its first training step, so dropout, sampled generations and
+    anything else random continue as in a run that was never stopped (Lightning restores model,
+    optimiser, schedulers and loop counters, but not the RNGs).
+
+    Why at the first step and not at load time: between loading and training, the resumed run
+    does things the uninterrupted one did not at this point (sanity validation, ``on_fit_start``
+    probes), and they may draw random numbers. A validation that Lightning replays because the
+    checkpoint was saved just before it counts as that first step too (it ran after the save in the
+    uninterrupted run). Under DDP the checkpoint holds rank 0's states, which every rank then takes.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        try:
+            import numpy as np
+
+            kind, keys, pos, has_gauss, gauss = np.random.get_state()
+            # plain ints, not an ndarray: checkpoints are loaded with torch.load(weights_only=True)
+            state["numpy"] = (kind, keys.tolist(), int(pos), int(has_gauss), float(gauss))
+        except ImportError:
+            pass
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def _restore(self) -> None:
+        state, self._pending = self._pending, None
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        if "numpy" in state:
+            import numpy as np
+
+            kind, keys, pos, has_gauss, gauss = state["numpy"]
+            np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._restore()
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._restore()
 
 
 class MMAlignCLI(LightningCLI):
@@ -29,7 +86,9 @@ class MMAlignCLI(LightningCLI):
     Everything of a run lives under ``trainer.default_root_dir``: checkpoints in
     ``<root>/checkpoints`` (a fixed place, so ``--ckpt_path last`` finds them after a kill) unless
     a ModelCheckpoint names its own ``dirpath``, and, when the config names no logger, CSV logs in
-    ``<root>/logs`` plus TensorBoard logs in ``<root>/tb`` if tensorboard is installed.
+    ``<root>/logs`` plus TensorBoard logs in ``<root>/tb`` if tensorboard is installed. Every run
+    gets :class:`RNGState`, so a run killed mid-epoch and resumed with ``--ckpt_path last`` trains
+    exactly as if it had never stopped (the train loaders are resumable too, see mmalign.data).
     """
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
@@ -42,6 +101,8 @@ class MMAlignCLI(LightningCLI):
         for cb in (config.get("callbacks") or []) + callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 cb.dirpath = os.path.realpath(os.path.join(root, "checkpoints"))
+        if not any(isinstance(cb, RNGState) for cb in (config.get("callbacks") or []) + callbacks):
+            callbacks = [*callbacks, RNGState()]
         return super()._instantiate_trainer(config, callbacks)
 
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmalign.collators import PairLayout, PreferenceCollator, VisionChatCollator
 from mmalign.records import (
@@ -49,18 +52,138 @@ class ChatDataset(_RecordDataset):
         }
 
 
+def default_seed() -> int:
+    """The seed training order derives from: Lightning's ``seed_everything`` seed (the one it also
+    gives the DistributedSampler it injects), else torch's initial seed (random when unseeded)."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None else torch.initial_seed()
+
+
+class EpochSampler(Sampler[int]):
+    """Training order as a function of ``(seed, epoch)`` only, so a resumed run can rebuild the
+    order of the epoch it was killed in; the global RNG is never touched.
+
+    Without ``weights``: a permutation of ``range(n)`` (each example once an epoch). With
+    ``weights``: ``n`` draws with replacement, example ``i`` with probability ``weights[i] /
+    sum(weights)`` (what WeightedRandomSampler does, but reproducible per epoch).
+
+    Like torch's DistributedSampler, the order changes only when ``set_epoch`` is called (Lightning
+    calls it at every epoch start, and forwards it through the DistributedSamplerWrapper it puts
+    around this sampler under DDP); two passes without it give the same order.
+    """
+
+    def __init__(self, n: int, seed: int | None = None, weights: Sequence[float] | None = None):
+        if weights is not None and len(weights) != n:
+            raise ValueError(f"{len(weights)} weights for {n} examples")
+        self.n = n
+        self.seed = default_seed() if seed is None else int(seed)
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        # DistributedSampler's seed + epoch: a fresh, independent order each epoch.
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        yield from order.tolist()
+
+
+class _SkipBatches:
+    """The loader's index sampler minus the batches its checkpoint says were already trained on:
+    only index lists are skipped, no example is loaded or collated for them."""
+
+    def __init__(self, loader: ResumableLoader, inner: Any):
+        self.loader, self.inner = loader, inner
+
+    def __len__(self) -> int:
+        return len(self.inner)  # the full epoch: Lightning counts the skipped batches as done
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator, so the skip is read when the first index is drawn: after Lightning has
+        # loaded the loader's state and called set_epoch.
+        skip, self.loader._skip = self.loader._skip, 0
+        for n, indices in enumerate(self.inner):
+            if n >= skip:
+                yield indices
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose place inside an epoch is saved in Lightning checkpoints.
+
+    Lightning puts ``state_dict()`` of every stateful train loader into a checkpoint and hands
+    it back to ``load_state_dict`` on ``--ckpt_path``; a plain DataLoader has neither, so a run
+    resumed mid-epoch would restart the epoch from its first batch (with a new order). Here the
+    state is the sampler's seed and epoch and how many batches of the epoch were handed out; on
+    resume the sampler rebuilds the same order (see EpochSampler) and the batches already trained
+    on are skipped by index. Batches are counted where they leave the loader, after any worker
+    prefetching, so workers do not shift the count; under DDP the skip applies to this rank's
+    batches, after the DistributedSamplerWrapper has sharded the order.
+    """
+
+    _skip = 0     # batches to skip at the start of the next pass (set by load_state_dict)
+    _served = 0   # batches of the current pass handed out (skipped ones included)
+
+    @property
+    def _index_sampler(self):
+        # torch's iterators draw every batch's indices from this property (the batch sampler):
+        # wrapping it is the one place a skip costs nothing and keeps len() the full epoch.
+        return _SkipBatches(self, super()._index_sampler)
+
+    def __iter__(self):
+        self._served = self._skip
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def _sampler_obj(self) -> Any:
+        # under DDP Lightning wraps our sampler in a DistributedSamplerWrapper (``.dataset._sampler``)
+        wrapped = getattr(getattr(self.sampler, "dataset", None), "_sampler", None)
+        return wrapped if isinstance(wrapped, EpochSampler) else self.sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        s = self._sampler_obj()
+        return {"batches": self._served, "epoch": getattr(s, "epoch", None), "seed": getattr(s, "seed", None)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        s = self._sampler_obj()
+        if state.get("seed") is not None and isinstance(s, EpochSampler):
+            s.seed = int(state["seed"])  # the killed run's order even if the seed option changed
+        done = state.get("batches", 0) >= len(self)
+        # A finished pass resumes at the next epoch's start; set the epoch here too, because
+        # worker processes draw their first indices before Lightning calls set_epoch.
+        if state.get("epoch") is not None and hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(state["epoch"] + done)
+        self._skip = 0 if done else int(state.get("batches", 0))
+
+
 class Loaders:
     """The train / val DataLoaders every DataModule here builds the same way: ``train_set`` and
     ``val_set`` with ``self.collator``, ``hparams.batch_size`` and ``hparams.num_workers``;
-    ``_sampler()`` may replace shuffling for training (task weights)."""
+    ``_sampler()`` may replace uniform shuffling for training (task weights).
 
-    def _sampler(self) -> Any:
+    The train loader is resumable: its order is a function of (seed, epoch) and its position is
+    in every checkpoint, so a run killed mid-epoch and resumed with ``--ckpt_path last`` sees
+    exactly the batches an uninterrupted run would have (see ResumableLoader).
+    """
+
+    def _sampler(self) -> EpochSampler | None:
         return None
 
     def _loader(self, ds: Dataset, shuffle: bool, sampler=None) -> DataLoader:
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                          num_workers=self.hparams.num_workers, collate_fn=self.collator,
-                          persistent_workers=self.hparams.num_workers > 0)
+        cls = ResumableLoader if shuffle else DataLoader
+        if shuffle and sampler is None:
+            sampler = EpochSampler(len(ds))
+        return cls(ds, batch_size=self.hparams.batch_size, sampler=sampler,
+                   num_workers=self.hparams.num_workers, collate_fn=self.collator,
+                   persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True, sampler=self._sampler())
@@ -180,7 +303,7 @@ class SFTDataModule(_RecordDataModule):
         return VisionChatCollator(self.processor, max_length=hp.max_length, mode="train", train_on=hp.train_on,
                                   on_overlength=hp.on_overlength)
 
-    def _sampler(self) -> WeightedRandomSampler | None:
+    def _sampler(self) -> EpochSampler | None:
         weights = self.hparams.task_weights
         if not weights:
             return None
@@ -191,7 +314,7 @@ class SFTDataModule(_RecordDataModule):
             raise ValueError(f"task_weights names tasks absent from {self.hparams.train_file}: {sorted(unknown)}")
         # Each task's share of draws is proportional to its weight, whatever its record count.
         w = [weights.get(r.meta.get("task"), 1.0) / counts[r.meta.get("task")] for r in recs]
-        return WeightedRandomSampler(w, num_samples=len(recs), replacement=True)
+        return EpochSampler(len(recs), weights=w)
 
 
 class PromptDataset(_RecordDataset):

@@ -1,12 +1,14 @@
-"""The SFT DataModule: task filters, per-task sampling weights, a clear error without a processor."""
+"""The SFT DataModule: task filters, per-task sampling weights, a clear error without a processor;
+the resumable train loader: the same batches after a mid-epoch resume, with workers and under DDP."""
 
 from __future__ import annotations
 
 from collections import Counter
 
 import pytest
+import torch
 
-from mmalign.data import SFTDataModule
+from mmalign.data import EpochSampler, ResumableLoader, SFTDataModule
 from models.processors import load_processor
 
 
@@ -26,7 +28,8 @@ def test_task_weights_set_each_tasks_share(world, model_dirs):
     dm.setup("fit")
     sampler = dm.train_dataloader().sampler
     draws = Counter()
-    for _ in range(40):
+    for epoch in range(40):
+        sampler.set_epoch(epoch)  # Lightning does this at every epoch start: a new draw each epoch
         draws.update(dm.train_set.records[i].meta["task"] for i in sampler)
     total = sum(draws.values())
     # weight 5 against five tasks at 1: half of the draws are detailed captions
@@ -46,3 +49,89 @@ def test_task_filter_and_unknown_weights(world, model_dirs):
     bad.setup("fit")
     with pytest.raises(ValueError, match="poetry"):
         bad.train_dataloader()
+
+
+class Recorded(torch.utils.data.Dataset):
+    """``range(n)`` that remembers which items were loaded (in this process)."""
+
+    def __init__(self, n: int):
+        self.n, self.loaded = n, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        self.loaded.append(i)
+        return i
+
+
+def batches(loader) -> list[list[int]]:
+    return [b.tolist() for b in loader]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("weights", [None, [1.0] * 11 + [5.0] * 12])
+def test_resumable_loader_continues_mid_epoch(num_workers, weights):
+    def loader(seed, ds=None):
+        return ResumableLoader(ds or Recorded(23), batch_size=4, sampler=EpochSampler(23, seed=seed, weights=weights),
+                               num_workers=num_workers)
+
+    ref = loader(5)
+    ref.sampler.set_epoch(1)
+    epoch1 = batches(ref)
+    ref.sampler.set_epoch(2)
+    epoch2 = batches(ref)
+    assert len(epoch1) == 6 and epoch1 != epoch2  # 23 examples in 6 batches; a new order each epoch
+
+    killed = loader(5)
+    killed.sampler.set_epoch(1)
+    it = iter(killed)
+    seen = [next(it).tolist() for _ in range(3)]  # workers have prefetched more than these three
+    state = killed.state_dict()
+    assert seen == epoch1[:3] and state == {"batches": 3, "epoch": 1, "seed": 5}
+    del it
+
+    ds = Recorded(23)
+    resumed = loader(999, ds)  # another seed and epoch 0: the state must override both
+    resumed.load_state_dict(state)
+    assert len(resumed) == 6  # Lightning counts the skipped batches as done
+    assert batches(resumed) == epoch1[3:]
+    if num_workers == 0:  # the skipped batches were never loaded
+        assert sorted(ds.loaded) == sorted(i for b in epoch1[3:] for i in b)
+    assert resumed.state_dict() == {"batches": 6, "epoch": 1, "seed": 5}
+    resumed.sampler.set_epoch(2)
+    assert batches(resumed) == epoch2  # the skip applies once; the next epoch is whole
+
+
+def test_resumable_loader_after_a_finished_epoch_starts_the_next():
+    ref = ResumableLoader(list(range(10)), batch_size=4, sampler=EpochSampler(10, seed=1))
+    ref.sampler.set_epoch(4)
+    epoch4 = batches(ref)
+    resumed = ResumableLoader(list(range(10)), batch_size=4, sampler=EpochSampler(10, seed=1))
+    resumed.load_state_dict({"batches": 3, "epoch": 3, "seed": 1})
+    assert batches(resumed) == epoch4
+
+
+def test_resumable_loader_under_lightnings_ddp_wrapper():
+    """Under DDP Lightning wraps the sampler in a DistributedSamplerWrapper: each rank resumes
+    its own shard of the same order, and set_epoch / the saved seed reach the inner sampler."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    def rank_loader(rank, seed):
+        wrapped = DistributedSamplerWrapper(EpochSampler(20, seed=seed), num_replicas=2, rank=rank, shuffle=False)
+        return ResumableLoader(list(range(20)), batch_size=3, sampler=wrapped)
+
+    for rank in (0, 1):
+        ref = rank_loader(rank, seed=7)
+        ref.sampler.set_epoch(2)
+        full = batches(ref)
+        inner = EpochSampler(20, seed=7)
+        inner.set_epoch(2)
+        assert [i for b in full for i in b] == list(inner)[rank::2]  # this rank's shard of the order
+        it = iter(ref)
+        next(it), next(it)
+        state = ref.state_dict()
+        assert state == {"batches": 2, "epoch": 2, "seed": 7}
+        resumed = rank_loader(rank, seed=0)
+        resumed.load_state_dict(state)
+        assert batches(resumed) == full[2:]
