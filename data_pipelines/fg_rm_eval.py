@@ -237,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     from mmalign.records import read_records
 
+    # The input is checked before any model loads: a bad line fails in seconds, naming file:line.
+    recs = read_records(feedback, "annotated", data_root=args.data_root, check_images="exists")
+    if args.limit:
+        recs = recs[: args.limit]
+    if not recs:
+        ap.error(f"{feedback}: no annotated responses")
+
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     loaded = {d: load_fg_reward_model(d, device=device) for d in dirs}
     models = {}
@@ -251,11 +258,6 @@ def main(argv: list[str] | None = None) -> int:
     types = [t for t in ("object", "attribute", "relation") if t in models]
     model_dirs = {t: str(next(d for d in dirs if loaded[d] is models[t])) for t in types}
 
-    recs = read_records(feedback, "annotated", data_root=args.data_root, check_images="exists")
-    if args.limit:
-        recs = recs[: args.limit]
-    if not recs:
-        ap.error(f"{feedback}: no annotated responses")
     gold = [check_fg_record(r, types)[1] for r in recs]                     # per response (S, K)
     items = [FGItem(images=r.images, prompt=r.prompt, response=r.response, id=f"{r.meta.get('source')} id={r.id}")
              for r in recs]

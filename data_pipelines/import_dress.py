@@ -92,7 +92,13 @@ from data_pipelines.nlf import (
 )
 from mmalign.conditions import ConditionScheme
 from mmalign.ranking import distribution, split_of
-from mmalign.records import RecordError, load_image, resolve_image_path
+from mmalign.records import (
+    MAX_RESPONSE_CHARS,
+    RecordError,
+    image_exists,
+    load_image,
+    resolve_image_path,
+)
 from mmalign.stage import (
     StageOutput,
     atomic_write_jsonl,
@@ -179,6 +185,9 @@ def _text(turn: dict, key: str, where: str) -> str:
     v = IMAGE_TOKEN.sub("", v).strip()
     if not v:
         raise DressError(f"{where}: '{key}' is empty", "empty_text")
+    if len(v) > MAX_RESPONSE_CHARS:
+        raise DressError(f"{where}: '{key}' has {len(v)} characters, over the limit of {MAX_RESPONSE_CHARS}",
+                         "too_long")
     return v
 
 
@@ -224,7 +233,7 @@ def parse_line(obj: Any, where: str, source_id: str, dimension: str, line: int, 
         raise DressError(f"{where}: 'image_id' must be an image file name, got {image_id!r}", "malformed")
     image_id = image_id.strip()
     full = resolve_image_path(image_id, images, where)  # RecordError when it escapes --images
-    if not full.is_file():
+    if not image_exists(full):
         raise DressError(f"{where}: image {image_id!r} not found under {images.resolve()}", "image")
     if check_images == "decode":
         load_image(full, where)
@@ -258,14 +267,21 @@ def read_input(path: Path, images: Path, check_images: str, on_error: str, rejec
     """The checked interactions of one file and its count of non-blank lines."""
     out, n = [], 0
     dimension = dimension_of(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
+    with open(path, "rb") as f:
+        for lineno, raw_bytes in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:  # decoded per line, so a non-UTF-8 line is a reject at its line, not a crash
+                raw = raw_bytes.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raw = None
+                err = f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})"
+            if raw is not None and not raw.strip():
                 continue
             n += 1
-            where = f"{path}:{lineno}"
             obj = None
             try:
+                if raw is None:
+                    raise DressError(err, "malformed")
                 try:
                     obj = json.loads(raw)
                 except json.JSONDecodeError as e:
@@ -275,7 +291,7 @@ def read_input(path: Path, images: Path, check_images: str, on_error: str, rejec
                 if on_error == "raise":
                     raise
                 rejects.append({"where": where, "kind": getattr(e, "kind", "image"), "error": str(e),
-                                "record": obj if obj is not None else raw.rstrip("\n")})
+                                "record": obj if obj is not None else (raw or repr(raw_bytes[:200])).rstrip("\n")})
     return out, n
 
 

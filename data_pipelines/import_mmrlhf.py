@@ -127,8 +127,10 @@ from typing import Any
 
 from mmalign import ranking
 from mmalign.records import (
+    MAX_RESPONSE_CHARS,
     PreferenceRecord,
     RecordError,
+    image_exists,
     load_image,
     resolve_image_path,
 )
@@ -174,12 +176,18 @@ def iter_input(path: Path) -> Iterator[tuple[int, str, Any, str | None, str | No
     line number; any other suffix is read as one JSON list (as the authors' ``load_data`` does).
     """
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             index = 0
-            for lineno, line in enumerate(f, 1):
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                try:  # decoded per line, so a non-UTF-8 line is a reject at its line, not a crash
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    yield index, where, None, f"not valid UTF-8 ({e.reason} at byte {e.start})", repr(raw[:200])
+                    index += 1
+                    continue
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
                 try:
                     yield index, where, json.loads(line), None, None
                 except json.JSONDecodeError as e:
@@ -320,6 +328,9 @@ def parse_record(obj: Any, index: int, where: str, images_root: Path, weights: d
                               "malformed")
         if not text.strip():
             raise MMRLHFError(f"{where}: models_output[{k}] is an empty response", "empty_text")
+        if len(text) > MAX_RESPONSE_CHARS:
+            raise MMRLHFError(f"{where}: models_output[{k}] has {len(text)} characters, over the limit of "
+                              f"{MAX_RESPONSE_CHARS}", "too_long")
 
     columns = {d: _per_response(obj, d, n, where) for d in DIMENSIONS}
     if all(c is None for c in columns.values()):
@@ -363,7 +374,7 @@ def parse_record(obj: Any, index: int, where: str, images_root: Path, weights: d
         full = resolve_image_path(rel, root, where)
         if check_images == "decode":
             load_image(full, where)
-        elif not full.is_file():
+        elif not image_exists(full):
             raise MMRLHFError(f"{where}: image {rel!r} not found under {root}", "image")
         images.append(full.relative_to(root).as_posix())
     return Prompt(id=pid, images=images, question=question, responses=responses,

@@ -83,6 +83,7 @@ from mmalign.ranking import (
 from mmalign.records import (
     AnnotatedResponse,
     RecordError,
+    image_exists,
     iter_jsonl,
     resolve_image_path,
 )
@@ -202,7 +203,7 @@ def read_feedback(path: Path, data: Path, weights: dict[str, float], scenes: dic
             reason = "image"
             images = [resolve_image_path(rel, root, where) for rel in rec.images]
             for rel, full in zip(rec.images, images):
-                if not full.is_file():
+                if not image_exists(full):
                     raise RecordError(f"{where}: image {rel!r} not found under {root}")
             reason = "no feedback"
             if not rec.annotations:

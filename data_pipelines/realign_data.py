@@ -78,9 +78,11 @@ from typing import Any
 from mmalign.inject import INJECTION_KINDS, inject
 from mmalign.ranking import assistant_message, split_of
 from mmalign.records import (
+    MAX_RESPONSE_CHARS,
     PreferenceRecord,
     RecordError,
     SFTRecord,
+    image_exists,
     iter_jsonl,
     message_text,
     read_scenes,
@@ -184,7 +186,7 @@ def read_items(path: Path, data: Path, scenes: dict[str, Scene], indexed, tasks:
                 stats["records"]["other_task"] += 1
                 continue
             stats["records"]["read"] += 1
-            rec = SFTRecord.from_json(obj, where)
+            rec = SFTRecord.from_json(obj, where, max_chars=MAX_RESPONSE_CHARS)
             if len(rec.images) != 1:
                 raise RecordError(f"{where}: Re-Align pairs need exactly one image per record, got {len(rec.images)}")
             chosen = message_text(rec.messages[-1]).strip()
@@ -192,7 +194,7 @@ def read_items(path: Path, data: Path, scenes: dict[str, Scene], indexed, tasks:
                 raise RecordError(f"{where}: the answer (last assistant message) is empty")
             reason = "image"
             full = resolve_image_path(rec.images[0], root, where)
-            if not full.is_file():
+            if not image_exists(full):
                 raise RecordError(f"{where}: image {rec.images[0]!r} not found under {root}")
             rel = full.relative_to(root).as_posix()
             reason = "not indexed"

@@ -27,9 +27,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
+import warnings
+import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, ClassVar, Literal
 
 from PIL import Image
 
@@ -40,6 +44,9 @@ ROLES = ("system", "user", "assistant")
 # Pillow's own guard stops at ~179M pixels; a 64-megapixel cap is already far beyond any VLM input
 # and stops decompression bombs early.
 MAX_IMAGE_PIXELS = 64_000_000
+# Longest response text accepted by default: ~5k tokens, far beyond any answer the methods train
+# on; longer ones are runaway generations or concatenation bugs upstream.
+MAX_RESPONSE_CHARS = 20_000
 
 
 class RecordError(ValueError):
@@ -122,6 +129,17 @@ def _check_text(value: Any, name: str, where: str, max_chars: int | None) -> str
     return value
 
 
+def _record_id(obj: dict, where: str) -> str:
+    """The record's ``id`` (a string or an integer); without one, ``where`` stands in for it.
+    Objects, lists or booleans as ids would print as Python reprs and never match across files."""
+    if "id" not in obj:
+        return where
+    rid = obj["id"]
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or not str(rid).strip():
+        raise RecordError(f"{where}: 'id' must be a non-empty string or an integer, got {type(rid).__name__} {rid!r}")
+    return str(rid)
+
+
 def _check_score(value: Any, name: str, where: str) -> float | None:
     if value is None:
         return None
@@ -148,8 +166,10 @@ class SFTRecord:
     kind: ClassVar[str] = "sft"
 
     @classmethod
-    def from_json(cls, obj: dict, where: str, max_chars: int | None = None) -> "SFTRecord":
-        n = check_messages(obj.get("messages"), where)
+    def from_json(cls, obj: dict, where: str, max_chars: int | None = None) -> SFTRecord:
+        if "messages" not in obj:
+            raise RecordError(f"{where}: missing field 'messages'")
+        n = check_messages(obj["messages"], where)
         if obj["messages"][-1]["role"] != "assistant":
             raise RecordError(f"{where}: the last message must be the assistant's (the training target)")
         for i, m in enumerate(obj["messages"]):
@@ -157,7 +177,7 @@ class SFTRecord:
                 _check_text(message_text(m), f"messages[{i}] text", where, max_chars)
         images = _check_images(obj.get("images", []), n, where)
         known = {"id", "images", "messages"}
-        return cls(id=str(obj.get("id", where)), images=images, messages=obj["messages"],
+        return cls(id=_record_id(obj, where), images=images, messages=obj["messages"],
                    meta={k: v for k, v in obj.items() if k not in known})
 
     def to_json(self) -> dict:
@@ -185,7 +205,7 @@ class PreferenceRecord:
     kind: ClassVar[str] = "preference"
 
     @classmethod
-    def from_json(cls, obj: dict, where: str, max_chars: int | None = None) -> "PreferenceRecord":
+    def from_json(cls, obj: dict, where: str, max_chars: int | None = None) -> PreferenceRecord:
         for key in ("prompt", "chosen", "rejected"):
             if key not in obj:
                 raise RecordError(f"{where}: missing field '{key}'")
@@ -205,7 +225,7 @@ class PreferenceRecord:
             rejected_images = _check_images(obj["rejected_images"], n, where + " rejected_images")
         known = {"id", "images", "prompt", "chosen", "rejected", "score_chosen", "score_rejected", "rejected_images"}
         return cls(
-            id=str(obj.get("id", where)), images=images, prompt=prompt,
+            id=_record_id(obj, where), images=images, prompt=prompt,
             chosen=completions["chosen"], rejected=completions["rejected"],
             score_chosen=_check_score(obj.get("score_chosen"), "score_chosen", where),
             score_rejected=_check_score(obj.get("score_rejected"), "score_rejected", where),
@@ -234,7 +254,7 @@ class AnnotatedResponse:
     kind: ClassVar[str] = "annotated"
 
     @classmethod
-    def from_json(cls, obj: dict, where: str, max_chars: int | None = None) -> "AnnotatedResponse":
+    def from_json(cls, obj: dict, where: str, max_chars: int | None = None) -> AnnotatedResponse:
         if "prompt" not in obj or "response" not in obj:
             raise RecordError(f"{where}: missing field 'prompt' or 'response'")
         prompt = as_messages(obj["prompt"], "user")
@@ -245,7 +265,7 @@ class AnnotatedResponse:
             raise RecordError(f"{where}: 'annotations' must be an object")
         images = _check_images(obj.get("images", []), n, where)
         known = {"id", "images", "prompt", "response", "annotations"}
-        return cls(id=str(obj.get("id", where)), images=images, prompt=prompt, response=response,
+        return cls(id=_record_id(obj, where), images=images, prompt=prompt, response=response,
                    annotations=annotations, meta={k: v for k, v in obj.items() if k not in known})
 
     def to_json(self) -> dict:
@@ -262,31 +282,56 @@ SCHEMAS = {c.kind: c for c in (SFTRecord, PreferenceRecord, AnnotatedResponse)}
 
 def resolve_image_path(rel: str, root: str | os.PathLike, where: str) -> Path:
     """Resolve ``rel`` under ``root``; refuse anything that lands outside it (``..``, absolute
-    paths elsewhere, symlinks pointing out)."""
-    root_real = Path(root).resolve()
-    p = Path(rel)
-    full = (p if p.is_absolute() else root_real / p).resolve()
+    paths elsewhere, symlinks pointing out) or that is no usable path at all (a NUL byte, a
+    name too long for the file system)."""
+    try:
+        root_real = Path(root).resolve()
+        p = Path(rel)
+        full = (p if p.is_absolute() else root_real / p).resolve()
+    except (OSError, ValueError) as e:  # ValueError: embedded NUL byte; OSError: ENAMETOOLONG, ELOOP
+        raise RecordError(f"{where}: image path {rel!r} is not a usable path ({e})") from None
     if full != root_real and root_real not in full.parents:
         raise RecordError(f"{where}: image path {rel!r} escapes the data root {str(root_real)!r}")
     return full
 
 
+def image_exists(full: Path) -> bool:
+    """``full.is_file()``, False (not an exception) for names the file system refuses."""
+    try:
+        return full.is_file()
+    except (OSError, ValueError):  # Path.is_file only swallows ENOENT-like errors, not ENAMETOOLONG
+        return False
+
+
+# What a corrupt or truncated file can make Pillow's decoders raise besides OSError: the PNG
+# plugin raises SyntaxError on bad chunks, some readers EOFError, struct.error or zlib.error.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error)
+
+
 def load_image(path: str | os.PathLike, where: str = "") -> Image.Image:
-    """Open and fully decode an image as RGB; corrupt, truncated or oversized files raise
-    :class:`RecordError` naming ``where`` and the path."""
+    """Open and fully decode an image as RGB; missing, corrupt, truncated or oversized files
+    (decompression bombs) raise :class:`RecordError` naming ``where`` and the path."""
     prefix = f"{where}: " if where else ""
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if w * h > MAX_IMAGE_PIXELS:
-                raise RecordError(f"{prefix}image {path} is {w}x{h} px, over the {MAX_IMAGE_PIXELS:,}-pixel limit")
-            return im.convert("RGB")  # convert() forces a full decode, so truncation shows here
+        with warnings.catch_warnings():
+            # Pillow warns between its own limit (Image.MAX_IMAGE_PIXELS, ~89M) and twice it;
+            # our cap is lower and checked below from the header alone, so the warning says
+            # nothing new, and under ``-W error`` it would escape as a non-RecordError.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise RecordError(f"{prefix}image {path} is {w}x{h} px, over the {MAX_IMAGE_PIXELS:,}-pixel "
+                                      "limit (a decompression bomb?)")
+                return im.convert("RGB")  # convert() forces a full decode, so truncation shows here
     except RecordError:
         raise
     except FileNotFoundError:
         raise RecordError(f"{prefix}image {path} does not exist") from None
-    except (OSError, Image.DecompressionBombError, ValueError) as e:
-        raise RecordError(f"{prefix}image {path} cannot be read: {e}") from None
+    except Image.DecompressionBombError as e:  # over twice Pillow's limit: refused in Image.open
+        raise RecordError(f"{prefix}image {path} is over the pixel limit (a decompression bomb?): {e}") from None
+    except _DECODE_ERRORS as e:
+        raise RecordError(f"{prefix}image {path} cannot be read: {type(e).__name__}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,15 +347,25 @@ class ReadReport:
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | None]]:
-    """Yield ``(line_number, parsed_or_None, error_or_None)`` for each non-blank line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """Yield ``(line_number, parsed_or_None, error_or_None)`` for each non-blank line.
+
+    Lines are decoded one by one, so a line that is not UTF-8 is an error at its own line (not a
+    UnicodeDecodeError for the whole file); a UTF-8 byte-order mark on line 1 is dropped."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+                continue
             if not line.strip():
                 continue
             try:
                 yield lineno, json.loads(line), None
             except json.JSONDecodeError as e:
                 yield lineno, None, f"malformed JSON ({e.msg} at column {e.colno})"
+            except RecursionError:  # e.g. 100k nested brackets
+                yield lineno, None, "malformed JSON (nested too deeply)"
 
 
 def read_records(
@@ -320,7 +375,7 @@ def read_records(
     check_images: Literal["none", "exists", "decode"] = "exists",
     on_error: Literal["raise", "skip"] = "raise",
     rejects_path: str | os.PathLike | None = None,
-    max_chars: int | None = 20_000,
+    max_chars: int | None = MAX_RESPONSE_CHARS,
     report: ReadReport | None = None,
 ) -> list:
     """Read and validate a JSONL file of records of schema ``kind``.
@@ -363,7 +418,7 @@ def read_records(
                 resolved = []
                 for rel in getattr(rec, attr, ()):
                     full = resolve_image_path(rel, root, where)
-                    if check_images != "none" and not full.is_file():
+                    if check_images != "none" and not image_exists(full):
                         raise RecordError(f"{where}: image {rel!r} not found under {root}")
                     if check_images == "decode":
                         load_image(full, where)
@@ -385,17 +440,41 @@ def read_records(
     return out
 
 
+def _check_scene(d: Any, where: str) -> tuple[Scene, str]:
+    if not isinstance(d, dict):
+        raise RecordError(f"{where}: a scene record must be a JSON object, got {type(d).__name__}")
+    for key in ("objects", "image"):
+        if key not in d:
+            raise RecordError(f"{where}: not a scene record: missing field {key!r}")
+    if not isinstance(d["image"], str) or not d["image"].strip():
+        raise RecordError(f"{where}: not a scene record: 'image' must be a path string, got {d['image']!r}")
+    if not isinstance(d["objects"], list):
+        raise RecordError(f"{where}: not a scene record: 'objects' must be a list, got {type(d['objects']).__name__}")
+    for i, o in enumerate(d["objects"]):
+        if not isinstance(o, dict):
+            raise RecordError(f"{where}: not a scene record: object {i} must be an object, got {type(o).__name__}")
+        for k in ("shape", "color", "size"):
+            if k in o and not isinstance(o[k], str):
+                raise RecordError(f"{where}: not a scene record: object {i} '{k}' must be a string, got {o[k]!r}")
+        for k in ("x", "y"):
+            v = o.get(k)
+            if k in o and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise RecordError(f"{where}: not a scene record: object {i} '{k}' must be a finite number, got {v!r}")
+    try:
+        return Scene.from_dict(d), d["image"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RecordError(f"{where}: not a scene record: {e}") from None
+
+
 def read_scenes(path: str | os.PathLike) -> list[tuple[Scene, str]]:
     """The data stage's ``<split>/scenes.jsonl``: ``(scene graph, image path relative to the data
-    root)`` per line; a line that is not a scene record is a :class:`RecordError` at ``file:line``."""
+    root)`` per line; a line that is not a scene record is a :class:`RecordError` at ``file:line``
+    (scene graphs are ground truth: a bad one is never skipped)."""
     path = Path(path)
     out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-            out.append((Scene.from_dict(d), d["image"]))
-        except (ValueError, KeyError) as e:
-            raise RecordError(f"{path}:{i}: not a scene record: {e}") from None
+    for lineno, d, err in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        if err:
+            raise RecordError(f"{where}: not a scene record: {err}")
+        out.append(_check_scene(d, where))
     return out

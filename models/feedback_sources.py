@@ -249,7 +249,8 @@ class DetectorSource:
         if not Path(self.path).exists() and (Path(self.path).is_absolute() or self.path.startswith(".")
                                              or self.path.count("/") != 1):
             raise FileNotFoundError(f"detector model {self.path!r}: no such folder")
-        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(self.path, trust_remote_code=trust_remote_code,
+                                                                        use_safetensors=True)
         self.processor = AutoProcessor.from_pretrained(self.path, trust_remote_code=trust_remote_code)
         self.device = _device(device)
         self.model.to(self.device).eval().requires_grad_(False)
@@ -422,7 +423,8 @@ class TeacherCritic:
         self.prompts = load_teacher_prompts(prompt_file)
         self.path = str(path)
         self.max_new_tokens = max_new_tokens
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, trust_remote_code=trust_remote_code,
+                                                          use_safetensors=True)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token_id is None:
             if self.tokenizer.eos_token is None:

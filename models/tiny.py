@@ -378,7 +378,7 @@ def save_tiny_vlm(model: PreTrainedModel, processor: ProcessorMixin, out_dir: st
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    model.save_pretrained(out, safe_serialization=True)  # never a pickle (pytorch_model.bin)
     processor.save_pretrained(out)
     return out
 

@@ -143,7 +143,7 @@ def test_corrupt_and_truncated_images(root):
 
 
 def test_decompression_bomb_guard(root, monkeypatch):
-    import mmalign.records as records
+    from mmalign import records
 
     monkeypatch.setattr(records, "MAX_IMAGE_PIXELS", 50)
     with pytest.raises(RecordError, match="over the 50-pixel limit"):
@@ -200,3 +200,193 @@ def test_read_scenes_names_the_bad_line(world, tmp_path):
     bad.write_text("\n".join([good[0], '{"scene_id": "x"}']) + "\n")
     with pytest.raises(RecordError, match=rf"{bad}:2: not a scene record"):
         read_scenes(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# property tests over whole files: what reaches a reader from disk
+
+
+import io
+import re
+import tempfile
+
+from mmalign.records import MAX_RESPONSE_CHARS, read_scenes, resolve_image_path
+from mmalign.stage import atomic_write_jsonl
+
+KINDS = ("sft", "preference", "annotated")
+any_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=10)
+# Records that are nearly right: the schema's keys with arbitrary values, so validation is
+# exercised deep inside (a bare random dict fails at the first missing key).
+near_records = st.fixed_dictionaries({}, optional={
+    "id": any_json, "images": st.lists(st.sampled_from(["a.png", "../x.png", "", "/etc/passwd", "a\x00.png"]) | any_json,
+                                       max_size=2),
+    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "bot"]) | any_json,
+                                                "content": st.text(max_size=5) | any_json}), max_size=3) | any_json,
+    "prompt": st.text(max_size=5) | any_json, "chosen": st.text(max_size=5) | any_json,
+    "rejected": st.text(max_size=5) | any_json, "response": st.text(max_size=5) | any_json,
+    "score_chosen": st.floats() | any_json, "annotations": any_json})
+
+
+def names_line_1(msg: str, f: Path) -> bool:
+    """``<f>:1: ...`` or ``<f>:1 <part>: ...`` (e.g. ``x.jsonl:1 prompt: message 0 ...``)."""
+    return re.match(rf"{re.escape(str(f))}:1[: ]", msg) is not None
+
+
+def _one_line_file(folder: str, line: bytes) -> Path:
+    Image.new("RGB", (4, 4)).save(Path(folder) / "a.png")
+    f = Path(folder) / "x.jsonl"
+    f.write_bytes(line + b"\n")
+    return f
+
+
+@settings(max_examples=150, deadline=None)
+@given(value=any_json | near_records, kind=st.sampled_from(KINDS))
+def test_any_json_line_parses_or_names_its_line(value, kind):
+    """Any JSON-serialisable value on line 1 either parses into a valid record (which then
+    round-trips) or raises RecordError starting ``file:1`` -- never KeyError/TypeError/..."""
+    with tempfile.TemporaryDirectory() as d:
+        f = _one_line_file(d, json.dumps(value).encode())
+        try:
+            (rec,) = read_records(f, kind)
+        except RecordError as e:
+            assert names_line_1(str(e), f), str(e)
+            return
+        again = type(rec).from_json(json.loads(json.dumps(rec.to_json())), "y")
+        assert again.to_json() == rec.to_json()
+
+
+@settings(max_examples=150, deadline=None)
+@given(raw=st.binary(max_size=60) | st.text(max_size=60).map(lambda t: t.encode("utf-8", "surrogatepass")),
+       kind=st.sampled_from(KINDS))
+def test_any_bytes_line_parses_or_names_its_line(raw, kind):
+    """Arbitrary bytes (bad UTF-8, BOMs, control characters, NaN literals) are no exception."""
+    raw = raw.replace(b"\n", b" ").replace(b"\r", b" ")
+    with tempfile.TemporaryDirectory() as d:
+        f = _one_line_file(d, raw)
+        try:
+            read_records(f, kind, on_error="raise")
+        except RecordError as e:
+            assert names_line_1(str(e), f), str(e)
+
+
+unicode_text = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40).filter(lambda s: s.strip())
+messages_content = st.one_of(unicode_text, st.lists(unicode_text.map(lambda t: {"type": "text", "text": t}),
+                                                     min_size=1, max_size=2))
+
+
+@st.composite
+def valid_records(draw):
+    kind = draw(st.sampled_from(KINDS))
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": draw(unicode_text)}]}]
+    meta = draw(st.dictionaries(st.sampled_from(["task", "scene_id", "note"]), unicode_text, max_size=2))
+    rid = draw(unicode_text | st.integers(0, 10**6).map(str))
+    if kind == "sft":
+        obj = {"id": rid, "images": ["a.png"],
+               "messages": [*prompt, {"role": "assistant", "content": draw(messages_content)}], **meta}
+    elif kind == "preference":
+        score = st.none() | st.floats(-1e6, 1e6, allow_nan=False)
+        obj = {"id": rid, "images": ["a.png"], "prompt": prompt,
+               "chosen": [{"role": "assistant", "content": [{"type": "text", "text": draw(unicode_text)}]}],
+               "rejected": [{"role": "assistant", "content": [{"type": "text", "text": draw(unicode_text)}]}],
+               "score_chosen": draw(score), "score_rejected": draw(score), **meta}
+        obj = {k: v for k, v in obj.items() if v is not None}
+    else:
+        obj = {"id": rid, "images": ["a.png"], "prompt": prompt, "response": draw(unicode_text),
+               "annotations": draw(st.dictionaries(unicode_text, unicode_text, max_size=2)), **meta}
+    return kind, obj
+
+
+@settings(max_examples=100, deadline=None)
+@given(recs=st.lists(valid_records(), min_size=1, max_size=4))
+def test_write_then_read_is_identity(recs):
+    """Valid records written with the stages' writer and read back are the same records, with
+    arbitrary unicode (astral planes, RTL marks, combining characters) intact; only ``images``
+    become absolute and ``source`` names the line."""
+    kind = recs[0][0]
+    objs = [o for k, o in recs if k == kind]
+    for i, o in enumerate(objs):
+        o["id"] = f"{i}-{o['id']}"  # distinct ids: duplicates are their own test
+    with tempfile.TemporaryDirectory() as d:
+        Image.new("RGB", (4, 4)).save(Path(d) / "a.png")
+        f = Path(d) / "r.jsonl"
+        atomic_write_jsonl(f, objs)
+        got = read_records(f, kind)
+        assert len(got) == len(objs)
+        for n, (o, rec) in enumerate(zip(objs, got), 1):
+            out = rec.to_json()
+            assert out.pop("source") == f"{f}:{n}"
+            assert out.pop("images") == [str(Path(d).resolve() / "a.png")]
+            want = {k: v for k, v in o.items() if k != "images"}
+            if kind == "preference":
+                for k in ("score_chosen", "score_rejected"):
+                    if k in want:
+                        want[k] = float(want[k])
+            assert out == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(rel=st.text(max_size=40) | st.sampled_from(["..", "../a", "/", "a/../../b", "./a/./b", "a" * 300,
+                                                    ("x" * 255 + "/") * 20, "a\x00b"]))
+def test_resolve_image_path_stays_under_root_or_raises(rel):
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d).resolve()
+        try:
+            full = resolve_image_path(rel, root, "f:9")
+        except RecordError as e:
+            assert str(e).startswith("f:9: image path")
+            return
+        assert full == root or root in full.parents
+
+
+def _image_bytes(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+PNG, JPEG = _image_bytes("PNG"), _image_bytes("JPEG")
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.sampled_from([PNG, JPEG]), cut=st.integers(0, 2000),
+       flips=st.lists(st.tuples(st.integers(0, 2000), st.integers(1, 255)), max_size=4))
+def test_damaged_images_load_or_raise_record_error(data, cut, flips):
+    """A truncated or bit-flipped PNG/JPEG either decodes or raises RecordError naming the
+    record -- Pillow's SyntaxError, EOFError, zlib.error ... never escape."""
+    b = bytearray(data[: max(1, min(cut, len(data)))] if cut < len(data) else data)
+    for pos, x in flips:
+        b[pos % len(b)] ^= x
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "img"
+        p.write_bytes(bytes(b))
+        try:
+            im = load_image(p, "f:3")
+        except RecordError as e:
+            assert str(e).startswith("f:3: image ")
+        else:
+            assert im.mode == "RGB"
+
+
+@settings(max_examples=150, deadline=None)
+@given(value=any_json | st.fixed_dictionaries({"objects": st.lists(any_json, max_size=2) | any_json,
+                                               "image": any_json}))
+def test_read_scenes_any_json_is_a_scene_or_a_record_error(value):
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "scenes.jsonl"
+        f.write_text(json.dumps(value) + "\n")
+        try:
+            read_scenes(f)
+        except RecordError as e:
+            assert names_line_1(str(e), f), str(e)
+
+
+def test_over_long_limit_is_the_default(root):
+    """The default reader limit is MAX_RESPONSE_CHARS: one character more is an error."""
+    ok = write_lines(root / "ok.jsonl", [sft_obj(answer="y" * MAX_RESPONSE_CHARS)])
+    assert len(read_records(ok, "sft")) == 1
+    long = write_lines(root / "long.jsonl", [sft_obj(answer="y" * (MAX_RESPONSE_CHARS + 1))])
+    with pytest.raises(RecordError, match=rf"{long}:1: .*over the limit of {MAX_RESPONSE_CHARS}"):
+        read_records(long, "sft")

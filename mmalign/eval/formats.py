@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmalign.records import RecordError, iter_jsonl, resolve_image_path
+from mmalign.records import RecordError, image_exists, iter_jsonl, resolve_image_path
 
 __all__ = [
     "AMBER_TYPES",
@@ -136,7 +136,7 @@ def _check_image(image: str, root: Path | None, where: str) -> None:
         full = resolve_image_path(image, root, where)
     except RecordError as e:  # a path escaping the root: same message, this module's error type
         raise FormatError(str(e)) from None
-    if not full.is_file():
+    if not image_exists(full):  # a name the file system refuses (too long) is "not found", not an OSError
         raise FormatError(f"{where}: image {image!r} not found under {root}")
 
 
