@@ -5,9 +5,44 @@
 # inputs; the stage scripts themselves also compare the input hashes in their manifest.
 
 SHELL := /bin/bash
-RUN ?= demo
+# SCALE=quick (default): `make demo` in about 13 minutes on 2 CPU cores (shorter reward-model and
+# alignment trainings, 250 sampled prompts, 100 held-out scenes). SCALE=full: the configs' own step
+# counts, 500 prompts, all 500 held-out scenes (about 50 minutes; the README's result tables), in
+# runs/demo-full. Any variable below can still be set on the command line.
+SCALE ?= quick
+ifeq ($(SCALE),quick)
+RUN ?= $(if $(MODEL),$(MODEL),demo)
+RM_STEPS ?= 100
+ALIGN_STEPS ?= 60
+JUDGE_STEPS ?= 250
+EVAL_LIMIT ?= 100
+SAMPLE_PROMPTS ?= 250
+REFINE_OPTS ?= --limit 50 --turns 2
+else ifeq ($(SCALE),full)
+RUN ?= $(if $(MODEL),$(MODEL),demo-full)
+else
+$(error SCALE=$(SCALE): use quick or full)
+endif
+RUN ?= $(if $(MODEL),$(MODEL),demo)
 OUT := runs/$(RUN)
 SEED ?= 0
+# A real checkpoint instead of the tiny model (`make pipeline MODEL=<name> BASE=<checkpoint folder>`):
+# configs/models/<MODEL>/common.yaml is layered over every training config (policy, precision,
+# batch sizes), then configs/models/<MODEL>/<stage>.yaml where one exists (learning rates).
+MODEL ?=
+BASE ?=
+MODEL_DIR = configs/models/$(MODEL)
+# (ablations share their method's file: fgaif-seq and fgaif-oracle use fgaif.yaml, realign-text realign.yaml)
+OVERLAY_FILE = $(MODEL_DIR)/$(patsubst fgaif-%,fgaif,$(patsubst realign-text,realign,$(1))).yaml
+OVERLAY = $(if $(MODEL),--config $(MODEL_DIR)/common.yaml $(if $(wildcard $(OVERLAY_FILE)),--config $(OVERLAY_FILE)))
+# Every stage command runs through mmalign.timed: one line per run in $(OUT)/timings.jsonl (wall
+# time including interpreter start and imports), read by the report.
+TIMED = $(PY) -m mmalign.timed --log $(OUT)/timings.jsonl --target $@ --root $(OUT) --
+# RANKS=n runs the generation-heavy stages (sample, feedback, eval) as n processes under torchrun
+# (one per GPU where there are GPUs); batch b runs on rank b % n, and the merged output is the
+# same as RANKS=1's (mmalign/shard.py).
+RANKS ?= 1
+RUN_PY = $(if $(filter-out 1,$(RANKS)),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(RANKS),$(PY))
 VENV ?= .venv
 # The project's Python: .venv if `make venv` made one, else the active environment.
 PY = $(shell [ -x $(VENV)/bin/python ] && echo $(VENV)/bin/python || echo python3)
@@ -15,12 +50,12 @@ PY = $(shell [ -x $(VENV)/bin/python ] && echo $(VENV)/bin/python || echo python
 # multi-GB CUDA build: pass TORCH_INDEX=https://download.pytorch.org/whl/cpu for a CPU one.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-FIT = $(PY) -m mmalign.cli fit
+FIT = $(TIMED) $(PY) -m mmalign.cli fit
 
 .PHONY: help install venv deps data tiny-model sft eval-sft eval eval-compare sample judge feedback prefs mmrlhf-import \
   rm rm-score ref-logps dpo mmdpo sft-continued eval-mmrlhf index realign-data realign realign-text eval-realign \
   sample-val feedback-val fg-rm fg-rm-eval fgaif fgaif-seq fgaif-oracle eval-fgaif \
-  nlf dress-import dress eval-dress bench bench-dpo bench-index demo test test-slow clean
+  nlf dress-import dress eval-dress bench bench-dpo bench-index demo demo-full ablations report pipeline test test-slow clean
 
 help:
 	@echo "mmalign stages (make <target> [RUN=name] [SEED=n]); outputs under runs/<RUN>/"
@@ -98,24 +133,28 @@ deps:
 
 data: deps $(OUT)/data/manifest.json
 $(OUT)/data/manifest.json: data_pipelines/scenes.py mmalign/world.py
-	$(PY) -m data_pipelines.scenes --out $(OUT)/data --seed $(SEED)
+	$(TIMED) $(PY) -m data_pipelines.scenes --out $(OUT)/data --seed $(SEED)
 
 tiny-model: deps $(OUT)/tiny-model/build.json
 $(OUT)/tiny-model/build.json: $(OUT)/data/manifest.json models/tiny.py
-	$(PY) -m models.tiny --data $(OUT)/data --out $(OUT)/tiny-model --seed $(SEED)
+	$(TIMED) $(PY) -m models.tiny --data $(OUT)/data --out $(OUT)/tiny-model --seed $(SEED)
 
+# The policy SFT starts from: the tiny model built above, or BASE (a real checkpoint, `make pipeline`).
+SFT_BASE = $(if $(MODEL),$(BASE),$(OUT)/tiny-model)
 sft: deps $(OUT)/sft/model/config.json
-$(OUT)/sft/model/config.json: $(OUT)/tiny-model/build.json configs/sft/tiny.yaml
-	$(FIT) --config configs/sft/tiny.yaml --seed_everything $(SEED) \
+$(OUT)/sft/model/config.json: $(if $(MODEL),$(OUT)/data/manifest.json,$(OUT)/tiny-model/build.json) configs/sft/tiny.yaml
+	$(FIT) --config configs/sft/tiny.yaml $(call OVERLAY,sft) --seed_everything $(SEED) \
 	  --trainer.default_root_dir $(OUT)/sft \
-	  --model.init_args.policy.init_args.path $(OUT)/tiny-model \
+	  --model.init_args.policy.init_args.path $(SFT_BASE) \
 	  --model.init_args.export_dir $(OUT)/sft/model \
 	  --data.init_args.train_file $(OUT)/data/train/sft.jsonl \
 	  --data.init_args.val_file $(OUT)/data/val/sft.jsonl \
 	  --data.init_args.data_root $(OUT)/data
 
 eval-sft: deps $(OUT)/eval/sft/metrics.json
-EVAL = $(PY) -m mmalign.cli eval
+EVAL = $(TIMED) $(RUN_PY) -m mmalign.cli eval
+# compare reads finished evaluations: one process
+EVAL_COMPARE = $(TIMED) $(PY) -m mmalign.cli eval compare
 # EVAL_LIMIT=n evaluates the first n held-out scenes only (CI's whole-pipeline test; the demo's
 # reported numbers use all 500).
 EVAL_LIMIT ?=
@@ -135,7 +174,7 @@ eval: deps
 RUNS ?=
 eval-compare: deps
 	@test -n "$(RUNS)" || { echo "usage: make eval-compare RUNS=\"<eval folder> <eval folder> ...\""; exit 2; }
-	$(EVAL) compare $(RUNS) --out $(OUT)/eval/compare
+	$(EVAL_COMPARE) $(RUNS) --out $(OUT)/eval/compare
 
 # --- sampling and AI feedback --------------------------------------------------------------------
 
@@ -143,13 +182,13 @@ K ?= 4
 SAMPLE_PROMPTS ?= 500
 sample: deps $(OUT)/sample/manifest.json
 $(OUT)/sample/manifest.json: $(OUT)/sft/model/config.json data_pipelines/sample.py
-	$(PY) -m data_pipelines.sample --model $(OUT)/sft/model --data $(OUT)/data --split train \
+	$(TIMED) $(RUN_PY) -m data_pipelines.sample --model $(OUT)/sft/model --data $(OUT)/data --split train \
 	  --limit $(SAMPLE_PROMPTS) --k $(K) --seed $(SEED) --out $(OUT)/sample
 
 judge: deps $(OUT)/judge/model/config.json
 $(OUT)/judge/model/config.json: $(OUT)/sft/model/config.json configs/judge/tiny.yaml
-	$(FIT) --config configs/judge/tiny.yaml --seed_everything $(SEED) \
-	  --trainer.default_root_dir $(OUT)/judge \
+	$(FIT) --config configs/judge/tiny.yaml $(call OVERLAY,judge) --seed_everything $(SEED) \
+	  --trainer.default_root_dir $(OUT)/judge $(if $(JUDGE_STEPS),--trainer.max_steps $(JUDGE_STEPS)) \
 	  --model.init_args.policy.init_args.path $(OUT)/sft/model \
 	  --model.init_args.export_dir $(OUT)/judge/model \
 	  --data.init_args.train_file $(OUT)/data/train/sft.jsonl \
@@ -164,7 +203,7 @@ DETECTOR ?=
 feedback: deps $(OUT)/feedback/$(SOURCE)/manifest.json
 $(OUT)/feedback/%/manifest.json: $(OUT)/sample/manifest.json data_pipelines/feedback.py \
     $$(if $$(filter judge,$$*),$(OUT)/judge/model/config.json)
-	$(PY) -m data_pipelines.feedback --responses $(OUT)/sample --data $(OUT)/data --source $* \
+	$(TIMED) $(RUN_PY) -m data_pipelines.feedback --responses $(OUT)/sample --data $(OUT)/data --source $* \
 	  $(if $(filter judge,$*),--judge $(OUT)/judge/model,$(if $(filter detector,$*),--detector $(DETECTOR))) \
 	  --out $(OUT)/feedback/$*
 
@@ -176,14 +215,14 @@ PREFS_SOURCE ?= oracle
 INJECT ?= 2
 prefs: deps $(OUT)/prefs/manifest.json
 $(OUT)/prefs/manifest.json: $(OUT)/feedback/$(PREFS_SOURCE)/manifest.json data_pipelines/prefs.py mmalign/inject.py mmalign/oracle.py
-	$(PY) -m data_pipelines.prefs --feedback $(OUT)/feedback/$(PREFS_SOURCE) --data $(OUT)/data \
+	$(TIMED) $(PY) -m data_pipelines.prefs --feedback $(OUT)/feedback/$(PREFS_SOURCE) --data $(OUT)/data \
 	  --inject-per-prompt $(INJECT) --seed $(SEED) --out $(OUT)/prefs \
 	  $(if $(filter oracle,$(PREFS_SOURCE)),,--weights faithfulness=1)
 
 # The published MM-RLHF data (unzipped yifanzhang114/MM-RLHF: data.jsonl + short/ long/ mcq/ safety/).
 MMRLHF ?= data/MM-RLHF
 mmrlhf-import: deps
-	$(PY) -m data_pipelines.import_mmrlhf --input $(MMRLHF)/data.jsonl --images $(MMRLHF) \
+	$(TIMED) $(PY) -m data_pipelines.import_mmrlhf --input $(MMRLHF)/data.jsonl --images $(MMRLHF) \
 	  --out $(OUT)/mmrlhf/import --val-fraction 0.05 --on-error skip
 
 # Reward models on the prefs pairs: MM-RLHF's critique RM (writes a critique, then scores) and the
@@ -196,7 +235,7 @@ RM_STEPS ?=
 ALIGN_STEPS ?=
 rm: deps $(OUT)/rm/critique/model/reward_config.json $(OUT)/rm/scalar/model/reward_config.json
 $(OUT)/rm/%/model/reward_config.json: $(OUT)/prefs/manifest.json $(OUT)/sft/model/config.json configs/rm/%.yaml mmalign/methods/reward.py
-	$(FIT) --config configs/rm/$*.yaml --seed_everything $(SEED) \
+	$(FIT) --config configs/rm/$*.yaml $(call OVERLAY,rm) --seed_everything $(SEED) \
 	  --trainer.default_root_dir $(OUT)/rm/$* \
 	  --model.init_args.policy.init_args.path $(OUT)/sft/model \
 	  --model.init_args.export_dir $(OUT)/rm/$*/model $(if $(RM_STEPS),--trainer.max_steps $(RM_STEPS)) \
@@ -206,23 +245,23 @@ $(OUT)/rm/%/model/reward_config.json: $(OUT)/prefs/manifest.json $(OUT)/sft/mode
 rm-score: deps $(OUT)/rm/scored/train/manifest.json $(OUT)/rm/scored/val/manifest.json $(OUT)/rm/scalar/scored-val/manifest.json
 	@cat $(OUT)/rm/scored/val/report.md | head -8; cat $(OUT)/rm/scalar/scored-val/report.md | head -6
 $(OUT)/rm/scored/%/manifest.json: $(OUT)/rm/critique/model/reward_config.json data_pipelines/score_rm.py
-	$(PY) -m data_pipelines.score_rm --rm $(OUT)/rm/critique/model --pairs $(OUT)/prefs/$*/pairs.jsonl \
+	$(TIMED) $(PY) -m data_pipelines.score_rm --rm $(OUT)/rm/critique/model --pairs $(OUT)/prefs/$*/pairs.jsonl \
 	  --data-root $(OUT)/data --out $(OUT)/rm/scored/$* $(if $(filter val,$*),--with-reference-critique)
 $(OUT)/rm/scalar/scored-val/manifest.json: $(OUT)/rm/scalar/model/reward_config.json data_pipelines/score_rm.py
-	$(PY) -m data_pipelines.score_rm --rm $(OUT)/rm/scalar/model --pairs $(OUT)/prefs/val/pairs.jsonl \
+	$(TIMED) $(PY) -m data_pipelines.score_rm --rm $(OUT)/rm/scalar/model --pairs $(OUT)/prefs/val/pairs.jsonl \
 	  --data-root $(OUT)/data --out $(OUT)/rm/scalar/scored-val
 
 # Reference log-probs of every pair under the SFT model, in one pass (DPO configs: reference: precomputed).
 ref-logps: deps $(OUT)/ref/train/manifest.json $(OUT)/ref/val/manifest.json
 $(OUT)/ref/%/manifest.json: $(OUT)/rm/scored/%/manifest.json $(OUT)/sft/model/config.json data_pipelines/ref_logps.py
-	$(PY) -m data_pipelines.ref_logps --model $(OUT)/sft/model --pairs $(OUT)/rm/scored/$*/pairs.jsonl \
+	$(TIMED) $(PY) -m data_pipelines.ref_logps --model $(OUT)/sft/model --pairs $(OUT)/rm/scored/$*/pairs.jsonl \
 	  --data-root $(OUT)/data --max-length 256 --out $(OUT)/ref/$*
 
 # $(1) = target and run folder, $(2) = config
 define fit_policy
 $(1): deps $(OUT)/$(1)/model/config.json
 $(OUT)/$(1)/model/config.json: $(3) $(2)
-	$$(FIT) --config $(2) --seed_everything $$(SEED) \
+	$$(FIT) --config $(2) $$(call OVERLAY,$(1)) --seed_everything $$(SEED) \
 	  --trainer.default_root_dir $$(OUT)/$(1) \
 	  --model.init_args.policy.init_args.path $$(OUT)/sft/model \
 	  --model.init_args.export_dir $$(OUT)/$(1)/model $$(if $$(ALIGN_STEPS),--trainer.max_steps $$(ALIGN_STEPS)) $(4)
@@ -239,7 +278,7 @@ $(eval $(call fit_policy,sft-continued,configs/sft/continue.yaml,$(OUT)/sft/mode
 $(OUT)/eval/%/metrics.json: $(OUT)/%/model/config.json $(wildcard mmalign/eval/*.py)
 	$(EVAL) --model $(OUT)/$*/model --data $(OUT)/data --split test $(EVAL_OPTS) --out $(OUT)/eval/$*
 eval-mmrlhf: deps $(foreach r,sft sft-continued dpo mmdpo,$(OUT)/eval/$(r)/metrics.json)
-	$(EVAL) compare $(foreach r,sft sft-continued dpo mmdpo,$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-mmrlhf
+	$(EVAL_COMPARE) $(foreach r,sft sft-continued dpo mmdpo,$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-mmrlhf
 	@cat $(OUT)/eval/compare-mmrlhf/compare.md
 
 # --- Re-Align -------------------------------------------------------------------------------------
@@ -249,14 +288,14 @@ eval-mmrlhf: deps $(foreach r,sft sft-continued dpo mmdpo,$(OUT)/eval/$(r)/metri
 INDEX_KIND ?= flat
 index: deps $(OUT)/index/manifest.json
 $(OUT)/index/manifest.json: $(OUT)/data/manifest.json $(OUT)/sft/model/config.json data_pipelines/index.py mmalign/retrieval.py models/embedders.py
-	$(PY) -m data_pipelines.index --data $(OUT)/data --splits train --embedder policy --model $(OUT)/sft/model \
+	$(TIMED) $(PY) -m data_pipelines.index --data $(OUT)/data --splits train --embedder policy --model $(OUT)/sft/model \
 	  --kind $(INDEX_KIND) --out $(OUT)/index
 
 # Dual preferences (Re-Align): per train caption, a hallucination-injected rejected answer and, as the
 # rejected image, the nearest train image whose scene makes the caption wrong.
 realign-data: deps $(OUT)/realign-data/manifest.json
 $(OUT)/realign-data/manifest.json: $(OUT)/data/manifest.json $(OUT)/index/manifest.json data_pipelines/realign_data.py mmalign/inject.py mmalign/oracle.py mmalign/retrieval.py
-	$(PY) -m data_pipelines.realign_data --data $(OUT)/data --index $(OUT)/index --split train \
+	$(TIMED) $(PY) -m data_pipelines.realign_data --data $(OUT)/data --index $(OUT)/index --split train \
 	  --tasks detailed_caption --k 10 --seed $(SEED) --out $(OUT)/realign-data
 
 # rDPO (text + visual term) and its text-only ablation (plain DPO on the same pairs), then SFT,
@@ -267,7 +306,7 @@ REALIGN_DATA = --data.init_args.train_file $(OUT)/realign-data/train/pairs.jsonl
 $(eval $(call fit_policy,realign,configs/realign/tiny.yaml,$(OUT)/realign-data/manifest.json,$(REALIGN_DATA)))
 $(eval $(call fit_policy,realign-text,configs/realign/tiny.yaml,$(OUT)/realign-data/manifest.json,$(REALIGN_DATA) --model.init_args.visual_weight 0))
 eval-realign: deps $(foreach r,sft sft-continued realign-text realign,$(OUT)/eval/$(r)/metrics.json)
-	$(EVAL) compare $(foreach r,sft sft-continued realign-text realign,$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-realign
+	$(EVAL_COMPARE) $(foreach r,sft sft-continued realign-text realign,$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-realign
 	@head -12 $(OUT)/eval/compare-realign/compare.md
 
 # --- FGAIF ---------------------------------------------------------------------------------------
@@ -276,11 +315,11 @@ eval-realign: deps $(foreach r,sft sft-continued realign-text realign,$(OUT)/eva
 # on the val scenes, labelled by the oracle.
 sample-val: deps $(OUT)/sample-val/manifest.json
 $(OUT)/sample-val/manifest.json: $(OUT)/sft/model/config.json data_pipelines/sample.py
-	$(PY) -m data_pipelines.sample --model $(OUT)/sft/model --data $(OUT)/data --split val \
+	$(TIMED) $(RUN_PY) -m data_pipelines.sample --model $(OUT)/sft/model --data $(OUT)/data --split val \
 	  --k $(K) --seed $(SEED) --out $(OUT)/sample-val
 feedback-val: deps $(OUT)/feedback-val/oracle/manifest.json
 $(OUT)/feedback-val/oracle/manifest.json: $(OUT)/sample-val/manifest.json data_pipelines/feedback.py
-	$(PY) -m data_pipelines.feedback --responses $(OUT)/sample-val --data $(OUT)/data --source oracle \
+	$(TIMED) $(RUN_PY) -m data_pipelines.feedback --responses $(OUT)/sample-val --data $(OUT)/data --source oracle \
 	  --out $(OUT)/feedback-val/oracle
 
 # Three fine-grained reward models (object existence, attribute, relation), each the SFT model with a
@@ -301,7 +340,7 @@ FG_RM_DEPS = $(foreach m,$(FG_RM_MODELS),$(FG_RM)/$(m)/model/fg_reward_config.js
 fg-rm: deps $(FG_RM_DEPS)
 $(FG_RM)/%/model/fg_reward_config.json: $(OUT)/feedback/$(FG_SOURCE)/manifest.json $(OUT)/feedback-val/oracle/manifest.json \
     $(OUT)/sft/model/config.json configs/fg_rm/tiny.yaml mmalign/methods/fg_reward.py
-	$(FIT) --config configs/fg_rm/tiny.yaml --seed_everything $(SEED) \
+	$(FIT) --config configs/fg_rm/tiny.yaml $(call OVERLAY,fg-rm) --seed_everything $(SEED) \
 	  --trainer.default_root_dir $(FG_RM)/$* $(if $(FG_RM_STEPS),--trainer.max_steps $(FG_RM_STEPS)) \
 	  --model.init_args.policy.init_args.path $(OUT)/sft/model \
 	  --model.init_args.types '$(if $(filter shared,$*),[object$(comma) attribute$(comma) relation],[$*])' \
@@ -314,7 +353,7 @@ FG_RM_EVAL := $(FG_RM)/eval$(if $(FG_RM_SHARED),-shared)
 fg-rm-eval: deps $(FG_RM_EVAL)/manifest.json
 	@head -12 $(FG_RM_EVAL)/report.md
 $(FG_RM_EVAL)/manifest.json: $(FG_RM_DEPS) $(OUT)/feedback-val/oracle/manifest.json data_pipelines/fg_rm_eval.py
-	$(PY) -m data_pipelines.fg_rm_eval --models $(foreach t,$(FG_TYPES),$(t)=$(call FG_RM_PATH,$(t))) \
+	$(TIMED) $(PY) -m data_pipelines.fg_rm_eval --models $(foreach t,$(FG_TYPES),$(t)=$(call FG_RM_PATH,$(t))) \
 	  --feedback $(OUT)/feedback-val/oracle --data-root $(OUT)/data --out $(FG_RM_EVAL)
 
 # PPO with the dense segment rewards (FGAIF) and the sequence-level ablation (same reward models,
@@ -330,7 +369,7 @@ $(eval $(call fit_policy,fgaif-oracle,configs/fgaif/tiny.yaml,$(OUT)/data/manife
   --model.init_args.reward_models '{"object": "oracle"$(comma) "attribute": "oracle"$(comma) "relation": "oracle"}'))
 FGAIF_RUNS = sft sft-continued fgaif-seq fgaif fgaif-oracle
 eval-fgaif: deps $(foreach r,$(FGAIF_RUNS),$(OUT)/eval/$(r)/metrics.json)
-	$(EVAL) compare $(foreach r,$(FGAIF_RUNS),$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-fgaif
+	$(EVAL_COMPARE) $(foreach r,$(FGAIF_RUNS),$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-fgaif
 	@head -12 $(OUT)/eval/compare-fgaif/compare.md
 
 # --- DRESS ---------------------------------------------------------------------------------------
@@ -346,7 +385,7 @@ NLF_THRESHOLD ?= 0.6
 nlf: deps $(OUT)/nlf/manifest.json
 $(OUT)/nlf/manifest.json: $(OUT)/feedback/$(NLF_SOURCE)/manifest.json $(OUT)/sft/model/config.json \
     $(OUT)/data/manifest.json data_pipelines/nlf.py mmalign/conditions.py mmalign/oracle.py
-	$(PY) -m data_pipelines.nlf --feedback $(OUT)/feedback/$(NLF_SOURCE) --data $(OUT)/data \
+	$(TIMED) $(PY) -m data_pipelines.nlf --feedback $(OUT)/feedback/$(NLF_SOURCE) --data $(OUT)/data \
 	  --model $(OUT)/sft/model --out $(OUT)/nlf --revisions $(NLF_REVISIONS) --seed $(SEED) \
 	  --score-weights faithfulness=1,helpfulness=1 --thresholds $(NLF_THRESHOLD)
 
@@ -354,7 +393,7 @@ $(OUT)/nlf/manifest.json: $(OUT)/feedback/$(NLF_SOURCE)/manifest.json $(OUT)/sft
 DRESS ?= data/LVLM_NLF
 COCO_TRAIN ?= $(DRESS)/train2017
 dress-import: deps
-	$(PY) -m data_pipelines.import_dress --input $(DRESS) --images $(COCO_TRAIN) \
+	$(TIMED) $(PY) -m data_pipelines.import_dress --input $(DRESS) --images $(COCO_TRAIN) \
 	  --out $(OUT)/dress/import --val-fraction 0.05 --on-error skip
 
 # Conditional RL from the SFT model (configs/dress/tiny.yaml; the condition scheme must match nlf's).
@@ -364,7 +403,7 @@ $(eval $(call fit_policy,dress,configs/dress/tiny.yaml,$(OUT)/nlf/manifest.json 
 
 # Held-out evaluation (a DRESS model is asked with its best condition, read from its folder), and the
 # refinement benchmark: answer, get the oracle's refinement, answer again (2 turns, 200 test scenes).
-REFINE = $(PY) -m data_pipelines.refine_bench
+REFINE = $(TIMED) $(PY) -m data_pipelines.refine_bench
 REFINE_OPTS ?= --limit 200 --turns 2
 $(OUT)/refine/%/manifest.json: $(OUT)/%/model/config.json $(OUT)/data/manifest.json data_pipelines/refine_bench.py \
     mmalign/oracle.py mmalign/conditions.py
@@ -373,7 +412,7 @@ refine-bench-%: deps $(OUT)/refine/%/manifest.json
 	@cat $(OUT)/refine/$*/report.md
 DRESS_RUNS = sft sft-continued dress
 eval-dress: deps $(foreach r,$(DRESS_RUNS),$(OUT)/eval/$(r)/metrics.json $(OUT)/refine/$(r)/manifest.json)
-	$(EVAL) compare $(foreach r,$(DRESS_RUNS),$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-dress
+	$(EVAL_COMPARE) $(foreach r,$(DRESS_RUNS),$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-dress
 	$(REFINE) compare $(foreach r,$(DRESS_RUNS),$(OUT)/refine/$(r)) --names $(DRESS_RUNS) --out $(OUT)/refine/compare
 	@head -12 $(OUT)/eval/compare-dress/compare.md; cat $(OUT)/refine/compare/compare.md
 
@@ -391,11 +430,45 @@ bench: bench-dpo bench-index
 bench-dpo: deps $(OUT)/sft/model/config.json $(OUT)/sample/manifest.json
 	$(PY) benchmarks/bench_dpo.py --model $(OUT)/sft/model --responses $(OUT)/sample/responses.jsonl --data-root $(OUT)/data
 
-demo: data tiny-model sft eval-sft sample judge feedback prefs rm rm-score ref-logps sft-continued dpo mmdpo eval-mmrlhf \
-  index realign-data realign-text realign eval-realign \
-  sample-val feedback-val fg-rm fg-rm-eval fgaif-seq fgaif fgaif-oracle eval-fgaif \
-  nlf dress eval-dress
-	@echo "demo done: see $(OUT)/eval/sft/report.md (chart.png, metrics.json, generations.jsonl beside it)"
+# --- the whole pipeline ---------------------------------------------------------------------------
+
+# Every method against SFT and SFT-continued on the same held-out scenes: the report's runs.
+CORE_RUNS = sft sft-continued mmdpo realign fgaif dress
+# Ablations and controls (`make ablations`): plain DPO, text-only rDPO, sequence-reward PPO,
+# oracle-reward PPO. The report adds whichever of them have been evaluated.
+ABLATION_RUNS = dpo realign-text fgaif-seq fgaif-oracle
+REFINE_RUNS = sft sft-continued dress
+STAGES = data $(if $(MODEL),,tiny-model) sft judge sample feedback prefs index rm rm-score ref-logps \
+  sft-continued mmdpo realign-data realign sample-val feedback-val fg-rm fg-rm-eval fgaif nlf dress
+demo: $(STAGES) report
+	@echo "demo done ($(SCALE) scale): $(OUT)/report.md (report-metrics.png, report-training.png beside it)"
+
+ablations: deps $(foreach r,$(ABLATION_RUNS),$(OUT)/eval/$(r)/metrics.json)
+
+# The SCALE=full demo plus the ablations: the numbers in the README's method sections.
+demo-full:
+	$(MAKE) demo ablations SCALE=full
+
+# One report: the table (every method vs SFT and SFT-continued, 95% intervals), the refinement
+# benchmark, wall time per stage (timings.jsonl), plots of the metrics and the training curves.
+report: deps $(OUT)/report.md
+	@sed -n '1,/^## /p' $(OUT)/report.md | head -40
+$(OUT)/report.md: $(foreach r,$(CORE_RUNS),$(OUT)/eval/$(r)/metrics.json) \
+    $(foreach r,$(REFINE_RUNS),$(OUT)/refine/$(r)/manifest.json) $(OUT)/fg-rm/$(FG_SOURCE)/eval/manifest.json \
+    $(wildcard $(foreach r,$(ABLATION_RUNS),$(OUT)/eval/$(r)/metrics.json)) data_pipelines/report.py
+	$(TIMED) $(PY) -m data_pipelines.report --run $(OUT) --scale $(SCALE) --runs $(CORE_RUNS) \
+	  --ablations $(ABLATION_RUNS) --refine $(REFINE_RUNS)
+
+# The same stages on a real checkpoint: make pipeline MODEL=llava-1.5-7b-qlora BASE=<checkpoint folder>
+# (configs/models/<MODEL>/; a CUDA GPU). DRY_RUN=1 checks the configs and prints the stage plan.
+DRY_RUN ?=
+# A GPU run takes the configs' own step counts unless SCALE is given.
+PIPELINE_SCALE = $(if $(filter command line,$(origin SCALE)),$(SCALE),full)
+pipeline:
+	@test -n "$(MODEL)" || { echo "usage: make pipeline MODEL=<$(notdir $(wildcard configs/models/*))> BASE=<checkpoint> [DRY_RUN=1]"; exit 2; }
+	@test -f $(MODEL_DIR)/common.yaml || { echo "no configs/models/$(MODEL)/common.yaml (have: $(notdir $(wildcard configs/models/*)))"; exit 2; }
+	$(PY) -m mmalign.plan --model $(MODEL) --base "$(BASE)" --run $(OUT) $(if $(DRY_RUN),--dry-run) \
+	  -- $(MAKE) --no-print-directory demo MODEL=$(MODEL) BASE=$(BASE) SCALE=$(PIPELINE_SCALE) RUN=$(RUN)
 
 # --- tests ----------------------------------------------------------------------------------------
 

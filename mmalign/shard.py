@@ -207,16 +207,9 @@ def setup(args: argparse.Namespace | None = None, env: Mapping[str, str] | None 
 
 def _remove_stale_parts(out: Path) -> None:
     """Remove ``<out>.parts-<pid>`` folders of torchrun launches whose rank 0 is gone."""
-    for p in out.parent.glob(f"{out.name}.parts-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass  # alive, or not ours to judge
+    from mmalign.stage import remove_dead_pid_folders
+
+    remove_dead_pid_folders(out.parent, f"{out.name}.parts-*")
 
 
 @dataclass

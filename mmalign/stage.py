@@ -191,6 +191,22 @@ def is_up_to_date(out_dir: PathLike, config: Mapping[str, Any], inputs: Sequence
     return stored == [input_hash(p) for p in inputs]
 
 
+def remove_dead_pid_folders(parent: Path, pattern: str) -> None:
+    """Remove the folders matching ``pattern`` (named ``...-<pid>``) whose process is gone: the
+    leftovers of killed runs. A live pid's folder is left alone, so a concurrent run is not
+    sabotaged."""
+    for p in parent.glob(pattern):
+        pid_text = p.name.rsplit("-", 1)[-1]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass  # alive (or not ours to judge): leave it
+
+
 class StageOutput:
     """Context manager giving a stage an all-or-nothing output folder.
 
@@ -247,16 +263,7 @@ class StageOutput:
         stage is not sabotaged (it would still race us on the final rename; don't do that).
         """
         for kind in ("tmp", "trash"):
-            for p in self.out_dir.parent.glob(f"{self.out_dir.name}.{kind}-*"):
-                pid_text = p.name.rsplit("-", 1)[-1]
-                if not pid_text.isdigit() or int(pid_text) == os.getpid():
-                    continue
-                try:
-                    os.kill(int(pid_text), 0)
-                except ProcessLookupError:
-                    shutil.rmtree(p, ignore_errors=True)
-                except (PermissionError, OSError):
-                    pass  # alive (or not ours to judge): leave it
+            remove_dead_pid_folders(self.out_dir.parent, f"{self.out_dir.name}.{kind}-*")
 
     def manifest(self) -> dict[str, Any]:
         """The manifest that a clean exit writes."""

@@ -11,8 +11,11 @@ import torch
 from mmalign.cli import check_config, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
-# Every `mmalign fit` config (configs/feedback/ holds prompt templates, not training configs).
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "feedback")
+# Every `mmalign fit` config. Not: configs/feedback/ (prompt templates), configs/models/ and
+# configs/trainer/ (overlays layered over a method config; tested in test_plan.py / test_ddp.py).
+OVERLAY_DIRS = ("models", "trainer")
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
+                 if p.parent.name != "feedback" and p.relative_to(ROOT / "configs").parts[0] not in OVERLAY_DIRS)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -67,7 +70,8 @@ def test_train_export_and_resume(world, model_dirs, tmp_path):
     for k, v in exported.model.state_dict().items():
         assert torch.equal(v, trained[k]), k
     # CSV logs with the training loss.
-    rows = list(csv.DictReader(open(tmp_path / "logs" / "metrics.csv")))
+    with open(tmp_path / "logs" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     assert any(r.get("train/loss") for r in rows) and any(r.get("val/loss") for r in rows)
     # Resume: `--ckpt_path last` continues from step 4 to step 6.
     resumed = cli_main(fit_args(world, model_dirs["llava"], tmp_path, "--trainer.max_steps", "6",
