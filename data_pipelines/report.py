@@ -220,9 +220,11 @@ def plot_metrics(cmp: Mapping[str, Any], runs: Sequence[str], folders: Mapping[s
     for ax, (title, cols) in zip(axes, groups):
         series = [(NAMES.get(r, r), [_metric(cmp["metrics"][folders[r]], s, k) for s, k, _ in cols]) for r in runs]
         _bars(ax, [h.rstrip(" ↑↓") for _, _, h in cols], series, title)
-    axes[0].legend(fontsize=7, ncol=2)
+    # One legend under the panels: inside a panel it covers bars once there are ten methods.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False)
     fig.suptitle("every method on the same held-out scenes (95% bootstrap intervals)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(labels) / 5), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

@@ -27,7 +27,8 @@ def test_make_demo_end_to_end():
     # One report: the table (every method vs SFT and SFT-continued), the refinement benchmark,
     # the reward models, the wall time of every stage, two plots.
     report = (out / "report.md").read_text()
-    rows = [line for line in report.splitlines() if line.startswith("| **")]
+    table = report.split("## Every method vs SFT and SFT-continued", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| **")]
     for name in ("SFT", "SFT-continued", "MM-DPO", "rDPO", "FGAIF-PPO", "DRESS", "DPO (ablation)",
                  "text-only DPO", "PPO sequence reward", "PPO oracle rewards"):
         assert any(name in r for r in rows), name
