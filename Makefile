@@ -5,18 +5,18 @@
 # inputs; the stage scripts themselves also compare the input hashes in their manifest.
 
 SHELL := /bin/bash
-# SCALE=quick (default): `make demo` in about 13 minutes on 2 CPU cores (shorter reward-model and
-# alignment trainings, 250 sampled prompts, 100 held-out scenes). SCALE=full: the configs' own step
+# SCALE=quick (default): `make demo` in 11-14 minutes on 2 CPU cores (shorter judge, reward-model
+# and alignment trainings, 150 sampled prompts, 100 held-out scenes; SFT keeps its 2,000 steps). SCALE=full: the configs' own step
 # counts, 500 prompts, all 500 held-out scenes (about 50 minutes; the README's result tables), in
 # runs/demo-full. Any variable below can still be set on the command line.
 SCALE ?= quick
 ifeq ($(SCALE),quick)
 RUN ?= $(if $(MODEL),$(MODEL),demo)
-RM_STEPS ?= 100
+RM_STEPS ?= 60
 ALIGN_STEPS ?= 60
-JUDGE_STEPS ?= 250
+JUDGE_STEPS ?= 100
 EVAL_LIMIT ?= 100
-SAMPLE_PROMPTS ?= 250
+SAMPLE_PROMPTS ?= 150
 REFINE_OPTS ?= --limit 50 --turns 2
 else ifeq ($(SCALE),full)
 RUN ?= $(if $(MODEL),$(MODEL),demo-full)
@@ -112,7 +112,7 @@ help:
 	@echo ""
 	@echo "  report      every method vs SFT and SFT-continued (95% intervals), refinement benchmark, wall time"
 	@echo "              per stage, plots -> $(OUT)/report.md"
-	@echo "  demo        every stage of the core pipeline, then the report (SCALE=quick ~13 min; SCALE=full ~50 min)"
+	@echo "  demo        every stage of the core pipeline, then the report (SCALE=quick 11-14 min; SCALE=full ~50 min)"
 	@echo "  ablations   plain DPO, text-only rDPO, sequence-reward PPO, oracle-reward PPO (+ evaluations, report)"
 	@echo "  demo-full   SCALE=full demo + ablations -> runs/demo-full"
 	@echo "  pipeline MODEL=<$(notdir $(wildcard configs/models/*))> BASE=<checkpoint> [DRY_RUN=1]"
@@ -162,8 +162,7 @@ eval-sft: deps $(OUT)/eval/sft/metrics.json
 EVAL = $(TIMED) $(RUN_PY) -m mmalign.cli eval
 # compare reads finished evaluations: one process
 EVAL_COMPARE = $(TIMED) $(PY) -m mmalign.cli eval compare
-# EVAL_LIMIT=n evaluates the first n held-out scenes only (CI's whole-pipeline test; the demo's
-# reported numbers use all 500).
+# EVAL_LIMIT=n evaluates the first n held-out scenes only (SCALE=quick sets 100; unset: all 500).
 EVAL_LIMIT ?=
 EVAL_OPTS = $(if $(EVAL_LIMIT),--limit $(EVAL_LIMIT))
 $(OUT)/eval/sft/metrics.json: $(OUT)/sft/model/config.json $(wildcard mmalign/eval/*.py)
@@ -236,8 +235,8 @@ mmrlhf-import: deps
 # scalar Bradley-Terry baseline (configs/rm/). `rm-score` scores the val pairs with both (ranking
 # accuracy, critique quality vs the oracle's) and the train pairs with the critique RM: its margin
 # is MM-DPO's delta (reward_margin in runs/<RUN>/rm/scored/{train,val}/pairs.jsonl).
-# RM_STEPS / ALIGN_STEPS=n shorten the reward-model and the DPO / SFT-continued trainings (CI's
-# whole-pipeline test uses them); unset, the configs' step counts hold.
+# RM_STEPS / ALIGN_STEPS=n shorten the reward-model and the alignment trainings (SCALE=quick sets
+# 60 and 60); unset, the configs' step counts hold.
 RM_STEPS ?=
 ALIGN_STEPS ?=
 rm: deps $(OUT)/rm/critique/model/reward_config.json $(OUT)/rm/scalar/model/reward_config.json

@@ -81,7 +81,7 @@ def main_table(cmp_sft: Mapping[str, Any], cmp_cont: Mapping[str, Any] | None, r
         cells = []
         for section, key, _ in COLUMNS:
             parts = [pct(_metric(doc, section, key))]
-            if run != "sft" and key:
+            if run != "sft":
                 d = cmp_sft["diffs"].get(f, {}).get(section, {}).get(key)
                 parts.append(f"Δ SFT {pct(d, signed=True)}" if d else "")
             if cmp_cont and run not in ("sft", "sft-continued"):

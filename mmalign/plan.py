@@ -63,7 +63,7 @@ def parse_steps(text: str) -> list[Step]:
         if i < 0:
             continue
         head, command = words[:i], words[i + 1:]
-        opts = dict(zip(head[::1], head[1:] + [""]))
+        opts = dict(zip(head, head[1:] + [""]))  # each option -> the word after it
         stage = stage_name(opts.get("--target", command[0]), opts.get("--root", ""))
         if stage in seen:
             continue

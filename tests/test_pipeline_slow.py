@@ -56,7 +56,7 @@ def test_make_demo_end_to_end():
         assert (out / "eval/sft" / name).stat().st_size > 0
     # sample -> feedback with the judge source, measured against the oracle.
     sampled = json.loads((out / "sample/manifest.json").read_text())["counts"]
-    assert sampled["prompts"] == 250 and sampled["responses"] + sampled.get("rejected_empty", 0) == 1000
+    assert sampled["prompts"] == 150 and sampled["responses"] + sampled.get("rejected_empty", 0) == 600
     fb = json.loads((out / "feedback/judge/report.json").read_text())
     assert fb["source"] == "judge" and fb["counts"]["responses"] == sampled["responses"]
     assert set(fb["agreement_with_oracle"]) == {"object", "attribute", "relation"}
@@ -92,7 +92,8 @@ def test_make_demo_end_to_end():
     # DRESS: feedback records with conditions, conditional RL, the conditioned evaluation and the
     # refinement benchmark turn by turn for SFT, SFT-continued and DRESS.
     nlf = json.loads((out / "nlf/report.json").read_text())
-    assert nlf["records"]["critique"]["total"] > 1000 and nlf["records"]["refinement"]["total"] > 1000
+    # a critique example per kept sample; a refinement episode per sample with something to fix
+    assert nlf["records"]["critique"]["total"] == sampled["responses"] and nlf["records"]["refinement"]["total"] > 300
     dress = json.loads((out / "eval/dress/metrics.json").read_text())
     assert dress["settings"]["condition"] == "Answer quality: good."
     refine = json.loads((out / "refine/dress/metrics.json").read_text())
