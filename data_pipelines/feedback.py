@@ -235,8 +235,7 @@ def _run(ap, args, config: dict, inputs: list, responses: Path, model: Path | No
 
             teacher = load_component("models.feedback_sources.TeacherCritic", path=str(args.teacher),
                                      prompt_file=args.teacher_prompts, trust_remote_code=args.trust_remote_code)
-        n_mine = sum(len(items[c * args.chunk_size:(c + 1) * args.chunk_size])
-                     for c in shard.chunks(-(-len(items) // args.chunk_size)))
+        n_mine = shard.items_mine(len(items), args.chunk_size)
         with tqdm(total=n_mine, desc=f"feedback ({source.name})", unit="resp", file=sys.stderr, dynamic_ncols=True,
                   disable=args.no_progress or not shard.is_main) as bar:
             def annotate(_: int, chunk: list[FeedbackItem]) -> list[dict]:

@@ -152,8 +152,7 @@ def _run(args, config: dict, inputs: list, records: list, shard, load_component)
     policy = load_component(args.policy_class, path=str(args.model)).eval().to(shard.device(args.device))
     pid = checkpoint_id(args.model)
     run = Sampler(policy, args.k, args.temperature, args.top_p, args.max_new_tokens, args.seed)
-    n_mine = sum(len(records[c * args.batch_size:(c + 1) * args.batch_size])
-                 for c in shard.chunks(-(-len(records) // args.batch_size)))
+    n_mine = shard.items_mine(len(records), args.batch_size)
     t0 = time.perf_counter()
     with tqdm(total=n_mine * args.k, desc="sampling" if shard.world == 1 else f"sampling (rank 0 of {shard.world})",
               unit="resp", disable=args.no_progress or not shard.is_main, file=sys.stderr, dynamic_ncols=True) as bar:

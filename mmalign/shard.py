@@ -132,6 +132,12 @@ class Shard:
         """This rank's chunks: ``c % world == rank``, in order."""
         return list(range(self.rank, n_chunks, self.world))
 
+    def items_mine(self, n_items: int, chunk_size: int) -> int:
+        """How many of ``n_items`` (cut into chunks of ``chunk_size``) this rank handles: the
+        total of its progress bar."""
+        n_chunks = -(-n_items // chunk_size)
+        return sum(min(chunk_size, n_items - c * chunk_size) for c in self.chunks(n_chunks))
+
     def parts(self, out: Path, stage: str, config: Mapping[str, Any], inputs: Sequence[Any] = ()) -> Parts:
         """The part store of this run of ``stage`` writing ``out``. Collective under torchrun
         (every rank must call it); checks there that every rank has the same config and inputs."""

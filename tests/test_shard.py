@@ -246,3 +246,12 @@ def test_eval_two_ranks_under_torchrun_equals_one_rank(world, model_dirs, tmp_pa
             m.pop(k)
     assert m1 == m2
     _same_manifest(one, two)
+
+
+def test_items_mine_counts_each_ranks_share():
+    from mmalign.shard import Shard
+
+    # 10 items in chunks of 3: chunks [0-2], [3-5], [6-8], [9]; rank 0 of 2 has chunks 0 and 2
+    # (6 items), rank 1 chunks 1 and 3 (4 items); one rank has everything.
+    assert [Shard(rank=r, world=2).items_mine(10, 3) for r in (0, 1)] == [6, 4]
+    assert Shard().items_mine(10, 3) == 10 and Shard().items_mine(0, 3) == 0

@@ -368,7 +368,7 @@ def evaluate(policy: Any, benchmark: Benchmark, out: Path, settings: Mapping[str
         # Identical (image, prompt) pairs are answered once: the POPE splits share their positives.
         unique = list(dict.fromkeys((it.image, it.prompt) for it in its))
         desc = "captions" if kind == "caption" else "yes/no"
-        n_mine = sum(len(unique[c * bs:(c + 1) * bs]) for c in shard.chunks(-(-len(unique) // bs)))
+        n_mine = shard.items_mine(len(unique), bs)
         with tqdm(total=n_mine, desc=desc if shard.world == 1 else f"{desc} (rank 0 of {shard.world})",
                   unit="prompt", disable=not progress or not shard.is_main or not unique, file=sys.stderr,
                   dynamic_ncols=True) as bar:
