@@ -27,28 +27,21 @@ Why it is built this way:
 from __future__ import annotations
 
 import argparse
-import hashlib
-import math
 import random
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-from PIL import Image, ImageDraw
-
+from mmalign.render import derived_seed as _derived_seed, render_scene  # noqa: F401  (render_scene re-exported)
 from mmalign.stage import StageOutput, atomic_write_jsonl, is_up_to_date
-from mmalign.world import COLORS, SIZE_EXTENT, TASKS, QA, Scene, sample_scene, scene_tasks
+from mmalign.world import TASKS, QA, Scene, sample_scene, scene_tasks
 
 STAGE = "data"
 #: Bump when the output of the same config changes (rendering, templates, record layout), so
 #: existing outputs stop counting as up to date.
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-#: Render at this multiple of the image size and downsample: anti-aliased edges at 64 px.
-SUPERSAMPLE = 4
-MAX_ROTATION_DEG = {"circle": 0.0, "square": 8.0, "diamond": 8.0, "triangle": 10.0, "star": 12.0, "cross": 8.0}
 
 
 def scene_id_for(split: str, index: int) -> str:
@@ -57,12 +50,6 @@ def scene_id_for(split: str, index: int) -> str:
 
 def image_relpath(split: str, index: int) -> str:
     return f"images/{split}/{index:06d}.png"
-
-
-def _derived_seed(seed: int, *parts: str) -> int:
-    """A 64-bit seed from (seed, parts) via sha256: stable across runs and Python versions."""
-    digest = hashlib.sha256(":".join([str(seed), *parts]).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,62 +119,6 @@ def sample_splits(
 
 
 # ---------------------------------------------------------------------------------------------
-# rendering
-
-
-def _shape_polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
-    """Vertices of a shape whose circumscribed circle has radius ``r``, rotated by ``rot`` rad."""
-    if shape == "square":
-        pts = [(math.cos(a), math.sin(a)) for a in (math.pi / 4 + k * math.pi / 2 for k in range(4))]
-    elif shape == "diamond":
-        # taller than wide, so it differs from a square by its proportions as well as its angle
-        pts = [(0.0, -1.0), (0.72, 0.0), (0.0, 1.0), (-0.72, 0.0)]
-    elif shape == "triangle":
-        pts = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2 + k * 2 * math.pi / 3 for k in range(3))]
-        pts = [(x, y + 0.15) for x, y in pts]  # centre the triangle's bounding box
-    elif shape == "star":
-        pts = []
-        for k in range(10):
-            a = -math.pi / 2 + k * math.pi / 5
-            rad = 1.0 if k % 2 == 0 else 0.45
-            pts.append((rad * math.cos(a), rad * math.sin(a) + 0.05))
-    elif shape == "cross":
-        w = 0.34  # half-width of each bar
-        h = 0.95
-        pts = [(-w, -h), (w, -h), (w, -w), (h, -w), (h, w), (w, w), (w, h), (-w, h), (-w, w), (-h, w), (-h, -w), (-w, -w)]
-    else:
-        raise ValueError(f"no polygon for shape {shape!r}")
-    c, s = math.cos(rot), math.sin(rot)
-    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
-
-
-def render_scene(scene: Scene, image_size: int = 64, seed: int = 0) -> Image.Image:
-    """Draw a scene as an RGB image; deterministic in (scene, image_size, seed).
-
-    Drawn at ``SUPERSAMPLE`` x the size and downsampled for clean edges; then light pixel noise
-    is added so no two images are identical even for similar layouts.
-    """
-    rng = np.random.default_rng(_derived_seed(seed, "render", scene.scene_id))
-    big = image_size * SUPERSAMPLE
-    bg = np.clip(np.array([236, 236, 236]) + rng.integers(-10, 11, size=3), 0, 255)
-    img = Image.new("RGB", (big, big), tuple(int(v) for v in bg))
-    draw = ImageDraw.Draw(img)
-    for o in scene.objects:
-        r = SIZE_EXTENT[o.size] * big * float(rng.uniform(0.94, 1.06))
-        color = tuple(int(v) for v in np.clip(np.array(COLORS[o.color]) + rng.integers(-12, 13, size=3), 0, 255))
-        cx, cy = o.x * big, o.y * big
-        if o.shape == "circle":
-            rr = r * 0.92  # a circle fills its circumscribed circle; shrink to match polygons' area
-            draw.ellipse([cx - rr, cy - rr, cx + rr, cy + rr], fill=color)
-        else:
-            rot = math.radians(float(rng.uniform(-1.0, 1.0)) * MAX_ROTATION_DEG[o.shape])
-            draw.polygon(_shape_polygon(o.shape, cx, cy, r, rot), fill=color)
-    img = img.resize((image_size, image_size), Image.LANCZOS)
-    arr = np.asarray(img, dtype=np.int16) + rng.normal(0.0, 3.0, size=(image_size, image_size, 1)).round().astype(np.int16)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
-
-
-# ---------------------------------------------------------------------------------------------
 # records
 
 
@@ -226,9 +157,10 @@ def scene_record(scene: Scene, split: str, index: int) -> dict[str, Any]:
     }
 
 
-def scene_instances(scene: Scene, seed: int, qa_per_scene: int) -> list[QA]:
+def scene_instances(scene: Scene, seed: int, qa_per_scene: int, yes_no_answers: str = "short") -> list[QA]:
     """The task instances of one scene, seeded by (seed, scene_id) only."""
-    return scene_tasks(scene, random.Random(_derived_seed(seed, "tasks", scene.scene_id)), qa_per_scene)
+    return scene_tasks(scene, random.Random(_derived_seed(seed, "tasks", scene.scene_id)), qa_per_scene,
+                       explain_yes_no=yes_no_answers == "explained")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +179,7 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         "min_objects": args.min_objects,
         "max_objects": args.max_objects,
         "qa_per_scene": args.qa_per_scene,
+        "yes_no_answers": args.yes_no_answers,
     }
 
 
@@ -296,7 +229,7 @@ def generate(out: Path, config: dict[str, Any], progress: bool = True) -> dict[s
                         st.path / image_relpath(split, index), format="PNG", optimize=False)
                     scene_lines.append(scene_record(scene, split, index))
                     per_task: dict[str, int] = {}
-                    for qa in scene_instances(scene, seed, config["qa_per_scene"]):
+                    for qa in scene_instances(scene, seed, config["qa_per_scene"], config.get("yes_no_answers", "short")):
                         k = per_task.get(qa.task, 0)
                         per_task[qa.task] = k + 1
                         sft_lines.append(sft_record(scene, split, index, qa, k))
@@ -347,6 +280,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-objects", type=int, default=4, help="most objects per scene (more than ~6 rarely fit at 64 px)")
     p.add_argument("--qa-per-scene", type=int, default=1,
                    help="instances of each question kind (existence, attribute, relation, count) per scene")
+    p.add_argument("--yes-no-answers", choices=("short", "explained"), default="short",
+                   help="'short': 'Yes.' / 'No.'; 'explained': the answer goes on to say what the image shows "
+                        "('No, it is small.')")
     p.add_argument("--force", action="store_true", help="regenerate even if --out is up to date")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)

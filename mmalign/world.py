@@ -90,7 +90,13 @@ TASKS: tuple[str, ...] = (
     "yesno_attribute",
     "yesno_relation",
     "count",
+    "lookup_color",
+    "lookup_size",
+    "lookup_relation",
 )
+#: Content questions ("What color is the star?"): answered by reading the image, checked in code.
+#: The judge asks these to verify claims (TIFA-style); see :func:`lookup_color_question`.
+LOOKUP_TASKS: tuple[str, ...] = ("lookup_color", "lookup_size", "lookup_relation")
 YESNO_TASKS: tuple[str, ...] = ("yesno_existence", "yesno_attribute", "yesno_relation")
 
 #: Prompt paraphrases. Several per task so a model must read the prompt, not just the image.
@@ -285,6 +291,68 @@ class Scene:
 # sampling
 
 
+@dataclass(frozen=True)
+class WorldPrior:
+    """Which objects appear together, and in which colours: the world's co-occurrence structure.
+
+    Why: real VLMs hallucinate the objects that usually co-occur with what they see (a fork
+    beside a plate) and the colours objects usually have, which is what POPE's popular and
+    adversarial splits probe. A world whose shapes and colours are drawn uniformly has no such
+    prior, so its adversarial split equals its random one and a model that does not see has
+    nothing plausible to guess. Here, as with COCO's categories:
+
+    * every scene has a *context* (``contexts``: two groups of three shapes) and each object's
+      shape comes from it with probability ``in_context``, weighted by ``shape_weights`` (so some
+      shapes are more frequent overall: the popular split), else from another context;
+    * each shape has a ``typical_color`` it takes with probability ``typical_color_p``, else a
+      colour drawn uniformly from the other five.
+
+    Identity stays ``(color, shape)``, unique in a scene, and every hallucination type stays
+    measurable. ``sample_scene(..., prior=None)`` draws uniformly (the earlier world).
+    """
+
+    contexts: tuple[tuple[str, ...], ...] = (("circle", "square", "triangle"), ("star", "cross", "diamond"))
+    shape_weights: tuple[float, ...] = (0.5, 0.3, 0.2)
+    in_context: float = 0.85
+    typical_color: tuple[tuple[str, str], ...] = (
+        ("circle", "red"), ("square", "blue"), ("triangle", "green"),
+        ("star", "yellow"), ("cross", "purple"), ("diamond", "orange"),
+    )
+    typical_color_p: float = 0.5
+
+    def __post_init__(self) -> None:
+        flat = [s for c in self.contexts for s in c]
+        if sorted(flat) != sorted(SHAPES):
+            raise ValueError(f"contexts must partition the shapes {SHAPES}, got {self.contexts}")
+        if any(len(c) != len(self.shape_weights) for c in self.contexts):
+            raise ValueError("every context needs one weight per shape (shape_weights)")
+        if sorted(s for s, _ in self.typical_color) != sorted(SHAPES):
+            raise ValueError("typical_color needs one entry per shape")
+
+    def draw_pairs(self, rng: random.Random, n: int) -> list[tuple[str, str]]:
+        """``n`` distinct (color, shape) pairs for one scene."""
+        context = rng.randrange(len(self.contexts))
+        typical = dict(self.typical_color)
+        pairs: list[tuple[str, str]] = []
+        while len(pairs) < n:
+            if rng.random() < self.in_context or len(self.contexts) == 1:
+                group = self.contexts[context]
+            else:
+                group = self.contexts[rng.choice([c for c in range(len(self.contexts)) if c != context])]
+            shape = rng.choices(group, weights=self.shape_weights)[0]
+            if rng.random() < self.typical_color_p:
+                color = typical[shape]
+            else:
+                color = rng.choice([c for c in COLORS if c != typical[shape]])
+            if (color, shape) not in pairs:
+                pairs.append((color, shape))
+        return pairs
+
+
+#: The default world's prior (the data stage and the vision pretraining stage sample with it).
+DEFAULT_PRIOR = WorldPrior()
+
+
 def _axis_ok(d: float) -> bool:
     """An axis offset is acceptable when clearly aligned or clearly apart (not in the band)."""
     d = abs(d)
@@ -298,10 +366,13 @@ def sample_scene(
     min_objects: int = 1,
     max_objects: int = 4,
     max_restarts: int = 200,
+    prior: WorldPrior | None = DEFAULT_PRIOR,
 ) -> Scene:
     """Draw a random scene: distinct (color, shape) pairs, random sizes, non-overlapping
     positions, and no pair offset inside the ambiguous relation band on either axis.
 
+    Which objects: ``prior`` (:class:`WorldPrior`, co-occurring shapes and typical colours), or
+    uniformly over every (color, shape) pair when ``prior`` is None.
     Positions are rounded to 4 decimals *before* the checks, so what is stored is exactly what
     was checked. Objects are returned in :meth:`Scene.reading_order`.
     """
@@ -311,7 +382,10 @@ def sample_scene(
         n_objects = rng.randint(min_objects, max_objects)
     if not 1 <= n_objects <= MAX_OBJECTS:
         raise ValueError(f"n_objects must be in 1..{MAX_OBJECTS}, got {n_objects}")
-    pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], n_objects)
+    if prior is None:
+        pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], n_objects)
+    else:
+        pairs = prior.draw_pairs(rng, n_objects)
     sizes = [rng.choice(SIZES) for _ in range(n_objects)]
     # place the large objects first: they are the hard ones to fit
     order = sorted(range(n_objects), key=lambda k: -SIZE_EXTENT[sizes[k]])
@@ -415,9 +489,16 @@ class QA:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def yes_no(answer: bool) -> str:
-    """The answer text for a yes/no question. Always starts with "Yes" or "No"."""
-    return "Yes." if answer else "No."
+def yes_no(answer: bool, evidence: str | None = None) -> str:
+    """The answer text for a yes/no question. Always starts with "Yes" or "No".
+
+    With ``evidence`` ("there is a red circle", "it is small") the answer goes on to say what
+    the image shows: "No, it is small." (the ``explained`` answer format, see
+    :func:`scene_tasks`).
+    """
+    if evidence is None:
+        return "Yes." if answer else "No."
+    return f"{'Yes' if answer else 'No'}, {evidence}."
 
 
 def count_answer(n: int) -> str:
@@ -425,7 +506,7 @@ def count_answer(n: int) -> str:
     return number_word(n).capitalize() + "."
 
 
-def existence_question(scene: Scene, rng: random.Random, answer: bool | None = None) -> QA:
+def existence_question(scene: Scene, rng: random.Random, answer: bool | None = None, explain: bool = False) -> QA:
     """ "Is there a red circle in the image?" about a present or absent (color, shape), or, a
     third of the time, "Is there a circle in the image?" about a category alone.
 
@@ -447,7 +528,13 @@ def existence_question(scene: Scene, rng: random.Random, answer: bool | None = N
         negative = None if answer else "random"
         template = rng.choice(("Is there {a} {s} in the image?", "Can you see {a} {s} in the picture?"))
         q = template.format(a=article(shape), s=shape)
-        return QA("yesno_existence", q, yes_no(answer), answer, {"color": None, "shape": shape, "negative": negative})
+        evidence = None
+        if explain:
+            first = next(scene.objects[i] for i in scene.reading_order() if scene.objects[i].shape == shape) \
+                if answer else None
+            evidence = f"there is {article(first.color)} {first.name()}" if first else f"there is no {shape}"
+        return QA("yesno_existence", q, yes_no(answer, evidence), answer,
+                  {"color": None, "shape": shape, "negative": negative})
     if answer:
         color, shape = rng.choice(sorted(present))
     else:
@@ -464,11 +551,14 @@ def existence_question(scene: Scene, rng: random.Random, answer: bool | None = N
         "Can you see {a} {c} {s} in the picture?",
     ))
     q = template.format(a=article(color), c=color, s=shape)
-    return QA("yesno_existence", q, yes_no(answer), answer,
+    evidence = None
+    if explain:
+        evidence = f"there is {article(color)} {color} {shape}" if answer else f"there is no {color} {shape}"
+    return QA("yesno_existence", q, yes_no(answer, evidence), answer,
               {"color": color, "shape": shape, "negative": negative})
 
 
-def attribute_question(scene: Scene, rng: random.Random, answer: bool | None = None) -> QA:
+def attribute_question(scene: Scene, rng: random.Random, answer: bool | None = None, explain: bool = False) -> QA:
     """ "Is the circle red?" (colour of a shape that occurs once) or "Is the red circle large?".
 
     Colour questions need an unambiguous referent, so they are only asked about shapes that
@@ -496,17 +586,20 @@ def attribute_question(scene: Scene, rng: random.Random, answer: bool | None = N
             else:
                 negative, color = "random", rng.choice(others)
         template = rng.choice(("Is the {s} {c}?", "Is the {s} in the image {c}?"))
-        return QA("yesno_attribute", template.format(s=o.shape, c=color), yes_no(answer), answer,
+        return QA("yesno_attribute", template.format(s=o.shape, c=color),
+                  yes_no(answer, f"it is {o.color}" if explain else None), answer,
                   {"attribute": "color", "subject": o.shape, "value": color, "negative": negative})
     i = rng.randrange(len(scene.objects))
     o = scene.objects[i]
     size = o.size if answer else next(s for s in SIZES if s != o.size)
     template = rng.choice(("Is the {n} {z}?", "Is the {n} in the image {z}?"))
-    return QA("yesno_attribute", template.format(n=o.name(), z=size), yes_no(answer), answer,
+    return QA("yesno_attribute", template.format(n=o.name(), z=size),
+              yes_no(answer, f"it is {o.size}" if explain else None), answer,
               {"attribute": "size", "subject": o.name(), "value": size, "negative": None if answer else "opposite"})
 
 
-def relation_question(scene: Scene, rng: random.Random, answer: bool | None = None) -> QA | None:
+def relation_question(scene: Scene, rng: random.Random, answer: bool | None = None,
+                      explain: bool = False) -> QA | None:
     """ "Is the red circle left of the blue square?"; None for a one-object scene.
 
     A positive is a relation that clearly holds. A negative is a (pair, relation) that is
@@ -531,7 +624,11 @@ def relation_question(scene: Scene, rng: random.Random, answer: bool | None = No
         negative = "opposite" if scene.relation_truth(i, OPPOSITE[rel], j) else "aligned"
     template = rng.choice(("Is the {a} {r} the {b}?", "In the image, is the {a} {r} the {b}?"))
     q = template.format(a=scene.objects[i].name(), r=rel, b=scene.objects[j].name())
-    return QA("yesno_relation", q, yes_no(answer), answer,
+    evidence = None
+    if explain:
+        holds = relations_between(scene, i, j)
+        evidence = f"it is {_join(holds)} the {scene.objects[j].name()}" if holds else "they are level"
+    return QA("yesno_relation", q, yes_no(answer, evidence), answer,
               {"subject": scene.objects[i].name(), "relation": rel, "object": scene.objects[j].name(),
                "negative": negative})
 
@@ -561,6 +658,89 @@ def count_question(scene: Scene, rng: random.Random) -> QA:
     return QA("count", q, count_answer(n), None, {"attribute": kind, "value": value, "count": n})
 
 
+#: The first paraphrase of each look-up question: the one the judge asks.
+LOOKUP_COLOR_TEMPLATE = "What color is the {s}?"
+LOOKUP_SIZE_TEMPLATE = "What size is the {n}?"
+LOOKUP_RELATION_TEMPLATE = "Where is the {a} relative to the {b}?"
+
+
+def _capital_list(words: Sequence[str]) -> str:
+    text = _join(list(words)) + "."
+    return text[0].upper() + text[1:]
+
+
+def lookup_color_question(scene: Scene, rng: random.Random, shape: str | None = None) -> QA:
+    """ "What color is the star?" -> "Yellow." / "Yellow and red." (every object of that shape,
+    in reading order) / "There is no star." when the shape is absent (a quarter of the time).
+
+    A content question: the answer is read off the image, not compared with the question, so a
+    model learns it where it cannot learn "Is there a star?" (docs/TESTBED.md). The judge asks it
+    to verify object and colour claims.
+    """
+    present = sorted({o.shape for o in scene.objects})
+    if shape is None:
+        absent = [s for s in SHAPES if s not in present]
+        shape = rng.choice(absent) if absent and rng.random() < 0.25 else rng.choice(present)
+    colors = [scene.objects[i].color for i in scene.reading_order() if scene.objects[i].shape == shape]
+    answer = _capital_list(colors) if colors else f"There is no {shape}."
+    q = rng.choice((LOOKUP_COLOR_TEMPLATE, "Which color does the {s} have?")).format(s=shape)
+    return QA("lookup_color", q, answer, None, {"shape": shape, "colors": ",".join(colors)})
+
+
+def lookup_size_question(scene: Scene, rng: random.Random, index: int | None = None) -> QA:
+    """ "What size is the red circle?" -> "Small." about an object of the scene."""
+    i = rng.randrange(len(scene.objects)) if index is None else index
+    o = scene.objects[i]
+    q = rng.choice((LOOKUP_SIZE_TEMPLATE, "How big is the {n}?")).format(n=o.name())
+    return QA("lookup_size", q, o.size.capitalize() + ".", None, {"subject": o.name(), "size": o.size})
+
+
+def relations_between(scene: Scene, i: int, j: int) -> list[str]:
+    """Every relation that clearly holds from object ``i`` to ``j``, in :data:`RELATIONS` order."""
+    return [r for r in RELATIONS if scene.relation_truth(i, r, j)]
+
+
+def lookup_relation_question(scene: Scene, rng: random.Random, pair: tuple[int, int] | None = None) -> QA | None:
+    """ "Where is the red circle relative to the blue square?" -> "Left of and above." (every
+    relation that clearly holds; "Level." if none does, only in hand-made scenes); None for a
+    one-object scene."""
+    if len(scene.objects) < 2 and pair is None:
+        return None
+    i, j = pair if pair is not None else rng.sample(range(len(scene.objects)), 2)
+    rels = relations_between(scene, i, j)
+    a, b = scene.objects[i].name(), scene.objects[j].name()
+    q = rng.choice((LOOKUP_RELATION_TEMPLATE, "Where is the {a} compared to the {b}?")).format(a=a, b=b)
+    return QA("lookup_relation", q, _capital_list(rels) if rels else "Level.", None,
+              {"subject": a, "object": b, "relations": ",".join(rels)})
+
+
+def parse_lookup_colors(text: str) -> list[str] | None:
+    """Colours named in a :func:`lookup_color_question` answer; ``[]`` for "There is no ...";
+    None when the text is neither (unparseable)."""
+    low = text.lower()
+    if re.match(r"\s*there is no\b", low):
+        return []
+    colors = [COLOR_WORDS[w] for w in re.findall(r"[a-z]+", low) if w in COLOR_WORDS]
+    return colors or None
+
+
+def parse_lookup_size(text: str) -> str | None:
+    """The size word of a :func:`lookup_size_question` answer, or None."""
+    for w in re.findall(r"[a-z]+", text.lower()):
+        if w in SIZE_WORDS:
+            return SIZE_WORDS[w]
+    return None
+
+
+def parse_lookup_relations(text: str) -> list[str] | None:
+    """Relations named in a :func:`lookup_relation_question` answer (``[]`` for "Level."), or None."""
+    low = text.lower()
+    found = [r for r in RELATIONS if re.search(r"\b" + r + r"\b", low)]
+    if found:
+        return found
+    return [] if re.match(r"\s*level\b", low) else None
+
+
 def _plural(shape: str) -> str:
     return shape + "es" if shape.endswith(("s", "x", "ch", "sh")) else shape + "s"
 
@@ -574,18 +754,24 @@ def caption_task(scene: Scene, rng: random.Random, task: str) -> QA:
     raise ValueError(f"not a caption task: {task!r}")
 
 
-def scene_tasks(scene: Scene, rng: random.Random, qa_per_scene: int = 1) -> list[QA]:
+def scene_tasks(scene: Scene, rng: random.Random, qa_per_scene: int = 1, explain_yes_no: bool = False) -> list[QA]:
     """Every task for one scene: one of each caption, ``qa_per_scene`` of each question kind.
+
+    ``explain_yes_no``: yes/no answers go on to say what the image shows ("No, it is small.",
+    "Yes, there is a red circle."), the ``explained`` answer format; else "Yes." / "No.".
 
     Relation questions are skipped for one-object scenes. Within a scene a question is not
     repeated (up to a few redraws), so ``qa_per_scene > 1`` adds distinct questions.
     """
     out = [caption_task(scene, rng, "detailed_caption"), caption_task(scene, rng, "short_caption")]
     makers = (
-        ("yesno_existence", lambda: existence_question(scene, rng)),
-        ("yesno_attribute", lambda: attribute_question(scene, rng)),
-        ("yesno_relation", lambda: relation_question(scene, rng)),
+        ("yesno_existence", lambda: existence_question(scene, rng, explain=explain_yes_no)),
+        ("yesno_attribute", lambda: attribute_question(scene, rng, explain=explain_yes_no)),
+        ("yesno_relation", lambda: relation_question(scene, rng, explain=explain_yes_no)),
         ("count", lambda: count_question(scene, rng)),
+        ("lookup_color", lambda: lookup_color_question(scene, rng)),
+        ("lookup_size", lambda: lookup_size_question(scene, rng)),
+        ("lookup_relation", lambda: lookup_relation_question(scene, rng)),
     )
     for _task, make in makers:
         seen: set[str] = set()

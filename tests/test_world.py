@@ -356,3 +356,75 @@ def test_other_scene_yields_exactly_the_missing_objects(a: Scene, b: Scene) -> N
 def test_generated_questions_are_true(scene: Scene, seed: int) -> None:
     for qa in W.scene_tasks(scene, random.Random(seed), qa_per_scene=2):
         assert_qa_true(scene.to_dict(), qa.task, qa.question, qa.answer, qa.label, qa.meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# the world prior (co-occurrence) and the look-up questions
+
+
+def test_world_prior_gives_cooccurrence_and_typical_colours():
+    rng = random.Random(0)
+    scenes = [W.sample_scene(rng, f"p{i}", min_objects=2, max_objects=4) for i in range(3000)]
+    prior = W.DEFAULT_PRIOR
+    group = {s: k for k, c in enumerate(prior.contexts) for s in c}
+    same = total = 0
+    for s in scenes:
+        g = [group[o.shape] for o in s.objects]
+        for i in range(len(g)):
+            for j in range(i + 1, len(g)):
+                same += g[i] == g[j]
+                total += 1
+    # two objects share a context far more often than the 5/11 that uniform draws would give
+    assert same / total > 0.65
+    typical = dict(prior.typical_color)
+    objs = [o for s in scenes for o in s.objects]
+    share = sum(o.color == typical[o.shape] for o in objs) / len(objs)
+    assert 0.35 < share < 0.6  # 0.5 asked, minus uniqueness clashes; uniform would give 1/6
+    freq = {sh: sum(o.shape == sh for o in objs) for sh in W.SHAPES}
+    assert freq["circle"] > 1.8 * freq["triangle"]  # the popular split has something to rank
+    uniform = [W.sample_scene(random.Random(i), prior=None) for i in range(400)]
+    assert sum(o.color == typical[o.shape] for s in uniform for o in s.objects) / sum(len(s.objects) for s in uniform) < 0.3
+
+
+def test_world_prior_validates():
+    with pytest.raises(ValueError, match="partition"):
+        W.WorldPrior(contexts=(("circle", "square", "triangle"), ("star", "cross", "circle")))
+    with pytest.raises(ValueError, match="weight"):
+        W.WorldPrior(shape_weights=(1.0, 1.0))
+
+
+def test_lookup_questions_answer_from_the_scene(three):
+    rng = random.Random(0)
+    qa = W.lookup_color_question(three, rng, "star")
+    assert qa.answer == "Green." and W.parse_lookup_colors(qa.answer) == ["green"]
+    qa = W.lookup_color_question(three, rng, "cross")
+    assert qa.answer == "There is no cross." and W.parse_lookup_colors(qa.answer) == []
+    assert W.parse_lookup_colors("I do not know") is None
+    qa = W.lookup_size_question(three, rng, 2)
+    assert qa.answer == "Large." and W.parse_lookup_size(qa.answer) == "large"
+    # the circle (x 0.2) is left of the square (x 0.6), same row
+    qa = W.lookup_relation_question(three, rng, (0, 1))
+    assert qa.answer == "Left of." and W.parse_lookup_relations(qa.answer) == ["left of"]
+    # the star is right of the circle and above it
+    qa = W.lookup_relation_question(three, rng, (2, 0))
+    assert qa.answer == "Right of and above." and W.parse_lookup_relations(qa.answer) == ["right of", "above"]
+    assert W.lookup_relation_question(Scene(three.objects[:1], "one"), rng) is None
+    assert W.parse_lookup_relations("Level.") == [] and W.parse_lookup_relations("dunno") is None
+
+
+def test_explained_yes_no_answers_start_with_the_label_and_state_the_truth():
+    rng = random.Random(1)
+    for i in range(300):
+        scene = W.sample_scene(rng, f"e{i}")
+        for qa in W.scene_tasks(scene, random.Random(i), explain_yes_no=True):
+            if qa.label is None:
+                continue
+            assert W.parse_yes_no(qa.answer) is qa.label
+            body = qa.answer.split(", ", 1)[1]
+            if qa.task == "yesno_attribute" and qa.meta["attribute"] == "size":
+                subject = next(o for o in scene.objects if o.name() == qa.meta["subject"])
+                assert body == f"it is {subject.size}."
+            if qa.task == "yesno_existence" and not qa.label:
+                assert body.startswith("there is no ")
+    short = W.scene_tasks(W.sample_scene(random.Random(2)), random.Random(2))
+    assert {qa.answer for qa in short if qa.label is not None} <= {"Yes.", "No."}
