@@ -79,8 +79,13 @@ def _check_family(family: str) -> None:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
-def chat_template(family: str = "llava") -> str:
+def chat_template(family: str = "llava", question_first: bool = False) -> str:
     """The Jinja chat template for ``family``.
+
+    ``question_first``: a user turn renders its text parts before its image parts, so the
+    model reads the question before it looks (every image token can attend to the question, as
+    InstructBLIP's Q-Former reads the instruction). Records keep LLaVA's image-then-text order;
+    only this model's template differs. Why: docs/TESTBED.md (yes/no questions).
 
     Renders TRL/HF conversational messages whose ``content`` is a string or a list of
     ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` parts, roles system/user/assistant.
@@ -89,6 +94,16 @@ def chat_template(family: str = "llava") -> str:
     ``add_generation_prompt=True`` is an exact string- and token-prefix of the full rendering.
     """
     _check_family(family)
+    in_order = f"""
+        {{%- for part in message['content'] -%}}
+            {{%- if part['type'] == 'image' -%}} {IMAGE_PLACEHOLDER[family]}
+            {{%- elif part['type'] == 'text' -%}} {{{{- part['text'] -}}}}
+            {{%- endif -%}}
+        {{%- endfor -%}}"""
+    text_then_image = f"""
+        {{%- for part in message['content'] if part['type'] == 'text' -%}} {{{{- part['text'] -}}}} {{%- endfor -%}}
+        {{%- for part in message['content'] if part['type'] == 'image' -%}} {IMAGE_PLACEHOLDER[family]} {{%- endfor -%}}"""
+    parts = text_then_image if question_first else in_order
     # Every tag trims the whitespace around it ({%- -%}), so the newlines below are not rendered.
     return f"""\
 {{{{- bos_token -}}}}
@@ -99,12 +114,7 @@ def chat_template(family: str = "llava") -> str:
     {{%- else -%}} {{{{- raise_exception('unknown role: ' ~ message['role']) -}}}}
     {{%- endif -%}}
     {{%- if message['content'] is string -%}} {{{{- message['content'] -}}}}
-    {{%- else -%}}
-        {{%- for part in message['content'] -%}}
-            {{%- if part['type'] == 'image' -%}} {IMAGE_PLACEHOLDER[family]}
-            {{%- elif part['type'] == 'text' -%}} {{{{- part['text'] -}}}}
-            {{%- endif -%}}
-        {{%- endfor -%}}
+    {{%- else -%}}{parts}
     {{%- endif -%}}
     {END}
 {{%- endfor -%}}
@@ -188,6 +198,8 @@ def build_tiny_vlm(
     text_init_std: float = 0.02,
     tie_word_embeddings: bool = False,
     seed: int = 0,
+    vision_tower: str | None = None,
+    question_first: bool = False,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Build a LLaVA or Qwen2-VL model and its processor from sizes (randomly initialised).
 
@@ -221,15 +233,33 @@ def build_tiny_vlm(
             percent; see the tiny.yaml notes).
         tie_word_embeddings: share the input embedding and the LM head.
         seed: torch seed for the random initialisation (same seed -> same weights).
+        vision_tower: llava only: folder of a pretrained ``CLIPVisionModel`` (the ``vision``
+            stage's ``model/``) whose weights and sizes become the vision tower, as LLaVA builds
+            on a pretrained CLIP; the ``vision_*`` size arguments and ``image_size`` /
+            ``patch_size`` are then read from it. None = a randomly initialised tower.
+        question_first: the chat template renders a user turn's text before its image (see
+            ``chat_template``); the tokenizer and the processor both get it.
 
     Returns:
         ``(model, processor)``; ``model`` is in eval mode with a ``generation_config`` whose eos
         is ``<|end|>`` and pad is ``<|pad|>``.
     """
     _check_family(family)
+    tokenizer.chat_template = chat_template(family, question_first)
     for name, tok in _family_special_tokens(family).items():
         if tok not in tokenizer.get_vocab():
             raise ValueError(f"tokenizer lacks {name} {tok!r}: train it with family={family!r}")
+    pretrained = None
+    if vision_tower is not None:
+        if family != "llava":
+            raise ValueError("vision_tower (a pretrained CLIP tower) is supported for family='llava'")
+        from transformers import CLIPVisionModel
+
+        pretrained = CLIPVisionModel.from_pretrained(vision_tower, use_safetensors=True)
+        vc = pretrained.config
+        image_size, patch_size = vc.image_size, vc.patch_size
+        vision_hidden, vision_layers = vc.hidden_size, vc.num_hidden_layers
+        vision_heads, vision_intermediate = vc.num_attention_heads, vc.intermediate_size
     if patch_size is None:
         patch_size = 8 if family == "llava" else 4
     vision_intermediate = vision_intermediate or 4 * vision_hidden
@@ -287,7 +317,7 @@ def build_tiny_vlm(
             patch_size=patch_size,
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,  # CLIP's CLS, removed again by "default"
-            chat_template=chat_template(family),
+            chat_template=chat_template(family, question_first),
             image_token=LLAVA_IMAGE,
         )
         model_cls = LlavaForConditionalGeneration
@@ -340,7 +370,7 @@ def build_tiny_vlm(
         processor = Qwen2VLImageTextProcessor(
             image_processor=image_processor,
             tokenizer=tokenizer,
-            chat_template=chat_template(family),
+            chat_template=chat_template(family, question_first),
         )
         model_cls = Qwen2VLForConditionalGeneration
 
@@ -349,6 +379,9 @@ def build_tiny_vlm(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = model_cls(config)
+    if pretrained is not None:
+        # strict: a tower whose layout differs from the config just built is an error, not a partial load
+        model.model.vision_tower.load_state_dict(pretrained.state_dict(), strict=True)
     # Greedy by default; eos = <|end|> stops generation at the end of the assistant turn.
     model.generation_config = GenerationConfig(**ids, do_sample=False, max_new_tokens=128)
     model.eval()
@@ -383,6 +416,35 @@ def save_tiny_vlm(model: PreTrainedModel, processor: ProcessorMixin, out_dir: st
     return out
 
 
+def swap_vision_tower(model_dir: str | os.PathLike, tower_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A LLaVA checkpoint with its vision tower replaced by another pretrained tower of the same
+    shape (e.g. a later snapshot of the same pretraining run), written atomically to ``out``.
+
+    The demo's judge is the SFT policy given the final (stronger) tower and then trained on: a
+    judge that sees better than the policy it judges, for the cost of a fine-tune instead of a
+    second SFT from scratch.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionModel
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, use_safetensors=True)
+    tower = CLIPVisionModel.from_pretrained(tower_dir, use_safetensors=True)
+    if not hasattr(getattr(model, "model", None), "vision_tower"):
+        raise ValueError(f"{model_dir}: not a LLaVA-style checkpoint (no model.vision_tower)")
+    model.model.vision_tower.load_state_dict(tower.state_dict(), strict=True)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    out = Path(out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_tiny_vlm(model, processor, tmp)
+    (tmp / "build.json").write_text(json.dumps({"from": str(model_dir), "vision_tower": str(tower_dir)}, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -405,7 +467,7 @@ def iter_record_texts(path: str | os.PathLike) -> Iterator[str]:
 _BUILD_ARGS = [
     name
     for name, p in inspect.signature(build_tiny_vlm).parameters.items()
-    if name not in ("tokenizer", "family")
+    if name not in ("tokenizer", "family", "vision_tower", "question_first")
 ]
 
 
@@ -439,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output model dir (replaced atomically)")
     parser.add_argument("--family", default="llava", choices=FAMILIES, help="model family")
     parser.add_argument("--vocab-size", type=int, default=512, help="tokenizer vocabulary size")
+    parser.add_argument("--vision-tower", default=None, help=_arg_help().get("vision_tower"))
+    parser.add_argument("--question-first", action="store_true", help=_arg_help().get("question_first"))
     helps = _arg_help()
     sig = inspect.signature(build_tiny_vlm)
     for name in _BUILD_ARGS:
@@ -466,15 +530,23 @@ def build_from_data(data: str | os.PathLike, out: str | os.PathLike, family: str
         raise FileNotFoundError(f"{sft} not found (run the data stage first)")
     tokenizer = train_tokenizer(iter_record_texts(sft), vocab_size=vocab_size, family=family)
     model, processor = build_tiny_vlm(tokenizer, family=family, **sizes)
-    image_size = sizes.get("image_size", inspect.signature(build_tiny_vlm).parameters["image_size"].default)
+    image_size = (model.config.vision_config.image_size if family == "llava"
+                  else sizes.get("image_size", inspect.signature(build_tiny_vlm).parameters["image_size"].default))
     out = Path(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     save_tiny_vlm(model, processor, tmp)
+    args = {"vocab_size": vocab_size, **sizes}
+    if sizes.get("vision_tower"):  # the tower's own sizes were used; the vision_* arguments were not
+        args = {k: v for k, v in args.items() if not k.startswith("vision_") or k == "vision_tower"}
+        vc = model.config.vision_config
+        args["vision_tower_config"] = {"hidden": vc.hidden_size, "layers": vc.num_hidden_layers,
+                                       "heads": vc.num_attention_heads, "patch_size": vc.patch_size,
+                                       "image_size": vc.image_size}
     info = {
         "family": family,
-        "args": {"vocab_size": vocab_size, **sizes},
+        "args": args,
         "num_parameters": count_parameters(model),
         "vocab_size": len(tokenizer),
         "image_size": image_size,
@@ -497,9 +569,21 @@ def build_from_data(data: str | os.PathLike, out: str | os.PathLike, family: str
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["swap-tower"]:
+        ap = argparse.ArgumentParser(prog="python -m models.tiny swap-tower",
+                                     description=swap_vision_tower.__doc__.split("\n\n")[0])
+        ap.add_argument("--model", required=True, help="LLaVA checkpoint folder (e.g. runs/demo/sft/model)")
+        ap.add_argument("--vision-tower", required=True, help="pretrained CLIPVisionModel folder of the same shape")
+        ap.add_argument("--out", required=True, help="output checkpoint folder (replaced atomically)")
+        a = ap.parse_args(argv[1:])
+        print(f"wrote {swap_vision_tower(a.model, a.vision_tower, a.out)}")
+        return 0
     args = build_parser().parse_args(argv)
     sizes = {name: getattr(args, name) for name in _BUILD_ARGS}
-    info = build_from_data(args.data, args.out, family=args.family, vocab_size=args.vocab_size, **sizes)
+    info = build_from_data(args.data, args.out, family=args.family, vocab_size=args.vocab_size,
+                           vision_tower=args.vision_tower, question_first=args.question_first, **sizes)
     print(json.dumps(info, indent=2))
     return 0
 

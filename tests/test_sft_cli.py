@@ -12,8 +12,9 @@ from mmalign.cli import check_config, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every `mmalign fit` config. Not: configs/feedback/ (prompt templates), configs/models/ and
-# configs/trainer/ (overlays layered over a method config; tested in test_plan.py / test_ddp.py).
-OVERLAY_DIRS = ("models", "trainer")
+# configs/trainer/ (overlays layered over a method config; tested in test_plan.py / test_ddp.py),
+# configs/vision/ (the vision stage's own config; tested in test_vision.py).
+OVERLAY_DIRS = ("models", "trainer", "vision")
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
                  if p.parent.name != "feedback" and p.relative_to(ROOT / "configs").parts[0] not in OVERLAY_DIRS)
 
