@@ -164,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="optional teacher language model (folder) that rewrites critique and refinement from the "
                          "labels, as DRESS prompts GPT-4; prompts in --teacher-prompts")
     ap.add_argument("--teacher-prompts", default="configs/feedback/teacher.yaml")
+    ap.add_argument("--judge-questions", choices=("caption", "lookup", "yesno"), default="caption",
+                    help="how the judge verifies a claim: against its own description of the image ('caption'), "
+                         "by content questions compared in code ('lookup', TIFA-style: 'What color is the star?') or "
+                         "by the claim's yes/no question ('yesno': 'Is there a star?'); docs/TESTBED.md has each "
+                         "one's agreement with the oracle")
     ap.add_argument("--batch-size", type=int, default=64, help="questions per judge call")
     ap.add_argument("--chunk-size", type=int, default=64,
                     help="responses per annotate call, the unit of work a rank takes (a judge batches the questions "
@@ -182,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     responses = args.responses / "responses.jsonl" if args.responses.is_dir() else args.responses
     config = {"source": args.source, "model": str(model) if model else None, "source_class": args.source_class,
               "teacher": str(args.teacher) if args.teacher else None,
-              "teacher_prompts": args.teacher_prompts if args.teacher else None, "chunk_size": args.chunk_size}
+              "teacher_prompts": args.teacher_prompts if args.teacher else None, "chunk_size": args.chunk_size,
+              "judge_questions": args.judge_questions if args.source == "judge" else None}
     inputs = [responses, args.data] + ([model / "config.json", *sorted(model.glob("*.safetensors"))] if model else [])
     if not args.force and is_up_to_date(args.out, config, inputs):
         print(f"{STAGE}: {args.out} up to date, skipping (--force to redo)")
@@ -227,7 +233,7 @@ def _run(ap, args, config: dict, inputs: list, responses: Path, model: Path | No
             kwargs: dict[str, Any] = {"path": str(model), "trust_remote_code": args.trust_remote_code}
             if args.source == "judge":
                 # one bar over the chunks below instead of one per annotate call
-                kwargs.update(batch_size=args.batch_size, progress=False)
+                kwargs.update(batch_size=args.batch_size, progress=False, questions=args.judge_questions)
             source = load_component(args.source_class or SOURCES[args.source], **kwargs)
         teacher = None
         if args.teacher:

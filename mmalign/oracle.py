@@ -50,6 +50,10 @@ from mmalign.segments import split_segments
 __all__ = [
     "world_claims",
     "verify_world_claim",
+    "lookup_questions",
+    "caption_verdict",
+    "EVIDENCE_PROMPT",
+    "lookup_verdict",
     "explain_world_claim",
     "coco_claims",
     "segment_feedback",
@@ -155,6 +159,140 @@ def verify_world_claim(claim: Claim, scene: W.Scene) -> bool | None:
     if claim.type == "relation":
         label = _check(claim, scene).label  # type: ignore[union-attr]
         return None if label == W.RelationLabel.UNVERIFIABLE else label == W.RelationLabel.CORRECT
+    raise ValueError(f"claim {claim.text!r}: unknown type {claim.type!r}")
+
+
+def lookup_questions(claim: Claim) -> dict[str, str]:
+    """The content questions a TIFA-style judge asks to verify a :func:`world_claims` claim,
+    keyed by what each answer is read for: ``colors`` (colours of the claim's shape; "There is
+    no star." = absent), ``size`` (of the named object), ``relations`` (from subject to object)
+    and ``subject_colors`` / ``object_colors`` (whether the relation's two sides exist).
+
+    Why content questions: the tiny VLMs answer "What color is the star?" from the image at 90%+
+    where they answer "Is there a star?" at chance (docs/TESTBED.md), and comparing the answer
+    with the claim is exact in code -- as TIFA asks a VQA model and compares the answers.
+    """
+    meta = claim.meta
+    if claim.type in ("object", "attribute"):
+        qs = {"colors": W.LOOKUP_COLOR_TEMPLATE.format(s=meta["shape"])}
+        if claim.type == "attribute" and meta.get("size") is not None and meta.get("color") is not None:
+            qs["size"] = W.LOOKUP_SIZE_TEMPLATE.format(n=f"{meta['color']} {meta['shape']}")
+        return qs
+    if claim.type == "relation":
+        s, o = meta["subject_mention"], meta["object_mention"]
+        return {"subject_colors": W.LOOKUP_COLOR_TEMPLATE.format(s=s["shape"]),
+                "object_colors": W.LOOKUP_COLOR_TEMPLATE.format(s=o["shape"]),
+                "relations": W.LOOKUP_RELATION_TEMPLATE.format(a=meta["subject"], b=meta["object"])}
+    raise ValueError(f"claim {claim.text!r}: unknown type {claim.type!r}")
+
+
+def _named_exists(mention: Mapping[str, Any], colors: list[str] | None) -> bool | None:
+    if colors is None:
+        return None
+    return bool(colors) if mention.get("color") is None else mention["color"] in colors
+
+
+def lookup_verdict(claim: Claim, answers: Mapping[str, str]) -> bool | None:
+    """The claim's verdict from the answers to :func:`lookup_questions` (same keys), by the
+    rules of :func:`verify_world_claim`: object = its shape has a colour; attribute = None when
+    the shape is absent, False when the stated colour is not among the shape's colours or the
+    stated size differs, else True (a stated number is not checked: None); relation = None
+    unless both sides exist, else whether the relation is among those answered (negated: not).
+    An answer that cannot be parsed gives None.
+    """
+    meta = claim.meta
+    if claim.type == "object":
+        colors = W.parse_lookup_colors(answers["colors"])
+        return None if colors is None else bool(colors)
+    if claim.type == "attribute":
+        colors = W.parse_lookup_colors(answers["colors"])
+        if not colors:
+            return None  # shape absent (the object claim carries it) or unparseable
+        if meta.get("color") is not None and meta["color"] not in colors:
+            return False
+        if "size" in answers:
+            size = W.parse_lookup_size(answers["size"])
+            if size is None:
+                return None
+            if size != meta["size"]:
+                return False
+        if meta.get("count") is not None:
+            return None
+        return True
+    if claim.type == "relation":
+        if not (_named_exists(meta["subject_mention"], W.parse_lookup_colors(answers["subject_colors"]))
+                and _named_exists(meta["object_mention"], W.parse_lookup_colors(answers["object_colors"]))):
+            return None
+        rels = W.parse_lookup_relations(answers["relations"])
+        if rels is None:
+            return None
+        holds = meta["relation"] in rels
+        return (not holds) if meta.get("negated") else holds
+    raise ValueError(f"claim {claim.text!r}: unknown type {claim.type!r}")
+
+
+#: What the judge is asked in ``caption`` mode: its own description is the evidence.
+EVIDENCE_PROMPT = "Describe the image in detail."
+
+
+def caption_verdict(claim: Claim, evidence: W.ParsedCaption) -> bool | None:
+    """The claim's verdict against a description of the image (the judge's own caption, parsed
+    by :func:`mmalign.world.parse_caption`), by the rules of :func:`verify_world_claim`:
+
+    * object: True when the description names the shape, else False;
+    * attribute: None when the description does not name the shape (the object claim carries it);
+      False when no described object of that shape has the stated colour, or the one with that
+      colour has another size; True when they agree; None for a stated number or an undescribed
+      size;
+    * relation: True when the description states it (or its converse: "B is right of A" for "A is
+      left of B"), False when it states the opposite, else None (the description says nothing
+      about this pair on that axis); negated claims flip.
+
+    A description that omits an object the claim names makes the object claim False: the judge
+    is only as good as its description, which is why it is trained longer than the policy and
+    its agreement with the oracle is reported beside every result.
+    """
+    seen = [m for m in evidence.mentions if not m.negated]
+    meta = claim.meta
+    if claim.type == "object":
+        return any(m.shape == meta["shape"] for m in seen)
+    if claim.type == "attribute":
+        same_shape = [m for m in seen if m.shape == meta["shape"]]
+        if not same_shape:
+            return None
+        if meta.get("color") is not None:
+            same = [m for m in same_shape if m.color == meta["color"]]
+            if not same:
+                return False
+            if meta.get("size") is not None:
+                sizes = {m.size for m in same if m.size is not None}
+                if not sizes:
+                    return None
+                if meta["size"] not in sizes:
+                    return False
+        elif meta.get("size") is not None and meta["size"] not in {m.size for m in same_shape}:
+            return False
+        return None if meta.get("count") is not None else True
+    if claim.type == "relation":
+        def key(m: Mapping[str, Any] | W.Mention) -> tuple[str | None, str]:
+            return (m["color"], m["shape"]) if isinstance(m, Mapping) else (m.color, m.shape)
+
+        stated: set[tuple[tuple, str, tuple]] = set()
+        for r in evidence.relations:
+            if r.negated:
+                continue
+            a, b = key(r.subject), key(r.object)
+            stated.add((a, r.relation, b))
+            stated.add((b, W.OPPOSITE[r.relation], a))
+        a, b = key(meta["subject_mention"]), key(meta["object_mention"])
+        rel = meta["relation"]
+        if (a, rel, b) in stated:
+            holds = True
+        elif (a, W.OPPOSITE[rel], b) in stated:
+            holds = False
+        else:
+            return None
+        return (not holds) if meta.get("negated") else holds
     raise ValueError(f"claim {claim.text!r}: unknown type {claim.type!r}")
 
 

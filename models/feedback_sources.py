@@ -40,13 +40,17 @@ from mmalign.feedback import (
     item_where,
 )
 from mmalign.oracle import (
+    EVIDENCE_PROMPT,
+    caption_verdict,
     coco_claims,
     critique_and_refinement,
+    lookup_questions,
+    lookup_verdict,
     segment_feedback,
     world_claims,
 )
 from mmalign.records import load_image
-from mmalign.world import parse_yes_no
+from mmalign.world import parse_caption, parse_yes_no
 from models.policy import DTYPES
 
 CLAIM_SETS = ("world", "coco")
@@ -90,8 +94,15 @@ class VLMJudgeSource:
         claims: ``"world"`` (objects, attributes, relations of the synthetic world,
             :func:`mmalign.oracle.world_claims`) or ``"coco"`` (COCO object existence only,
             :func:`mmalign.oracle.coco_claims`).
+        questions: ``"yesno"`` asks each claim's yes/no question ("Is there a star in the
+            image?"); ``"lookup"`` (world claims) asks content questions ("What color is the
+            star?", "What size is the red star?", "Where is the red star relative to the blue
+            square?") and compares the answers with the claim in code, TIFA-style
+            (:func:`mmalign.oracle.lookup_questions`, :func:`mmalign.oracle.lookup_verdict`);
+            ``"caption"`` (world claims) asks the judge once per image to describe it and checks
+            every claim against that description (:func:`mmalign.oracle.caption_verdict`).
         batch_size: questions per ``generate`` call.
-        max_new_tokens: answer length (a yes/no needs few tokens).
+        max_new_tokens: answer length (a yes/no needs few tokens; look-ups get at least 12).
         dtype: weights dtype ("float32" on CPU).
         trust_remote_code: run custom model code from the checkpoint.
         progress: tqdm bar over the questions when there is more than one batch.
@@ -110,6 +121,7 @@ class VLMJudgeSource:
         self,
         path: str,
         claims: Literal["world", "coco"] = "world",
+        questions: Literal["yesno", "lookup", "caption"] = "yesno",
         batch_size: int = 64,
         max_new_tokens: int = 4,
         dtype: str = "float32",
@@ -125,8 +137,17 @@ class VLMJudgeSource:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        if questions not in ("yesno", "lookup", "caption"):
+            raise ValueError(f"questions must be 'yesno', 'lookup' or 'caption', got {questions!r}")
+        if questions != "yesno" and claims != "world":
+            raise ValueError(f"questions={questions!r} verifies the world's claims: use claims='world'")
         self.extract = _claim_extractor(claims)
         self.claims = claims
+        self.questions = questions
+        if questions == "lookup":
+            max_new_tokens = max(max_new_tokens, 12)
+        elif questions == "caption":
+            max_new_tokens = max(max_new_tokens, 128)
         self.path = str(path)
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
@@ -155,12 +176,32 @@ class VLMJudgeSource:
         items = list(items)
         check_items(self.name, items, f"the {self.name} feedback source checks claims against the image")
         per_item = [list(self.extract(it.response)) for it in items]
-        pairs = [(str(it.image), c.question) for it, cs in zip(items, per_item) for c in cs]
+        if self.questions == "caption":
+            plans = [[{"description": EVIDENCE_PROMPT}] if cs else [] for cs in per_item]
+        elif self.questions == "lookup":
+            plans = [[lookup_questions(c) for c in cs] for cs in per_item]
+        if self.questions != "yesno":
+            pairs = [(str(it.image), q) for it, ps in zip(items, plans) for p in ps for q in p.values()]
+        else:
+            pairs = [(str(it.image), c.question) for it, cs in zip(items, per_item) for c in cs]
         answers = iter(self.ask(pairs))
         feedback = []
-        for it, cs in zip(items, per_item):
-            ans = [next(answers) for _ in cs]
-            verdicts = [parse_yes_no(a) for a in ans]
+        for k, (it, cs) in enumerate(zip(items, per_item)):
+            if self.questions == "caption":
+                description = next(answers) if cs else ""
+                evidence = parse_caption(description)
+                verdicts = [caption_verdict(c, evidence) for c in cs]
+                ans = [description] * len(cs)
+                questions = [EVIDENCE_PROMPT] * len(cs)
+            elif self.questions == "lookup":
+                got = [{key: next(answers) for key in p} for p in plans[k]]
+                verdicts = [lookup_verdict(c, a) for c, a in zip(cs, got)]
+                ans = [" | ".join(a.values()) for a in got]
+                questions = [" | ".join(p.values()) for p in plans[k]]
+            else:
+                ans = [next(answers) for _ in cs]
+                verdicts = [parse_yes_no(a) for a in ans]
+                questions = [c.question for c in cs]
             segments = segment_feedback(it.response, cs, verdicts)
             critique, refinement = critique_and_refinement(segments)
             feedback.append(Feedback(
@@ -168,7 +209,7 @@ class VLMJudgeSource:
                 scores={"faithfulness": _faithfulness(verdicts)},
                 critique=critique,
                 refinement=refinement,
-                meta={"answers": ans, "questions": [c.question for c in cs],
+                meta={"answers": ans, "questions": questions,
                       "unparsed": sum(v is None for v in verdicts), "judge": self.path},
                 segments=segments,
             ))

@@ -251,3 +251,48 @@ def test_feedback_json_round_trip_and_segment_validation():
     assert set(LABELS) == {"hallucinated", "correct", "n/a"}
     with pytest.raises(ValueError, match="unknown type 'colour'"):
         Claim("colour", "x", 0, 1, "?")
+
+
+def test_caption_verdict_against_the_true_description_is_the_oracle():
+    """Evidence = the scene's own detailed caption (every object with colour and size): object
+    and attribute verdicts equal verify_world_claim's; relation verdicts, where the caption says
+    anything about the pair, agree with it too. Claims come from other scenes' captions, so
+    there are false ones of every kind."""
+    import random as _r
+
+    from mmalign.oracle import caption_verdict, verify_world_claim
+
+    rng = _r.Random(5)
+    scenes = [W.sample_scene(rng, f"c{i}", n_objects=rng.randint(1, 4)) for i in range(150)]
+    seen = {"object": set(), "attribute": set(), "relation": set()}
+    for k, scene in enumerate(scenes):
+        evidence = W.parse_caption(W.detailed_caption(scene))
+        for other in (scene, scenes[k - 1], scenes[k - 2]):
+            for c in world_claims(W.detailed_caption(other)):
+                got, truth = caption_verdict(c, evidence), verify_world_claim(c, scene)
+                if c.type in ("object", "attribute"):
+                    assert got == truth, (c.text, got, truth)
+                elif got is not None:
+                    assert got == truth, (c.text, got, truth)
+                seen[c.type].add(got)
+    assert seen["object"] == {True, False} and {True, False} <= seen["attribute"]
+    assert {True, False, None} <= seen["relation"]
+
+
+def test_caption_verdict_when_the_description_omits_or_errs():
+    from mmalign.oracle import caption_verdict
+
+    claims = {c.text: c for c in world_claims(
+        "There are two objects: a small red circle and a large blue square. The red circle is left of the blue square.")}
+    omits = W.parse_caption("There is one object: a small red circle.")
+    assert caption_verdict(claims["a small red circle"], omits) is True
+    assert caption_verdict(next(c for c in world_claims("a large blue square") if c.type == "object"), omits) is False
+    wrong_size = W.parse_caption("There is one object: a large red circle.")
+    attr = next(c for c in world_claims("a small red circle") if c.type == "attribute")
+    assert caption_verdict(attr, wrong_size) is False
+    other_colour = W.parse_caption("There is one object: a small green circle.")
+    assert caption_verdict(attr, other_colour) is False
+    rel = next(c for c in world_claims("The red circle is left of the blue square.") if c.type == "relation")
+    assert caption_verdict(rel, W.parse_caption("The blue square is right of the red circle.")) is True
+    assert caption_verdict(rel, W.parse_caption("The blue square is left of the red circle.")) is False
+    assert caption_verdict(rel, W.parse_caption("The blue square is above the red circle.")) is None
