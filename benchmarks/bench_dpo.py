@@ -432,7 +432,7 @@ def machine_info(threads: int) -> dict[str, Any]:
     import transformers
     import trl
 
-    from benchmarks.machine import machine_base
+    from mmalign.machine import machine_base
 
     return {
         **machine_base(), "torch_threads": threads, "torch": torch.__version__,

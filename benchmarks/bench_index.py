@@ -228,7 +228,7 @@ def run(args: argparse.Namespace, distribution: str) -> dict[str, Any]:
 
 
 def machine_info(threads: int) -> dict[str, Any]:
-    from benchmarks.machine import machine_base
+    from mmalign.machine import machine_base
 
     blas = "unknown"
     with contextlib.suppress(Exception):

@@ -231,8 +231,8 @@ def plot_metrics(cmp: Mapping[str, Any], runs: Sequence[str], folders: Mapping[s
 
 def build(run_dir: Path, runs: Sequence[str], ablations: Sequence[str], refine: Sequence[str], scale: str,
           n_boot: int = 1000) -> tuple[str, dict[str, Any]]:
-    from benchmarks.machine import machine_base
     from mmalign.eval.runner import compare_runs
+    from mmalign.machine import gemm_gflops, machine_base
 
     if runs[:2] != ["sft", "sft-continued"][: len(runs[:2])] or "sft" not in runs:
         raise ValueError("--runs must start with sft (the baseline), then sft-continued")
@@ -282,17 +282,21 @@ def build(run_dir: Path, runs: Sequence[str], ablations: Sequence[str], refine: 
     trained = plot_training(run_dir, present, run_dir / "report-training.png")
     if trained:
         lines += ["## Training curves", "", "![training curves](report-training.png)", ""]
+    gflops = gemm_gflops()
     if rows:
         lines += ["## Wall time per stage", "",
-                  (f"The latest run of each stage (`{run_dir}/timings.jsonl`, written by `mmalign.timed` around every "
+                  (f"Machine speed when this report was written: **{gflops:.0f} GFLOP/s** fp32 GEMM (1024^3, best "
+                  "of 10; the same host has measured up to 2x apart on different days, so compare wall times only "
+                  "at a similar rate). "
+                  f"The latest run of each stage (`{run_dir}/timings.jsonl`, written by `mmalign.timed` around every "
                   "stage command: interpreter start and imports included). Stages `make` found up to date keep "
                   "the time of the run that made their output."), "",
                   "| stage | wall time | started |", "|---|---|---|"]
         lines += [f"| {r['stage']} | {_duration(r['seconds'])} | {r['started']} |" for r in rows]
-        lines += [f"| **total** | **{_duration(total)}** | |", ""]
+        lines += [f"| **total** | **{_duration(total)}** (at {gflops:.0f} GFLOP/s) | |", ""]
     plot_metrics(cmp_sft, present, folders, run_dir / "report-metrics.png")
     doc = {"run": str(run_dir), "scale": scale, "runs": present, "scenes": n_scenes, "machine": machine_base(),
-           "timings": rows, "total_seconds": round(total, 1),
+           "gemm_gflops": round(gflops, 1), "timings": rows, "total_seconds": round(total, 1),
            "table": {r: {f"{s}:{k}": _metric(cmp_sft["metrics"][folders[r]], s, k) for s, k, _ in COLUMNS}
                      for r in present},
            "vs_sft": {r: {f"{s}:{k}": cmp_sft["diffs"].get(folders[r], {}).get(s, {}).get(k) for s, k, _ in COLUMNS}

@@ -1,5 +1,6 @@
-"""What every benchmark result records about the machine it ran on (results are only comparable
-on the same machine, so each result file carries this beside the date)."""
+"""What every benchmark result and the demo report record about the machine they ran on: results
+are only comparable on the same machine, and the same machine's speed moves by up to 2x from day
+to day, so each result carries the machine and its measured fp32 GEMM rate beside the date."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +38,19 @@ def machine_base() -> dict[str, Any]:
     return {"cpu": cpu, "logical_cores": os.cpu_count(), "physical_cores": physical, "memory_gib": mem,
             "python": platform.python_version(), "platform": platform.platform(),
             "git_commit": commit + ("+dirty" if dirty else "")}
+
+
+def gemm_gflops(n: int = 1024, repeats: int = 10) -> float:
+    """The machine's fp32 matrix-multiply rate now, in GFLOP/s: the best of ``repeats`` timed
+    ``n x n @ n x n`` products (2 n^3 flops each) with torch's own threads, after one warm-up.
+    Printed beside every wall time, since wall times are only comparable at the same rate."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up: thread pool, caches
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
