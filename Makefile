@@ -5,16 +5,16 @@
 # inputs; the stage scripts themselves also compare the input hashes in their manifest.
 
 SHELL := /bin/bash
-# SCALE=quick (default): `make demo` in 11-14 minutes on 2 CPU cores (shorter judge, reward-model
-# and alignment trainings, 150 sampled prompts, 100 held-out scenes; SFT keeps its 2,000 steps). SCALE=full: the configs' own step
-# counts, 500 prompts, all 500 held-out scenes (about 50 minutes; the README's result tables), in
+# SCALE=quick (default): `make demo` in ~28 minutes on 2 CPU cores at ~140 GFLOP/s (shorter reward-model
+# and alignment trainings, 150 sampled prompts, 100 held-out scenes; vision, SFT and judge keep their
+# steps: 10 of those minutes are vision + SFT, 4 the judge). SCALE=full: the configs' own step
+# counts, 500 prompts, all 500 held-out scenes (about an hour; the README's result tables), in
 # runs/demo-full. Any variable below can still be set on the command line.
 SCALE ?= quick
 ifeq ($(SCALE),quick)
 RUN ?= $(if $(MODEL),$(MODEL),demo)
 RM_STEPS ?= 60
 ALIGN_STEPS ?= 60
-JUDGE_STEPS ?= 100
 EVAL_LIMIT ?= 100
 SAMPLE_PROMPTS ?= 150
 REFINE_OPTS ?= --limit 50 --turns 2
@@ -52,7 +52,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 FIT = $(TIMED) $(PY) -m mmalign.cli fit
 
-.PHONY: help install venv deps data tiny-model sft eval-sft eval eval-compare sample judge feedback prefs mmrlhf-import \
+.PHONY: help install venv deps data vision tiny-model sft eval-sft eval eval-compare sample judge feedback prefs mmrlhf-import \
   rm rm-score ref-logps dpo mmdpo sft-continued eval-mmrlhf index realign-data realign realign-text eval-realign \
   sample-val feedback-val fg-rm fg-rm-eval fgaif fgaif-seq fgaif-oracle eval-fgaif \
   nlf dress-import dress eval-dress bench bench-dpo bench-index demo demo-full ablations report pipeline test test-slow clean
@@ -62,16 +62,18 @@ help:
 	@echo ""
 	@echo "  data        synthetic scenes -> $(OUT)/data/{train,val,test}/sft.jsonl + images + manifest.json"
 	@echo "    |"
-	@echo "  tiny-model  tokenizer trained on the world's text + tiny LLaVA built from config -> $(OUT)/tiny-model"
+	@echo "  vision      tiny CLIP-style tower pretrained with dense per-patch labels on fresh scenes -> $(OUT)/vision/model"
 	@echo "    |"
-	@echo "  sft         visual instruction tuning (mmalign fit, configs/sft/tiny.yaml) -> $(OUT)/sft/model"
+	@echo "  tiny-model  tokenizer trained on the world's text + tiny LLaVA built around the pretrained tower -> $(OUT)/tiny-model"
+	@echo "    |"
+	@echo "  sft         visual instruction tuning, tower frozen (mmalign fit, configs/sft/tiny.yaml) -> $(OUT)/sft/model"
 	@echo "    |"
 	@echo "  eval-sft    hallucination evaluation on 500 held-out scenes: CHAIR, AMBER-style per type,"
 	@echo "              POPE-style yes/no splits, 95% intervals -> $(OUT)/eval/sft/{report.md,metrics.json,chart.png}"
 	@echo ""
 	@echo "    |"
 	@echo "  sample      K=$(K) responses per train prompt from the SFT policy -> $(OUT)/sample/responses.jsonl"
-	@echo "    |         judge: the SFT model fine-tuned on yes/no questions only -> $(OUT)/judge/model"
+	@echo "    |         judge: the SFT model trained longer on content questions ('What color is the star?') -> $(OUT)/judge/model"
 	@echo "  feedback    segments + object/attribute/relation labels, scores, critique, refinement from"
 	@echo "              SOURCE=$(SOURCE) (oracle|judge|detector), agreement with the oracle -> $(OUT)/feedback/$(SOURCE)"
 	@echo ""
@@ -112,7 +114,7 @@ help:
 	@echo ""
 	@echo "  report      every method vs SFT and SFT-continued (95% intervals), refinement benchmark, wall time"
 	@echo "              per stage, plots -> $(OUT)/report.md"
-	@echo "  demo        every stage of the core pipeline, then the report (SCALE=quick 11-14 min; SCALE=full ~50 min)"
+	@echo "  demo        every stage of the core pipeline, then the report (SCALE=quick ~28 min; SCALE=full ~1 h)"
 	@echo "  ablations   plain DPO, text-only rDPO, sequence-reward PPO, oracle-reward PPO (+ evaluations, report)"
 	@echo "  demo-full   SCALE=full demo + ablations -> runs/demo-full"
 	@echo "  pipeline MODEL=<$(notdir $(wildcard configs/models/*))> BASE=<checkpoint> [DRY_RUN=1]"
@@ -138,13 +140,28 @@ deps:
 
 # --- stages ---------------------------------------------------------------------------------------
 
+# YES_NO_ANSWERS=explained: yes/no answers go on to say what the image shows ("No, it is small.");
+# short: "Yes." / "No." (docs/TESTBED.md: why the explained form is the one the tiny model learns).
+YES_NO_ANSWERS ?= explained
 data: deps $(OUT)/data/manifest.json
 $(OUT)/data/manifest.json: data_pipelines/scenes.py mmalign/world.py
-	$(TIMED) $(PY) -m data_pipelines.scenes --out $(OUT)/data --seed $(SEED)
+	$(TIMED) $(PY) -m data_pipelines.scenes --out $(OUT)/data --seed $(SEED) --yes-no-answers $(YES_NO_ANSWERS)
 
+# The vision tower pretrained before any language model sees it (LLaVA starts from a pretrained
+# CLIP): dense per-patch labels on fresh scenes -> a stock CLIPVisionModel in $(OUT)/vision/model.
+# VISION_STEPS=n overrides the config's steps (the knob for how much the policy still hallucinates).
+VISION_STEPS ?=
+vision: deps $(OUT)/vision/manifest.json
+$(OUT)/vision/manifest.json: $(OUT)/data/manifest.json models/vision.py mmalign/render.py configs/vision/tiny.yaml
+	$(TIMED) $(PY) -m models.vision --config configs/vision/tiny.yaml --data $(OUT)/data --out $(OUT)/vision \
+	  $(if $(VISION_STEPS),--steps $(VISION_STEPS))
+
+# The tiny LLaVA built around the pretrained tower (its sizes and weights), decoder and projector new.
+# The policy gets the vision run's earlier snapshot (POLICY_TOWER), the judge its final tower.
+POLICY_TOWER ?= model-step400
 tiny-model: deps $(OUT)/tiny-model/build.json
-$(OUT)/tiny-model/build.json: $(OUT)/data/manifest.json models/tiny.py
-	$(TIMED) $(PY) -m models.tiny --data $(OUT)/data --out $(OUT)/tiny-model --seed $(SEED)
+$(OUT)/tiny-model/build.json: $(OUT)/data/manifest.json $(OUT)/vision/manifest.json models/tiny.py
+	$(TIMED) $(PY) -m models.tiny --data $(OUT)/data --out $(OUT)/tiny-model --vision-tower $(OUT)/vision/$(POLICY_TOWER) --seed $(SEED)
 
 # The policy SFT starts from: the tiny model built above, or BASE (a real checkpoint, `make pipeline`).
 SFT_BASE = $(if $(MODEL),$(BASE),$(OUT)/tiny-model)
@@ -191,11 +208,17 @@ $(OUT)/sample/manifest.json: $(OUT)/sft/model/config.json data_pipelines/sample.
 	$(TIMED) $(RUN_PY) -m data_pipelines.sample --model $(OUT)/sft/model --data $(OUT)/data --split train \
 	  --limit $(SAMPLE_PROMPTS) --k $(K) --seed $(SEED) --out $(OUT)/sample
 
+# The judge starts as the SFT model given the final, stronger tower (judge-base), then trains on
+# descriptions: it sees better and has trained longer than the policy it judges. A real checkpoint
+# (MODEL=...) has no tower of ours to swap in: its judge starts from its SFT model.
+JUDGE_BASE = $(if $(MODEL),$(OUT)/sft/model,$(OUT)/judge-base)
+$(OUT)/judge-base/build.json: $(OUT)/sft/model/config.json $(OUT)/vision/manifest.json models/tiny.py
+	$(TIMED) $(PY) -m models.tiny swap-tower --model $(OUT)/sft/model --vision-tower $(OUT)/vision/model --out $(OUT)/judge-base
 judge: deps $(OUT)/judge/model/config.json
-$(OUT)/judge/model/config.json: $(OUT)/sft/model/config.json configs/judge/tiny.yaml
+$(OUT)/judge/model/config.json: $(OUT)/sft/model/config.json $(if $(MODEL),,$(OUT)/judge-base/build.json) configs/judge/tiny.yaml
 	$(FIT) --config configs/judge/tiny.yaml $(call OVERLAY,judge) --seed_everything $(SEED) \
 	  --trainer.default_root_dir $(OUT)/judge $(if $(JUDGE_STEPS),--trainer.max_steps $(JUDGE_STEPS)) \
-	  --model.init_args.policy.init_args.path $(OUT)/sft/model \
+	  --model.init_args.policy.init_args.path $(JUDGE_BASE) \
 	  --model.init_args.export_dir $(OUT)/judge/model \
 	  --data.init_args.train_file $(OUT)/data/train/sft.jsonl \
 	  --data.init_args.val_file $(OUT)/data/val/sft.jsonl \
@@ -203,6 +226,8 @@ $(OUT)/judge/model/config.json: $(OUT)/sft/model/config.json configs/judge/tiny.
 
 SOURCE ?= judge
 DETECTOR ?=
+# How the judge verifies a claim: caption (against its own description), lookup, yesno (docs/TESTBED.md).
+JUDGE_QUESTIONS ?= caption
 # One rule for every source (the folder name is the source), so the judge's and the oracle's
 # feedback can both exist: the demo reports the judge's, MM-RLHF's preferences use the oracle's.
 .SECONDEXPANSION:
@@ -210,13 +235,13 @@ feedback: deps $(OUT)/feedback/$(SOURCE)/manifest.json
 $(OUT)/feedback/%/manifest.json: $(OUT)/sample/manifest.json data_pipelines/feedback.py \
     $$(if $$(filter judge,$$*),$(OUT)/judge/model/config.json)
 	$(TIMED) $(RUN_PY) -m data_pipelines.feedback --responses $(OUT)/sample --data $(OUT)/data --source $* \
-	  $(if $(filter judge,$*),--judge $(OUT)/judge/model,$(if $(filter detector,$*),--detector $(DETECTOR))) \
+	  $(if $(filter judge,$*),--judge $(OUT)/judge/model --judge-questions $(JUDGE_QUESTIONS),$(if $(filter detector,$*),--detector $(DETECTOR))) \
 	  --out $(OUT)/feedback/$*
 
 # --- MM-RLHF: ranked preferences, reward models, MM-DPO ----------------------------------------
 
 # MM-RLHF's rankings are human annotations; in the synthetic world the scene-graph oracle plays the
-# annotator (the judge is image-blind, see docs/EVALUATION.md, and its rankings would be noise).
+# annotator (PREFS_SOURCE=judge ranks by the judge's verdicts instead; docs/TESTBED.md).
 PREFS_SOURCE ?= oracle
 INJECT ?= 2
 prefs: deps $(OUT)/prefs/manifest.json
@@ -330,9 +355,9 @@ $(OUT)/feedback-val/oracle/manifest.json: $(OUT)/sample-val/manifest.json data_p
 
 # Three fine-grained reward models (object existence, attribute, relation), each the SFT model with a
 # 3-class head read at every segment's last token, trained on FG_SOURCE's segment labels of the SFT
-# model's train samples, into runs/<RUN>/fg-rm/<FG_SOURCE>/<type>. FG_SOURCE=judge is refused by the
-# stage: the tiny judge labels no segment hallucinated (README "Sampling and AI feedback"), and a
-# reward model trained on that is a constant. FG_RM_SHARED=1 trains one model with three heads
+# model's train samples, into runs/<RUN>/fg-rm/<FG_SOURCE>/<type>. FG_SOURCE=judge trains on the
+# judge's labels (the stage refuses labels with no hallucinated segment of a type: a reward model
+# trained on those would be a constant). FG_RM_SHARED=1 trains one model with three heads
 # (.../shared) instead. FG_RM_STEPS (default RM_STEPS) shortens the trainings.
 comma := ,
 FG_SOURCE ?= oracle
@@ -444,7 +469,7 @@ CORE_RUNS = sft sft-continued mmdpo realign fgaif dress
 # oracle-reward PPO. The report adds whichever of them have been evaluated.
 ABLATION_RUNS = dpo realign-text fgaif-seq fgaif-oracle
 REFINE_RUNS = sft sft-continued dress
-STAGES = data $(if $(MODEL),,tiny-model) sft judge sample feedback prefs index rm rm-score ref-logps \
+STAGES = data $(if $(MODEL),,vision tiny-model) sft judge sample feedback prefs index rm rm-score ref-logps \
   sft-continued mmdpo realign-data realign sample-val feedback-val fg-rm fg-rm-eval fgaif nlf dress
 demo: $(STAGES) report
 	@echo "demo done ($(SCALE) scale): $(OUT)/report.md (report-metrics.png, report-training.png beside it)"

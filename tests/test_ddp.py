@@ -262,4 +262,6 @@ def test_trainer_snippets_compose_with_a_method_config(snippet, strategy, args, 
     assert args.items() <= s["init_args"].items()
     assert cfg["trainer"]["accelerator"] == "gpu" and cfg["trainer"]["devices"] == -1   # the snippet's
     assert cfg["model"]["class_path"] == "mmalign.methods.sft.SFTModule"
-    assert cfg["trainer"]["max_steps"] == 2000 and cfg["data"]["init_args"]["batch_size"] == 16
+    method = yaml.safe_load((ROOT / "configs/sft/tiny.yaml").read_text())  # the method's own values survive
+    assert cfg["trainer"]["max_steps"] == method["trainer"]["max_steps"] == 1500
+    assert cfg["data"]["init_args"]["batch_size"] == method["data"]["init_args"]["batch_size"] == 16
