@@ -219,21 +219,21 @@ def probe_accuracy(model: TokenLabeller, pool: dict[str, torch.Tensor], processo
     return res
 
 
+def stage_inputs(data: Path | None) -> list[Path]:
+    """The files the stage reads (hashed into its manifest): the data stage's val/test scenes."""
+    return [data / s / "scenes.jsonl" for s in ("val", "test") if data and (data / s / "scenes.jsonl").is_file()]
+
+
 def heldout_graphs(data: Path | None) -> set[str]:
     """Graph hashes of the data stage's val and test scenes (never drawn for pretraining)."""
     if data is None:
         return set()
-    out: set[str] = set()
-    for split in ("val", "test"):
-        path = data / split / "scenes.jsonl"
-        if path.is_file():
-            out.update(r["graph_hash"] for r in read_jsonl(path))
-    return out
+    return {r["graph_hash"] for path in stage_inputs(data) for r in read_jsonl(path)}
 
 
 def pretrain(cfg: VisionPretrainConfig, out: Path, data: Path | None = None) -> dict[str, Any]:
     """Render the pools, train, write the tower; returns metrics.json's contents."""
-    inputs = [data / s / "scenes.jsonl" for s in ("val", "test") if data and (data / s / "scenes.jsonl").is_file()]
+    inputs = stage_inputs(data)
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     exclude = heldout_graphs(data)
@@ -356,9 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in fields(VisionPretrainConfig)}
     cfg = load_config(args.config, overrides)
-    inputs = [args.data / s / "scenes.jsonl" for s in ("val", "test")
-              if args.data and (args.data / s / "scenes.jsonl").is_file()]
-    if not args.force and is_up_to_date(args.out, _stage_config(cfg), inputs):
+    if not args.force and is_up_to_date(args.out, _stage_config(cfg), stage_inputs(args.data)):
         print(f"{STAGE}: {args.out} up to date, skipping (use --force to retrain)")
         return 0
     metrics = pretrain(cfg, args.out, args.data)
