@@ -428,6 +428,12 @@ def _join(items: Sequence[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _capital_list(words: Sequence[str]) -> str:
+    """'Red and blue.': a joined list, capitalised, with a full stop."""
+    text = _join(list(words)) + "."
+    return text[0].upper() + text[1:]
+
+
 def caption_relations(scene: Scene) -> list[Relation]:
     """The relations a detailed caption states: one per consecutive pair in reading order.
 
@@ -464,8 +470,7 @@ def detailed_caption(scene: Scene) -> str:
 def short_caption(scene: Scene) -> str:
     """Colour and shape of every object in reading order: "A red circle and an orange star." """
     items = [f"{article(scene.objects[i].color)} {scene.objects[i].name()}" for i in scene.reading_order()]
-    text = _join(items) + "."
-    return text[0].upper() + text[1:]
+    return _capital_list(items)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,11 +667,6 @@ def count_question(scene: Scene, rng: random.Random) -> QA:
 LOOKUP_COLOR_TEMPLATE = "What color is the {s}?"
 LOOKUP_SIZE_TEMPLATE = "What size is the {n}?"
 LOOKUP_RELATION_TEMPLATE = "Where is the {a} relative to the {b}?"
-
-
-def _capital_list(words: Sequence[str]) -> str:
-    text = _join(list(words)) + "."
-    return text[0].upper() + text[1:]
 
 
 def lookup_color_question(scene: Scene, rng: random.Random, shape: str | None = None) -> QA:

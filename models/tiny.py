@@ -416,6 +416,27 @@ def save_tiny_vlm(model: PreTrainedModel, processor: ProcessorMixin, out_dir: st
     return out
 
 
+def _tmp_dir(out: Path) -> Path:
+    """A fresh ``<out>.tmp-<pid>`` sibling to build into."""
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Move an existing ``out`` aside to a trash name, ``os.replace`` ``tmp`` in, drop the trash:
+    a killed build never leaves a half-written model."""
+    if out.exists():
+        trash = out.with_name(f"{out.name}.trash-{os.getpid()}")
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+
+
 def swap_vision_tower(model_dir: str | os.PathLike, tower_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     """A LLaVA checkpoint with its vision tower replaced by another pretrained tower of the same
     shape (e.g. a later snapshot of the same pretraining run), written atomically to ``out``.
@@ -433,15 +454,10 @@ def swap_vision_tower(model_dir: str | os.PathLike, tower_dir: str | os.PathLike
     model.model.vision_tower.load_state_dict(tower.state_dict(), strict=True)
     processor = AutoProcessor.from_pretrained(model_dir)
     out = Path(out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = _tmp_dir(out)
     save_tiny_vlm(model, processor, tmp)
     (tmp / "build.json").write_text(json.dumps({"from": str(model_dir), "vision_tower": str(tower_dir)}, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    _swap_into_place(tmp, out)
     return out
 
 
@@ -533,9 +549,7 @@ def build_from_data(data: str | os.PathLike, out: str | os.PathLike, family: str
     image_size = (model.config.vision_config.image_size if family == "llava"
                   else sizes.get("image_size", inspect.signature(build_tiny_vlm).parameters["image_size"].default))
     out = Path(out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = _tmp_dir(out)
     save_tiny_vlm(model, processor, tmp)
     args = {"vocab_size": vocab_size, **sizes}
     if sizes.get("vision_tower"):  # the tower's own sizes were used; the vision_* arguments were not
@@ -557,14 +571,7 @@ def build_from_data(data: str | os.PathLike, out: str | os.PathLike, family: str
         "processor_class": json.loads((tmp / "processor_config.json").read_text())["processor_class"],
     }
     (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
-    if out.exists():
-        trash = out.with_name(f"{out.name}.trash-{os.getpid()}")
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+    _swap_into_place(tmp, out)
     return info
 
 

@@ -226,8 +226,6 @@ def stage_inputs(data: Path | None) -> list[Path]:
 
 def heldout_graphs(data: Path | None) -> set[str]:
     """Graph hashes of the data stage's val and test scenes (never drawn for pretraining)."""
-    if data is None:
-        return set()
     return {r["graph_hash"] for path in stage_inputs(data) for r in read_jsonl(path)}
 
 
