@@ -228,7 +228,7 @@ def _run(ap, args, config: dict, inputs: list, responses: Path, model: Path | No
                 ap.error(f"--source oracle needs scene graphs (<data>/<split>/scenes.jsonl) under {args.data}")
             source = oracle
         else:
-            from mmalign.eval.runner import load_component
+            from mmalign.components import load_component
 
             kwargs: dict[str, Any] = {"path": str(model), "trust_remote_code": args.trust_remote_code}
             if args.source == "judge":
@@ -237,7 +237,7 @@ def _run(ap, args, config: dict, inputs: list, responses: Path, model: Path | No
             source = load_component(args.source_class or SOURCES[args.source], **kwargs)
         teacher = None
         if args.teacher:
-            from mmalign.eval.runner import load_component
+            from mmalign.components import load_component
 
             teacher = load_component("models.feedback_sources.TeacherCritic", path=str(args.teacher),
                                      prompt_file=args.teacher_prompts, trust_remote_code=args.trust_remote_code)

@@ -134,7 +134,7 @@ def index_config(args: argparse.Namespace) -> IndexConfig:
 
 
 def load_embedder(args: argparse.Namespace) -> Any:
-    from mmalign.eval.runner import load_component
+    from mmalign.components import load_component
 
     class_path = args.embedder_class or EMBEDDERS[args.embedder]
     kwargs: dict[str, Any] = {"path": str(args.model), "batch_size": args.batch_size, "device": args.device}

@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     if episodes:
         import torch
 
-        from mmalign.eval.runner import load_component
+        from mmalign.components import load_component
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         policy = load_component(args.policy_class, path=str(args.model)).eval().to(device)

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="recompute even if the output is up to date")
     args = ap.parse_args(argv)
 
-    from mmalign.eval.runner import load_component
+    from mmalign.components import load_component
 
     config = {"model": checkpoint_id(args.model), "max_length": args.max_length, "layout": args.layout,
               "policy_class": args.policy_class}

@@ -496,6 +496,7 @@ def _parser() -> argparse.ArgumentParser:
 def run_main(argv: list[str]) -> int:
     import torch
 
+    from mmalign.components import load_component
     from mmalign.eval import runner as R
     from mmalign.eval.cli import resolve_condition
     from mmalign.oracle import WorldOracle
@@ -546,7 +547,7 @@ def run_main(argv: list[str]) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     print(f"{STAGE}: {len(episodes)} scenes x (1 + {args.turns}) turns; condition {condition or 'none'!r}; "
           f"loading {args.model}", file=sys.stderr)
-    policy = R.load_component(args.policy_class, path=str(args.model), dtype=args.dtype,
+    policy = load_component(args.policy_class, path=str(args.model), dtype=args.dtype,
                               trust_remote_code=args.trust_remote_code).eval().to(device)
     throughput = run_turns(policy, episodes, oracle, args.turns, condition, args.batch_size, args.max_new_tokens,
                            args.refine_template, progress=not args.no_progress)

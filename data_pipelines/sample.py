@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{STAGE}: {args.out} up to date, skipping (--force to redo)")
         return 0
 
-    from mmalign.eval.runner import load_component
+    from mmalign.components import load_component
 
     records = prompts_from(args.data, args.split, args.tasks, args.limit)
     if not records:

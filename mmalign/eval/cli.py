@@ -94,6 +94,7 @@ def _run_parser() -> argparse.ArgumentParser:
 def run_main(argv: list[str]) -> int:
     import torch
 
+    from mmalign.components import load_component
     from mmalign.eval import runner as R
     from mmalign.eval.report import fmt
     from mmalign.stage import is_up_to_date
@@ -157,11 +158,11 @@ def run_main(argv: list[str]) -> int:
         if shard.is_main:
             print(f"{bench.name}: {len(bench.items)} items in {len(bench.metric_sets)} sections; loading {model}"
                   + (f" on {shard.world} ranks" if shard.world > 1 else ""), file=sys.stderr)
-        policy = R.load_component(args.policy_class, path=str(model), dtype=args.dtype,
+        policy = load_component(args.policy_class, path=str(model), dtype=args.dtype,
                                   trust_remote_code=args.trust_remote_code).eval().to(shard.device(args.device))
         judge = None
         if args.judge:
-            judge = R.load_component(args.judge_class, path=args.judge, trust_remote_code=args.trust_remote_code)
+            judge = load_component(args.judge_class, path=args.judge, trust_remote_code=args.trust_remote_code)
         doc = R.evaluate(policy, bench, args.out, settings, inputs=inputs, judge=judge, n_boot=args.n_boot,
                          progress=not args.no_progress, parts=parts)
     finally:

@@ -20,9 +20,7 @@ TYPE_ROWS = (("object", "chair_i", "chair_s", "object_cover", "object_cog"),
 
 
 def _metric_defs() -> dict[str, S.Metric]:
-    from mmalign.eval.runner import METRIC_SETS
-
-    out = {m.key: m for ms in METRIC_SETS.values() for m in ms}
+    out = {m.key: m for ms in S.METRIC_SETS.values() for m in ms}
     out.update({m.key: m for m in S.JUDGE})
     return out
 

@@ -14,7 +14,6 @@ implementation can be evaluated.
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
 import json
 import os
 import platform
@@ -49,16 +48,6 @@ from mmalign.stage import StageOutput, atomic_write_jsonl, atomic_write_text, re
 DEFAULT_POLICY = "models.policy.HFPolicy"
 DEFAULT_JUDGE = "models.judge.MMHalJudge"
 
-#: Metric sets by name; a section stores its set's name so `eval compare` can recompute it.
-METRIC_SETS: dict[str, tuple[S.Metric, ...]] = {
-    "world_caption": S.WORLD_CAPTION,
-    "object_caption": S.OBJECT_CAPTION,
-    "amber_caption": S.AMBER_CAPTION,
-    "yesno": S.YESNO,
-    "yesno_amber": S.YESNO_AMBER,
-}
-
-
 @dataclass
 class EvalItem:
     """One prompt to answer and score.
@@ -84,7 +73,7 @@ class EvalItem:
 class Benchmark:
     name: str
     items: list[EvalItem]
-    #: section -> name in :data:`METRIC_SETS`
+    #: section -> name in :data:`mmalign.eval.summary.METRIC_SETS`
     metric_sets: dict[str, str]
     #: caption section -> (item, generation) -> per-item score columns
     scorers: dict[str, Callable[[EvalItem, str], dict[str, int]]] = field(default_factory=dict)
@@ -283,18 +272,6 @@ def generate_answers(policy: Any, prompts: Sequence[Prompt], batch_size: int, ma
     return out, time.perf_counter() - t0
 
 
-def load_component(class_path: str, **kwargs: Any) -> Any:
-    """Instantiate ``package.module.Class(**kwargs)`` (a Policy or a feedback source)."""
-    module, _, name = class_path.rpartition(".")
-    if not module:
-        raise ValueError(f"{class_path!r} is not a class path like 'models.policy.HFPolicy'")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import {class_path!r}: {e}") from None
-    return cls(**kwargs)
-
-
 # ---------------------------------------------------------------------------------------------
 # scoring
 
@@ -326,7 +303,7 @@ def summarize_sections(rows: Sequence[Mapping[str, Any]], metric_sets: Mapping[s
     out = {}
     for section, set_name in metric_sets.items():
         rs = by_section.get(section, [])
-        metrics = METRIC_SETS[set_name] + (S.JUDGE if rs and "judge_rating" in rs[0] else ())
+        metrics = S.METRIC_SETS[set_name] + (S.JUDGE if rs and "judge_rating" in rs[0] else ())
         m = S.summarize(rs, metrics, n_boot=n_boot, seed=seed)
         if set_name.endswith("caption") and rs:
             texts = [r["generation"] for r in rs]
@@ -486,7 +463,7 @@ def compare_runs(runs: Sequence[Path], n_boot: int = 1000, seed: int = 0) -> dic
     for run, (doc, rows) in zip(runs[1:], loaded[1:]):
         per = {}
         for section in shared:
-            metrics = METRIC_SETS[base_doc["sections"][section]["metric_set"]]
+            metrics = S.METRIC_SETS[base_doc["sections"][section]["metric_set"]]
             if section_rows(rows, section) and "judge_rating" in section_rows(rows, section)[0]:
                 metrics = metrics + S.JUDGE
             per[section] = S.paired_diff(section_rows(base_rows, section), section_rows(rows, section), metrics,

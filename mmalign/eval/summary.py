@@ -193,3 +193,13 @@ def paired_diff(rows_a: Sequence[Mapping[str, Any]], rows_b: Sequence[Mapping[st
         nb, db = m.arrays(rows_b)
         out[m.key] = _interval(*paired_bootstrap_ratio_diff(nb, db, na, da, n_boot=n_boot, seed=seed), n=len(ids_a))
     return out
+
+
+#: Metric sets by name; a section stores its set's name so `eval compare` can recompute it.
+METRIC_SETS: dict[str, tuple[Metric, ...]] = {
+    "world_caption": WORLD_CAPTION,
+    "object_caption": OBJECT_CAPTION,
+    "amber_caption": AMBER_CAPTION,
+    "yesno": YESNO,
+    "yesno_amber": YESNO_AMBER,
+}

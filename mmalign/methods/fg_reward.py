@@ -912,7 +912,7 @@ def load_fg_reward_model(path: str | Path, device: str | torch.device = "cpu", p
     hidden size and every head's shape are checked; errors name the file."""
     from safetensors.torch import load_file
 
-    from mmalign.eval.runner import load_component
+    from mmalign.components import load_component
 
     path = Path(path)
     cfg_file, head_file = path / CONFIG_FILE, path / HEAD_FILE
