@@ -45,9 +45,10 @@ from mmalign.feedback import (
     check_feedback,
     feedback_from_json,
     feedback_to_json,
+    prompt_text,
 )
-from mmalign.oracle import load_world_scenes
 from mmalign.records import ReadReport, read_records
+from mmalign.scene_io import load_scenes
 from mmalign.shard import add_shard_args
 from mmalign.shard import setup as shard_setup
 from mmalign.stage import (
@@ -56,23 +57,11 @@ from mmalign.stage import (
     atomic_write_text,
     is_up_to_date,
 )
-from mmalign.world import Scene
+from mmalign.tables import pct_ci
 
 STAGE = "feedback"
 SOURCES = {"oracle": None, "judge": "models.feedback_sources.VLMJudgeSource",
            "detector": "models.feedback_sources.DetectorSource"}
-
-
-def load_scenes(data: Path) -> dict[str, Scene]:
-    """Absolute image path -> scene graph, over every split of the data stage ({} when the folder
-    has no scene graphs, e.g. real data)."""
-    return load_world_scenes(data) if any(Path(data).glob("*/scenes.jsonl")) else {}
-
-
-def prompt_text(messages: list[dict]) -> str:
-    parts = [p["text"] for m in messages if m["role"] == "user" for p in m["content"]
-             if isinstance(p, dict) and p.get("type") == "text"]
-    return " ".join(parts)
 
 
 def agreement(source_fb: list, oracle_fb: list) -> dict[str, Any]:
@@ -130,10 +119,6 @@ def label_counts(fbs: list) -> dict[str, Any]:
             "responses": len(fbs), "responses_without_segments": no_segments}
 
 
-def _pct(v: dict | None) -> str:
-    return "n/a" if not v else f"{v['value']:.1%} [{v['low']:.1%}, {v['high']:.1%}]"
-
-
 def report_md(source: str, counts: dict, agree: dict | None) -> str:
     lines = [f"# Feedback from `{source}`", "", (f"{counts['responses']} responses "
              f"({counts['responses_without_segments']} without any segment)."), "",
@@ -147,8 +132,8 @@ def report_md(source: str, counts: dict, agree: dict | None) -> str:
                   "| type | segments | precision | recall | accuracy |", "|---|---|---|---|---|"]
         for t in HALLUCINATION_TYPES:
             a = agree[t]
-            lines.append(f"| {t} | {a['n']} | {_pct(a.get('precision'))} | {_pct(a.get('recall'))} | "
-                         f"{_pct(a.get('accuracy'))} |")
+            lines.append(f"| {t} | {a['n']} | {pct_ci(a.get('precision'))} | {pct_ci(a.get('recall'))} | "
+                         f"{pct_ci(a.get('accuracy'))} |")
     return "\n".join(lines) + "\n"
 
 

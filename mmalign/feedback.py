@@ -136,6 +136,14 @@ class FeedbackItem:
     meta: Mapping[str, Any] = field(default_factory=dict, hash=False)  # items hash by their other fields
 
 
+def prompt_text(messages: list[dict]) -> str:
+    """The :attr:`FeedbackItem.prompt` of a chat prompt: the text parts of its user turns, joined
+    by spaces (images and assistant turns left out)."""
+    parts = [p["text"] for m in messages if m["role"] == "user" for p in m["content"]
+             if isinstance(p, dict) and p.get("type") == "text"]
+    return " ".join(parts)
+
+
 @dataclass
 class Feedback:
     """What a source says about one item.
