@@ -255,18 +255,19 @@ def _stage_folder(folder: Path) -> None:
 
 def _run_prefs(tmp: Path, root: Path, f: Path, mode: str) -> Outcome:
     from data_pipelines import prefs as P
+    from mmalign.feedback_io import ScoreError
 
     _stage_folder(root)
     out = tmp / "prefs-out"
     argv = ["--feedback", str(f), "--data", str(root), "--out", str(out), "--inject-per-prompt", "0",
             "--weights", "faithfulness=1", "--on-error", mode]
     if mode == "raise":
-        with pytest.raises((RecordError, P.ScoreError)) as e:
+        with pytest.raises((RecordError, ScoreError)) as e:
             P.main(argv)
         return Outcome(error=str(e.value))
     try:
         assert P.main(argv) == 0
-    except P.ScoreError as e:  # NaN/inf: an error in skip mode too (see the prefs docstring)
+    except ScoreError as e:  # NaN/inf: an error in skip mode too (see the prefs docstring)
         return Outcome(error=str(e))
     rep = json.loads((out / "report.json").read_text())
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]

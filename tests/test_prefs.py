@@ -18,6 +18,7 @@ from PIL import Image
 from data_pipelines import prefs as P
 from mmalign import world as W
 from mmalign.feedback import FeedbackItem, feedback_to_json
+from mmalign.feedback_io import ScoreError
 from mmalign.oracle import WorldOracle
 from mmalign.records import RecordError, read_records
 from mmalign.stage import StageOutput, atomic_write_jsonl
@@ -286,7 +287,7 @@ def test_nan_scores_are_refused_even_when_skipping(data, tmp_path):
     fb = write_feedback(tmp_path / "fb", [row("p0", 0, "s0", "There is a small red circle."), bad])
     assert "NaN" in (fb / "feedback.jsonl").read_text().splitlines()[1]
     for mode in ("raise", "skip"):
-        with pytest.raises(P.ScoreError, match=rf"{fb / 'feedback.jsonl'}:2: score 'faithfulness' is nan"):
+        with pytest.raises(ScoreError, match=rf"{fb / 'feedback.jsonl'}:2: score 'faithfulness' is nan"):
             run(fb, data, tmp_path / "out", "--on-error", mode)
 
 
