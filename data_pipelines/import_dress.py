@@ -81,7 +81,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipelines.nlf import (
+from mmalign.conditions import ConditionScheme
+from mmalign.nlf_records import (
     add_scheme_arguments,
     critique_record,
     refinement_record,
@@ -90,7 +91,6 @@ from data_pipelines.nlf import (
     summary_md,
     text_turn,
 )
-from mmalign.conditions import ConditionScheme
 from mmalign.ranking import distribution, split_of
 from mmalign.records import (
     MAX_RESPONSE_CHARS,

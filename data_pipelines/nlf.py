@@ -83,13 +83,22 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from mmalign.conditions import ConditionScheme, with_condition
-from mmalign.feedback import HALLUCINATION_TYPES
+from mmalign.conditions import ConditionScheme
+from mmalign.feedback import HALLUCINATION_TYPES, FeedbackItem, prompt_text
+from mmalign.feedback_io import Prompt, Response, read_feedback, weighted_scores
+from mmalign.nlf_records import (
+    KINDS,
+    add_scheme_arguments,
+    critique_record,
+    refinement_record,
+    scheme_from,
+    summarize,
+    summary_md,
+    text_turn,
+)
 from mmalign.ranking import parse_weights, split_of
 from mmalign.records import RecordError, SFTRecord
 from mmalign.stage import (
@@ -101,141 +110,19 @@ from mmalign.stage import (
 )
 
 STAGE = "nlf"
-KINDS = ("critique", "refinement")
 #: refinements that ask for nothing (the world oracle writes the first for a perfect response)
 NOTHING_TO_FIX = ("No change is needed.", "")
 #: the seed of round r, batch b is seed + ROUND_SEED_STRIDE * (r - 1) + b
 ROUND_SEED_STRIDE = 100_003
 DEFAULT_WEIGHTS = "faithfulness=1"
-N_BOOT = 2000
 
 
 # ---------------------------------------------------------------------------------------------
-# records (shared with data_pipelines.import_dress)
-
-
-def text_turn(role: str, text: str) -> dict:
-    return {"role": role, "content": [{"type": "text", "text": text}]}
+# records
 
 
 def nothing_to_fix(refinement: str | None) -> bool:
     return refinement is None or refinement.strip() in NOTHING_TO_FIX
-
-
-def scheme_from(thresholds: Sequence[float], names: Sequence[str], template: str) -> ConditionScheme:
-    """The :class:`ConditionScheme` of the command line (a ValueError says what is wrong)."""
-    return ConditionScheme(tuple(float(t) for t in thresholds), tuple(names), template)
-
-
-def add_scheme_arguments(ap: argparse.ArgumentParser) -> None:
-    """``--thresholds``, ``--names``, ``--template``: the condition scheme's command line (this stage
-    and the DRESS importer), defaults from :class:`ConditionScheme`."""
-    d = ConditionScheme()
-    ap.add_argument("--thresholds", nargs="+", type=float, default=list(d.thresholds),
-                    help=f"ascending score cut points in [0, 1] between condition levels (default {list(d.thresholds)})")
-    ap.add_argument("--names", nargs="+", default=list(d.names),
-                    help=f"one level name per interval, worst first; the last is asked at inference "
-                         f"(default {' '.join(d.names)})")
-    ap.add_argument("--template", default=d.template,
-                    help=f"the condition text, with {{name}} (default {d.template!r})")
-
-
-def critique_record(rid: str, images: list[str], prompt: list[dict], response: str, score: float,
-                    scheme: ConditionScheme, meta: dict[str, Any]) -> dict[str, Any]:
-    """A critique example: the condition of ``score`` before the first user turn's text, then the
-    response as the (loss-bearing) assistant turn."""
-    cond = scheme.for_score(score)
-    row = {"id": rid, "images": list(images), "messages": with_condition(prompt, cond, "first") + [
-        text_turn("assistant", response)], "kind": "critique", "score": score, "level": scheme.name(score),
-        "condition": cond, **meta}
-    return checked(row)
-
-
-def refinement_record(rid: str, images: list[str], conversation: list[dict], revision: str, score_before: float,
-                      score_after: float, rnd: int, scheme: ConditionScheme, meta: dict[str, Any]) -> dict[str, Any]:
-    """A refinement episode: ``conversation`` (ending with the user turn holding the refinement
-    feedback) with the condition of ``score_after`` in that last user turn, then the revision."""
-    cond = scheme.for_score(score_after)
-    row = {"id": rid, "images": list(images), "messages": with_condition(conversation, cond, "last") + [
-        text_turn("assistant", revision)], "kind": "refinement", "round": rnd, "score_before": score_before,
-        "score_after": score_after, "success": score_after > score_before, "level": scheme.name(score_after),
-        "condition": cond, **meta}
-    return checked(row)
-
-
-def checked(row: dict[str, Any]) -> dict[str, Any]:
-    """``row`` after a round trip through the SFT schema, so an output line can never fail to load."""
-    SFTRecord.from_json(row, f"record {row['id']}", max_chars=None)
-    return row
-
-
-# ---------------------------------------------------------------------------------------------
-# report (shared with data_pipelines.import_dress)
-
-
-def _ci(values: Sequence[float]) -> dict[str, float] | None:
-    from mmalign.metrics import bootstrap_ci
-
-    if not values:
-        return None
-    v, lo, hi = bootstrap_ci([float(x) for x in values], n_boot=N_BOOT, seed=0)
-    return {"value": round(v, 4), "low": round(lo, 4), "high": round(hi, 4)}
-
-
-def revision_stats(rows: list[dict]) -> dict[str, Any]:
-    """Success / fix rates (95% bootstrap intervals over revisions) and mean scores of refinement rows."""
-    fixed = [r["fixed"] for r in rows if r.get("fixed") is not None]
-    return {"n": len(rows), "success_rate": _ci([r["success"] for r in rows]),
-            "fix_rate": _ci(fixed), "fix_known": len(fixed),
-            "score_before": _ci([r["score_before"] for r in rows]),
-            "score_after": _ci([r["score_after"] for r in rows]),
-            "score_delta": _ci([r["score_after"] - r["score_before"] for r in rows])}
-
-
-def summarize(splits: dict[str, list[dict]], scheme: ConditionScheme) -> dict[str, Any]:
-    """The part of the report both DRESS stages share: records per kind / split / level, revisions."""
-    rows = [r for v in splits.values() for r in v]
-    refin = [r for r in rows if r["kind"] == "refinement"]
-    rounds = sorted({r["round"] for r in refin})
-    return {
-        "records": {k: {**{s: sum(r["kind"] == k for r in v) for s, v in splits.items()},
-                        "total": sum(r["kind"] == k for r in rows)} for k in KINDS}
-        | {"total": {**{s: len(v) for s, v in splits.items()}, "total": len(rows)}},
-        "levels": {k: {n: sum(r["kind"] == k and r["level"] == n for r in rows) for n in scheme.names} for k in KINDS},
-        "critique_score": _ci([r["score"] for r in rows if r["kind"] == "critique"]),
-        "revisions": {"all": revision_stats(refin),
-                      **{f"round {k}": revision_stats([r for r in refin if r["round"] == k]) for k in rounds}},
-    }
-
-
-def _pct(v: dict | None) -> str:
-    return "n/a" if not v else f"{v['value']:.1%} [{v['low']:.1%}, {v['high']:.1%}]"
-
-
-def _num(v: dict | None) -> str:
-    return "n/a" if not v else f"{v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
-
-
-def summary_md(rep: dict[str, Any], scheme: ConditionScheme) -> list[str]:
-    splits = [s for s in rep["records"]["total"] if s != "total"]
-    lines = [f"| kind | {' | '.join(splits)} | total |", "|---" * (len(splits) + 2) + "|"]
-    for k in (*KINDS, "total"):
-        c = rep["records"][k]
-        lines.append(f"| {k} | {' | '.join(str(c[s]) for s in splits)} | {c['total']} |")
-    lines += ["", f"Condition levels (template {scheme.template!r}, thresholds {list(scheme.thresholds)}):", "",
-              f"| kind | {' | '.join(scheme.names)} |", "|---" * (len(scheme.names) + 1) + "|"]
-    lines += [f"| {k} | {' | '.join(str(rep['levels'][k][n]) for n in scheme.names)} |" for k in KINDS]
-    lines += ["", f"Mean critique-example score: {_num(rep['critique_score'])}.", "",
-              ("Revisions (95% bootstrap intervals over revisions; success = score after > before, "
-               "fixed = fewer hallucinated claims after than before):"), "",
-              "| round | revisions | success | fixed | score before | score after |", "|---|---|---|---|---|---|"]
-    if not rep["revisions"]["all"]["n"]:
-        lines.append("| (none) | 0 | | | | |")
-    for name, s in rep["revisions"].items():
-        if s["n"]:
-            lines.append(f"| {name} | {s['n']} | {_pct(s['success_rate'])} | {_pct(s['fix_rate'])} | "
-                         f"{_num(s['score_before'])} | {_num(s['score_after'])} |")
-    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,8 +133,8 @@ def summary_md(rep: dict[str, Any], scheme: ConditionScheme) -> list[str]:
 class Episode:
     """One refinement episode in progress."""
 
-    prompt: Any  # data_pipelines.prefs.Prompt
-    sample: Any  # data_pipelines.prefs.Response
+    prompt: Prompt
+    sample: Response
     split: str
     images: list[str]  # absolute
     conversation: list[dict]  # up to the assistant turn being refined
@@ -289,10 +176,6 @@ def revise(policy, asks: list[tuple[str, list[str], list[dict]]], temperature: f
 
 def _judge(oracle, p, text: str, rid: str, weights: dict[str, float], where: str):
     """The oracle's feedback on ``text`` for prompt ``p``, its weighted score and hallucinated counts."""
-    from data_pipelines.feedback import prompt_text
-    from data_pipelines.prefs import weighted_scores
-    from mmalign.feedback import FeedbackItem
-
     fb = oracle.feedback(FeedbackItem(id=rid, prompt=prompt_text(p.prompt), response=text, image=p.image,
                                       meta={"scene_id": p.scene_id}), p.scene)
     scores, score = weighted_scores(fb.scores, weights, where)
@@ -391,9 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{STAGE}: {args.out} up to date, skipping (--force to redo)")
         return 0
 
-    from data_pipelines.feedback import load_scenes
-    from data_pipelines.prefs import read_feedback
     from mmalign.oracle import WorldOracle
+    from mmalign.scene_io import load_scenes
 
     t0 = time.perf_counter()
     scenes = None
