@@ -57,7 +57,7 @@ def _ci(v: tuple[float, float, float]) -> dict[str, float | None]:
 
 def type_metrics(labels: Sequence[Sequence[int]], preds: Sequence[Sequence[int]], n_boot: int = 1000,
                  seed: int = 0) -> dict[str, Any]:
-    """Detection metrics of "hallucinated" (class 0 of :data:`mmalign.methods.fg_reward.CLASSES`)
+    """Detection metrics of "hallucinated" (class 0 of :data:`mmalign.rewards.CLASSES`)
     for one type.
 
     ``labels[i]`` / ``preds[i]``: the class indices of response ``i``'s segments. Per response
@@ -66,7 +66,7 @@ def type_metrics(labels: Sequence[Sequence[int]], preds: Sequence[Sequence[int]]
     fn), accuracy = right / segments, each with a percentile bootstrap interval over responses.
     Undefined ratios (0/0) are None.
     """
-    from mmalign.methods.fg_reward import CLASSES
+    from mmalign.rewards import CLASSES
     from mmalign.metrics import bootstrap_ratio_ci, paired_bootstrap_ratio_diff
 
     if len(labels) != len(preds):
@@ -143,7 +143,7 @@ def table(metrics: dict[str, Any]) -> str:
 
 
 def report_md(metrics: dict[str, Any]) -> str:
-    from mmalign.methods.fg_reward import CLASSES
+    from mmalign.rewards import CLASSES
 
     lines = ["# Fine-grained reward models on held-out responses", "",
              (f"{metrics['responses']} responses from `{metrics['feedback']}` (labels by "
@@ -165,7 +165,7 @@ def report_md(metrics: dict[str, Any]) -> str:
 def parse_models(specs: Sequence[str]) -> dict[str, Path | None]:
     """``TYPE=DIR`` entries -> type -> folder; a bare ``DIR`` maps to None under its own key
     (every type of that model, resolved once it is loaded)."""
-    from mmalign.methods.fg_reward import TYPES
+    from mmalign.feedback import HALLUCINATION_TYPES
 
     out: dict[str, Any] = {}
     for s in specs:
@@ -173,8 +173,8 @@ def parse_models(specs: Sequence[str]) -> dict[str, Path | None]:
         if not sep:
             out[f"*{s}"] = Path(s)
             continue
-        if t not in TYPES:
-            raise ValueError(f"--models {s!r}: unknown type {t!r}; expected one of {list(TYPES)}")
+        if t not in HALLUCINATION_TYPES:
+            raise ValueError(f"--models {s!r}: unknown type {t!r}; expected one of {list(HALLUCINATION_TYPES)}")
         if t in out:
             raise ValueError(f"--models names {t!r} twice")
         out[t] = Path(d)
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = parse_models(args.models)
     except ValueError as e:
         ap.error(str(e))
-    from mmalign.methods.fg_reward import CONFIG_FILE, HEAD_FILE
+    from mmalign.rewards.fine_grained import CONFIG_FILE, HEAD_FILE
 
     for d in spec.values():
         if not (d / CONFIG_FILE).is_file():
@@ -228,13 +228,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from mmalign.methods.fg_reward import (
-        CLASSES,
-        FGItem,
-        check_fg_record,
-        fg_segment_probs,
-        load_fg_reward_model,
-    )
+    from mmalign.feedback import HALLUCINATION_TYPES
+    from mmalign.rewards import CLASSES, SegmentItem
+    from mmalign.rewards.fine_grained import check_fg_record, fg_segment_probs, load_fg_reward_model
     from mmalign.records import read_records
 
     # The input is checked before any model loads: a bad line fails in seconds, naming file:line.
@@ -255,11 +251,11 @@ def main(argv: list[str] | None = None) -> int:
             if t in models and models[t] is not m:
                 ap.error(f"--models gives two models for {t}")
             models[t] = m
-    types = [t for t in ("object", "attribute", "relation") if t in models]
+    types = [t for t in HALLUCINATION_TYPES if t in models]
     model_dirs = {t: str(next(d for d in dirs if loaded[d] is models[t])) for t in types}
 
     gold = [check_fg_record(r, types)[1] for r in recs]                     # per response (S, K)
-    items = [FGItem(images=r.images, prompt=r.prompt, response=r.response, id=f"{r.meta.get('source')} id={r.id}")
+    items = [SegmentItem(images=r.images, prompt=r.prompt, response=r.response, id=f"{r.meta.get('source')} id={r.id}")
              for r in recs]
     probs = fg_segment_probs(models, items, batch_size=args.batch_size, progress=not args.no_progress)
 

@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from mmalign.methods.reward import RewardItem, RewardScorer, load_reward_model
+    from mmalign.rewards.critique import RewardItem, RewardScorer, load_reward_model
 
     t0 = time.perf_counter()
     records = read_records(args.pairs, "preference", data_root=args.data_root, check_images="exists", on_error="raise")

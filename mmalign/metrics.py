@@ -1,4 +1,4 @@
-"""Evaluation metrics: bootstrap intervals, POPE yes/no scores and generation health.
+"""Evaluation statistics: bootstrap intervals, and the word tokens and loop test the metrics share.
 
 Pure functions (numpy only, no model code, no I/O). The caption checker and the CHAIR-style
 rates live in :mod:`mmalign.world`; this module turns per-item results into the numbers a
@@ -15,11 +15,10 @@ Definitions and sources
 * Paired differences (checkpoint A minus B on the same items) use the *same* resample indices
   for both, so item difficulty cancels (Koehn 2004, "Statistical Significance Tests for
   Machine Translation Evaluation", paired bootstrap).
-* Yes/no: POPE (Li et al. 2023, "Evaluating Object Hallucination in Large Vision-Language
-  Models", EMNLP): accuracy, precision, recall, F1 with "yes" as the positive class, and the
-  yes-ratio.
-* Distinct-n: Li et al. 2016, "A Diversity-Promoting Objective Function for Neural
-  Conversation Models", NAACL.
+
+The metrics themselves are declared in :mod:`mmalign.eval.summary` (POPE's yes/no scores, CHAIR,
+coverage: per-item count columns summarised as micro-averaged rates with these intervals) and
+:mod:`mmalign.health` (generation health: length, distinct-n, loops).
 """
 
 from __future__ import annotations
@@ -132,23 +131,6 @@ def bootstrap_ratio_ci(
     return _bootstrap([numerators, denominators], _ratio, n_boot, alpha, seed)
 
 
-def paired_bootstrap_diff(
-    a: Sequence[float] | np.ndarray,
-    b: Sequence[float] | np.ndarray,
-    stat: Stat = np.mean,
-    n_boot: int = 2000,
-    alpha: float = 0.05,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """``stat(a) - stat(b)`` for two checkpoints scored on the same items, with a paired interval.
-
-    ``a``, ``b`` ``[n]``: per-item values, item ``i`` the same question/caption in both. Each
-    resample draws one set of item indices and applies it to both, so the interval reflects
-    the variance of the *difference*; identical inputs give exactly ``(0, 0, 0)``.
-    """
-    return _bootstrap([a, b], lambda va, vb: _apply(stat, va) - _apply(stat, vb), n_boot, alpha, seed)
-
-
 def paired_bootstrap_ratio_diff(
     num_a: Sequence[float] | np.ndarray,
     den_a: Sequence[float] | np.ndarray,
@@ -169,62 +151,7 @@ def paired_bootstrap_ratio_diff(
 
 
 # ---------------------------------------------------------------------------------------------
-# yes/no questions (POPE)
-
-
-def _div(a: float, b: float) -> float:
-    """``a / b``, 0.0 when ``b == 0`` (scikit-learn's ``zero_division=0`` convention)."""
-    return a / b if b else 0.0
-
-
-def yes_no_metrics(predictions: Sequence[bool | None], labels: Sequence[bool]) -> dict[str, float]:
-    """POPE scores (Li et al. 2023) with "yes" as the positive class.
-
-    ``predictions[i]`` is the parsed answer (``world.parse_yes_no``: True = yes, False = no,
-    None = unparseable); ``labels[i]`` the true answer. Choices where POPE is silent (its
-    script maps anything without "no"/"not" to yes; we do not guess):
-
-    * ``accuracy`` = correct / n over *all* n items: an unparsed answer counts as wrong.
-    * ``precision`` = TP / (TP + FP), ``recall`` = TP / (TP + FN), ``f1`` = their harmonic mean,
-      over *parsed* answers only (an unparsed answer is neither a yes nor a no); read them next
-      to ``n_unparsed``, which reports how many items they exclude.
-    * ``yes_ratio`` = yes answers / parsed answers (POPE's "Yes" column; 0.5 is balanced).
-    * Any 0/0 is reported as 0.0.
-
-    Also returns the confusion counts ``tp``, ``fp``, ``tn``, ``fn`` (parsed only), ``n`` and
-    ``n_unparsed``.
-    """
-    if len(predictions) != len(labels):
-        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
-    tp = fp = tn = fn = unparsed = 0
-    for p, y in zip(predictions, labels):
-        if p is None:
-            unparsed += 1
-        elif p and y:
-            tp += 1
-        elif p:
-            fp += 1
-        elif y:
-            fn += 1
-        else:
-            tn += 1
-    n = len(labels)
-    precision = _div(tp, tp + fp)
-    recall = _div(tp, tp + fn)
-    return {
-        "accuracy": _div(tp + tn, n),
-        "precision": precision,
-        "recall": recall,
-        "f1": _div(2 * precision * recall, precision + recall),
-        "yes_ratio": _div(tp + fp, n - unparsed),
-        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
-        "n": n,
-        "n_unparsed": unparsed,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# generation health
+# text
 
 
 def words(text: str) -> list[str]:
@@ -248,34 +175,3 @@ def has_loop(toks: Sequence[str], n: int = 3, min_repeats: int = 3) -> bool:
             if all(list(toks[i + j * k:i + (j + 1) * k]) == head for j in range(1, min_repeats)):
                 return True
     return False
-
-
-def generation_health(texts: Sequence[str], n: int = 3, loop_min_repeats: int = 3) -> dict[str, float]:
-    """Signals of a collapsed policy: length, diversity, loops and empty answers.
-
-    Tokens are :func:`words` (lower-cased, punctuation dropped). Over the ``len(texts)``
-    responses:
-
-    * ``mean_words``: mean token count per response (empty responses included, as 0).
-    * ``distinct_1`` / ``distinct_2``: unique unigrams (bigrams) / total unigrams (bigrams),
-      pooled over the whole set (Li et al. 2016); bigrams never span two responses. Li et al.
-      divide by the total number of *tokens*; dividing by the number of n-grams instead keeps
-      distinct-2 in [0, 1] and equal to 1 for a set with no repeated bigram.
-    * ``loop_rate``: share of responses for which :func:`has_loop` holds, i.e. some word
-      n-gram of length 1..``n`` repeats ``loop_min_repeats`` times consecutively.
-    * ``empty_rate``: share of responses with no tokens.
-
-    Every 0/0 (no texts, no bigrams) is reported as 0.0; ``n`` gives the number of texts.
-    """
-    toks = [words(t) for t in texts]
-    uni = [g for t in toks for g in _ngrams(t, 1)]
-    bi = [g for t in toks for g in _ngrams(t, 2)]
-    m = len(toks)
-    return {
-        "mean_words": _div(sum(len(t) for t in toks), m),
-        "distinct_1": _div(len(set(uni)), len(uni)),
-        "distinct_2": _div(len(set(bi)), len(bi)),
-        "loop_rate": _div(sum(has_loop(t, n, loop_min_repeats) for t in toks), m),
-        "empty_rate": _div(sum(not t for t in toks), m),
-        "n": m,
-    }

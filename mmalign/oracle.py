@@ -45,6 +45,7 @@ from mmalign.feedback import (
     FeedbackItem,
     SegmentFeedback,
 )
+from mmalign.rewards import VALUES, RewardForm, SegmentItem
 from mmalign.segments import split_segments
 
 __all__ = [
@@ -645,24 +646,22 @@ def load_world_scenes(data: str | os.PathLike) -> dict[str, W.Scene]:
     return {str((data / image).resolve()): scene for f in files for scene, image in read_scenes(f)}
 
 
-#: segment reward of each oracle label (the fine-grained reward models' VALUES)
-ORACLE_REWARD = {"hallucinated": -1.0, "n/a": 0.0, "correct": 1.0}
-
-
 class OracleSegmentRewards:
     """The scene-graph oracle's per-segment labels as fine-grained rewards: -1 hallucinated,
     +1 correct, 0 n/a, for the segments of :func:`split_segments` -- a drop-in for a trained
-    fine-grained reward model (``segment_rewards(items, mode, batch_size)``), so PPO can be run
+    fine-grained reward model (it implements :class:`mmalign.rewards.SegmentRewardModel`), so PPO can be run
     with *perfect* rewards as a control: what FGAIF's machinery does when the reward models are
     right. ``items`` carry the image path (``images[0]``) the oracle looks the scene up by."""
 
-    types = ("object", "attribute", "relation")
+    types = HALLUCINATION_TYPES
 
     def __init__(self, scenes: Mapping[str, W.Scene]) -> None:
         self.oracle = WorldOracle(scenes, mention_missing=False)
 
-    def segment_rewards(self, items: Sequence[Any], mode: str = "label", batch_size: int | None = None,
+    def segment_rewards(self, items: Sequence[SegmentItem], mode: RewardForm = "label", batch_size: int = 16,
                         types: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Per item and type the oracle's ``(S_i,)`` segment rewards (``mode`` and ``batch_size``
+        do not apply: the labels are exact, and there is no model to batch)."""
         import torch
 
         types = list(types or self.types)
@@ -675,7 +674,7 @@ class OracleSegmentRewards:
                 out.append({t: torch.zeros(0) for t in types})
                 continue
             fb = self.oracle.feedback(item, self.oracle.scene_for(item))
-            out.append({t: torch.tensor([ORACLE_REWARD[s.labels[t]] for s in fb.segments]) for t in types})
+            out.append({t: torch.tensor([VALUES[s.labels[t]] for s in fb.segments]) for t in types})
         return out
 
     def to(self, device: Any) -> "OracleSegmentRewards":

@@ -33,13 +33,12 @@ import string
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
 from mmalign.collators import render
 from mmalign.feedback import Feedback, FeedbackItem, check_feedback, check_items, item_where
-from mmalign.records import RecordError, load_image, resolve_image_path
+from mmalign.records import load_image
 from models.policy import DTYPES, HFPolicy
 
 DIGITS = tuple(str(d) for d in range(7))
@@ -369,80 +368,3 @@ def _check_template(template: str) -> None:
     if unknown:
         raise ValueError(f"prompt_template has unknown field(s) {unknown}; allowed: {list(TEMPLATE_FIELDS)} "
                          "(write a literal brace as {{ or }})")
-
-
-# --------------------------------------------------------------------------------------------
-# MMHal-Bench response files
-
-
-MMHAL_TEXT_FIELDS = ("question", "gt_answer", "model_answer")
-MMHAL_META_FIELDS = ("question_type", "question_topic", "image_id", "image_src", "image_content")
-
-
-def read_mmhal_responses(
-    path: str | Path,
-    images_dir: str | Path | None = None,
-    require_images: bool = False,
-) -> list[FeedbackItem]:
-    """Read MMHal-Bench's response file (``response_template.json`` layout) as feedback items.
-
-    The file is a JSON list of objects with ``question_type``, ``question_topic``, ``image_id``,
-    ``image_src`` (a URL in the published file), ``image_content`` (list of label strings),
-    ``question``, ``gt_answer`` and ``model_answer``. Each becomes a ``FeedbackItem`` with id
-    ``mmhal-<index>`` (MMHal's summary maps index % 8 to the question type, so order is kept),
-    ``prompt`` = question, ``response`` = model_answer, ``reference`` = gt_answer, and the other
-    fields in ``meta``.
-
-    Images: with ``images_dir``, the image is ``images_dir / <file name of image_src>`` (or of an
-    ``image_path`` field, as in the Hugging Face dataset). A missing image leaves ``image`` None
-    (the judge then refuses the item if it needs the image) or, with ``require_images``, is an
-    error naming the record.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such MMHal-Bench response file")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise RecordError(f"{path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    if not isinstance(records, list):
-        raise RecordError(f"{path}: expected a JSON list of MMHal-Bench records, got {type(records).__name__}")
-    items = []
-    for i, rec in enumerate(records):
-        where = f"{path}[{i}]"
-        if not isinstance(rec, dict):
-            raise RecordError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
-        for key in MMHAL_TEXT_FIELDS:
-            if not isinstance(rec.get(key), str):
-                got = "missing" if key not in rec else type(rec[key]).__name__
-                raise RecordError(f"{where}: '{key}' must be a string ({got})")
-        if not rec["question"].strip():
-            raise RecordError(f"{where}: 'question' is empty")
-        content = rec.get("image_content", [])
-        if not isinstance(content, list) or not all(isinstance(c, str) for c in content):
-            raise RecordError(f"{where}: 'image_content' must be a list of strings")
-        image = _mmhal_image(rec, where, images_dir, require_images)
-        meta = {k: rec[k] for k in MMHAL_META_FIELDS if k in rec}
-        meta.update({"image_content": content, "index": i, "source": where})
-        items.append(FeedbackItem(id=f"mmhal-{i:03d}", prompt=rec["question"], response=rec["model_answer"],
-                                  image=image, reference=rec["gt_answer"], meta=meta))
-    return items
-
-
-def _mmhal_image(rec: dict, where: str, images_dir: str | Path | None, require: bool) -> str | None:
-    src = rec.get("image_path") or rec.get("image_src")
-    if not isinstance(src, str) or not src.strip():
-        if require:
-            raise RecordError(f"{where}: no 'image_src' to find the image by")
-        return None
-    name = Path(urlparse(src).path).name
-    if images_dir is None:
-        if require:
-            raise RecordError(f"{where}: the image {name!r} is needed but no images_dir was given")
-        return None
-    full = resolve_image_path(name, images_dir, where)
-    if not full.is_file():
-        if require:
-            raise RecordError(f"{where}: image {name!r} (from {src!r}) not found in {images_dir}")
-        return None
-    return str(full)

@@ -396,7 +396,7 @@ def _run_score_rm(tmp: Path, root: Path, f: Path, mode: str) -> Outcome:
 
 def _run_fg_rm_eval(tmp: Path, root: Path, f: Path, mode: str) -> Outcome:
     from data_pipelines.fg_rm_eval import main
-    from mmalign.methods.fg_reward import CONFIG_FILE
+    from mmalign.rewards.fine_grained import CONFIG_FILE
 
     m = tmp / "fg"
     m.mkdir(exist_ok=True)

@@ -14,7 +14,8 @@ import torch
 from mmalign.cli import cli_main
 from mmalign.collators import PreferenceCollator
 from mmalign.data import PreferenceDataModule
-from mmalign.methods.dpo import DPOModule, collapsed, probe_health
+from mmalign.health import collapsed, generation_health
+from mmalign.methods.dpo import DPOModule
 from mmalign.records import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,13 +168,13 @@ def test_precomputed_reference_refuses_missing_or_foreign_logps(world, llava, tm
         m.compute_loss(b)
 
 
-def test_probe_health_and_collapse_rules():
-    ok = probe_health(["a red circle left of a blue square", "two green stars above a small cross"])
+def test_generation_health_and_collapse_rules():
+    ok = generation_health(["a red circle left of a blue square", "two green stars above a small cross"])
     # 8 + 7 = 15 words, "a" three times: 13 distinct unigrams; 7 + 6 = 13 bigrams, all distinct
     assert ok["distinct1"] == pytest.approx(13 / 15) and ok["distinct2"] == 1.0
     assert ok["loop_rate"] == 0 and ok["mean_words"] == 7.5
     assert collapsed(ok, ok) == []
-    bad = probe_health(["circle circle circle circle circle circle circle circle", ""])
+    bad = generation_health(["circle circle circle circle circle circle circle circle", ""])
     why = collapsed(bad, ok)
     assert any("distinct-2" in w for w in why) and any("empty" in w for w in why)
 

@@ -16,7 +16,8 @@ from mmalign.conditions import (
     load_scheme,
     with_condition,
 )
-from mmalign.methods.dress import DRESSModule, dress_loss
+from mmalign.losses.dress import dress_loss
+from mmalign.methods.dress import DRESSModule
 from mmalign.records import RecordError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -98,9 +98,10 @@ def _prompt(question: str) -> list[dict]:
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_each_segment_label_sits_on_its_last_token(model_dirs, family):
-    from mmalign.methods.fg_reward import encode_for_segments
     from mmalign.ops import IGNORE_INDEX
+    from mmalign.rewards.fine_grained import encode_segments, make_head, segment_logits
     from mmalign.segments import split_segments
+    from models.policy import HFPolicy
 
     proc = _processor(model_dirs[family])
     tok = proc.tokenizer
@@ -117,10 +118,10 @@ def test_each_segment_label_sits_on_its_last_token(model_dirs, family):
             "labels": [[0, 2], [1, 1]], "meta": {"id": "a"}},
            {"images": [img], "prompt": _prompt("Give a detailed description of the image, please."), "response": r1,
             "labels": [[1, 2], [0, 2], [2, 0]], "meta": {"id": "b"}}]
-    b = encode_for_segments(proc, exs)
-    ids, mask, pos, width = b["input_ids"], b["attention_mask"], b["position_ids"], b["prompt_width"]
+    b = encode_segments(proc, exs)
+    p_mask, ids, mask = b["prompt"]["attention_mask"], b["response_ids"], b["response_mask"]
     assert b["segment_index"].shape == (2, 3) and b["segment_labels"].shape == (2, 3, 2)
-    assert mask[0, 0] == 0 and mask[0, width - 1] == 1 and mask[1, :width].all()  # prompts left-padded
+    assert p_mask[0, 0] == 0 and p_mask[:, -1].all() and p_mask[1].all()  # prompts left-padded
     for i, (r, want) in enumerate(zip((r0, r1), pieces)):
         n = len(want)
         got = [tok.decode([int(ids[i, j])]) for j in b["segment_index"][i, :n]]
@@ -130,36 +131,55 @@ def test_each_segment_label_sits_on_its_last_token(model_dirs, family):
         assert (b["segment_labels"][i, n:] == IGNORE_INDEX).all()
         # the response row: its own tokens, then eos, then right padding
         resp = tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        assert ids[i, width:width + len(resp)].tolist() == resp
-        assert mask[i, width:width + len(resp)].all() and not mask[i, width + len(resp):].any()
-        # positions count the real tokens only, across the prompt's left padding and the join
-        assert pos[i][mask[i].bool()].tolist() == list(range(int(mask[i].sum())))
+        assert ids[i, :len(resp)].tolist() == resp
+        assert mask[i, :len(resp)].all() and not mask[i, len(resp):].any()
         # decoding up to a segment's end token ends with the segment's text
         for k, seg in enumerate(split_segments(r)):
             j = int(b["segment_index"][i, k])
-            assert tok.decode(ids[i, width:j + 1]).endswith(seg.text)
-    if family == "qwen2_vl":
-        assert b["mm_token_type_ids"].shape == ids.shape and not b["mm_token_type_ids"][:, width:].any()
+            assert tok.decode(ids[i, :j + 1]).endswith(seg.text)
+    # The heads read, through Policy.response_forward, the hidden state of the joined row
+    # (prompt + response) at prompt width + segment end, with positions counting the real tokens
+    # only across the prompt's left padding and the join (a multimodal-RoPE family derives its
+    # own from the mask): the same numbers as one plain forward over that row.
+    torch.manual_seed(0)
+    policy = HFPolicy(str(model_dirs[family])).eval()
+    heads = torch.nn.ModuleDict({"object": make_head(policy.hidden_size)})
+    width = p_mask.shape[1]
+    full = {k: v for k, v in b["prompt"].items() if k != "meta"}
+    full["input_ids"] = torch.cat([b["prompt"]["input_ids"], ids], dim=1)
+    full["attention_mask"] = joined = torch.cat([p_mask, mask.to(p_mask.dtype)], dim=1)
+    for k, v in list(full.items()):
+        if k not in ("input_ids", "attention_mask") and isinstance(v, torch.Tensor) and v.shape == p_mask.shape:
+            full[k] = torch.cat([v, torch.zeros_like(ids, dtype=v.dtype)], dim=1)   # response tokens: text
+    if family != "qwen2_vl":
+        full["position_ids"] = (joined.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        got = segment_logits(policy, heads, b)["object"]
+        _, hidden = policy.forward_hidden(full)
+        h = torch.gather(hidden, 1, (width + b["segment_index"]).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        want_logits = heads["object"](h)
+    valid = b["segment_valid"]
+    assert torch.allclose(got[valid], want_logits[valid], atol=1e-5)
     # a cut inside r1's last segment: it is not scored, and counted
-    cut = encode_for_segments(proc, exs, max_response_tokens=len(tok(r1, add_special_tokens=False)["input_ids"]) - 2)
+    cut = encode_segments(proc, exs, max_response_tokens=len(tok(r1, add_special_tokens=False)["input_ids"]) - 2)
     assert cut["segment_valid"][1].tolist() == [True, True, False] and cut["segments_cut"] == 1
     assert (cut["segment_labels"][1, 2] == IGNORE_INDEX).all()
 
 
 def test_unlocatable_segments_and_empty_responses_name_the_record(model_dirs):
-    from mmalign.methods.fg_reward import encode_for_segments
+    from mmalign.rewards.fine_grained import encode_segments
 
     proc = _processor(model_dirs["llava"])
     img = Image.new("RGB", (64, 64))
     base = {"images": [img], "prompt": _prompt("Describe the image."), "meta": {"source": "f.jsonl:7", "id": "x"}}
     with pytest.raises(RecordError, match=r"f\.jsonl:7 id=x: empty response"):
-        encode_for_segments(proc, [{**base, "response": "  "}])
+        encode_segments(proc, [{**base, "response": "  "}])
     # "There" is one token: two segments ending inside it have no token of their own
     with pytest.raises(RecordError, match=r"f\.jsonl:7 id=x: segment 1 .*no token of its own"):
-        encode_for_segments(proc, [{**base, "response": "There is one.",
+        encode_segments(proc, [{**base, "response": "There is one.",
                                     "segments": [{"start": 0, "end": 3}, {"start": 3, "end": 5}]}])
     # scoring a policy's free text (strict=False) reads such a segment at the previous one's token
-    loose = encode_for_segments(proc, [{**base, "response": "There is one.",
+    loose = encode_segments(proc, [{**base, "response": "There is one.",
                                         "segments": [{"start": 0, "end": 3}, {"start": 3, "end": 5}]}], strict=False)
     assert loose["segment_valid"][0].tolist() == [True, True]
     assert loose["segment_index"][0, 0] == loose["segment_index"][0, 1]
@@ -170,7 +190,7 @@ def test_unlocatable_segments_and_empty_responses_name_the_record(model_dirs):
 
 
 def test_loss_is_the_hand_computed_cross_entropy():
-    from mmalign.methods.fg_reward import fg_loss
+    from mmalign.losses.fg import fg_loss
 
     # a tiny head: H = 2, logits = W h + b
     head = torch.nn.Linear(2, 3)
@@ -210,7 +230,7 @@ def test_loss_is_the_hand_computed_cross_entropy():
 
 
 def test_balanced_class_weights_by_hand():
-    from mmalign.methods.fg_reward import balanced_class_weights
+    from mmalign.losses.fg import balanced_class_weights
 
     # object: 2 hallucinated, 6 correct, 12 n/a (n = 20): 20 / (3 * n_c)
     # relation: no "correct" at all -> weight 0 (never a target)
@@ -222,12 +242,8 @@ def test_balanced_class_weights_by_hand():
 
 
 def test_segment_rewards_from_given_probabilities(model_dirs, monkeypatch):
-    from mmalign.methods.fg_reward import (
-        FGItem,
-        FGRewardModel,
-        make_head,
-        rewards_from_probs,
-    )
+    from mmalign.rewards import SegmentItem, SegmentRewardModel, rewards_from_probs
+    from mmalign.rewards.fine_grained import FGRewardModel, make_head
     from models.policy import HFPolicy
 
     p = torch.tensor([[0.7, 0.2, 0.1], [0.2, 0.3, 0.5], [0.1, 0.6, 0.3]])  # columns: hallucinated, correct, n/a
@@ -239,8 +255,9 @@ def test_segment_rewards_from_given_probabilities(model_dirs, monkeypatch):
         rewards_from_probs(p, "mean")
     policy = HFPolicy(str(model_dirs["llava"]))
     model = FGRewardModel(policy, torch.nn.ModuleDict({"object": make_head(policy.hidden_size)}))
+    assert isinstance(model, SegmentRewardModel)
     monkeypatch.setattr(model, "segment_probs", lambda items, batch_size=16, types=None: [{"object": p}, {"object": p[:0]}])
-    items = [FGItem([], "q", "a.", "i0"), FGItem([], "q", "", "i1")]
+    items = [SegmentItem([], "q", "a.", "i0"), SegmentItem([], "q", "", "i1")]
     got = model.segment_rewards(items, mode="expected")
     assert got[0]["object"].tolist() == pytest.approx([-0.5, 0.1, 0.5]) and got[1]["object"].shape == (0,)
     assert model.segment_rewards(items)[0]["object"].tolist() == [-1.0, 0.0, 1.0]
@@ -315,7 +332,8 @@ def test_config_parses():
 
 
 def test_object_rm_trains_logs_and_exports(object_rm):
-    from mmalign.methods.fg_reward import CLASSES, VALUES, balanced_class_weights
+    from mmalign.losses.fg import balanced_class_weights
+    from mmalign.rewards import CLASSES, VALUES
 
     cli, root = object_rm
     assert cli.trainer.global_step == 2
@@ -341,19 +359,15 @@ def test_object_rm_trains_logs_and_exports(object_rm):
 
 
 def test_export_load_round_trip_gives_identical_probabilities(object_rm, world, fb):
-    from mmalign.methods.fg_reward import (
-        FGItem,
-        FGRewardModel,
-        load_fg_reward_model,
-        segment_logits,
-    )
+    from mmalign.rewards import SegmentItem
+    from mmalign.rewards.fine_grained import FGRewardModel, load_fg_reward_model, segment_logits
     from mmalign.records import read_records
 
     cli, root = object_rm
     loaded = load_fg_reward_model(root / "model")
     assert loaded.types == ["object"] and not loaded.training
     recs = read_records(fb["val"], "annotated", data_root=world)[:5]
-    items = [FGItem(r.images, r.prompt, r.response, r.id) for r in recs]
+    items = [SegmentItem(r.images, r.prompt, r.response, r.id) for r in recs]
     got = loaded.segment_probs(items, batch_size=2)
     trained = FGRewardModel(cli.model.policy, cli.model.heads).eval()
     want = trained.segment_probs(items, batch_size=5)
@@ -366,7 +380,7 @@ def test_export_load_round_trip_gives_identical_probabilities(object_rm, world, 
     batch = cli.datamodule.collator([ds[i] for i in range(2)])
     with torch.no_grad():
         probs = segment_logits(cli.model.policy, cli.model.heads, batch)["object"].softmax(-1)
-    first = loaded.segment_probs([FGItem(ds.records[0].images, ds.records[0].prompt, ds.records[0].response)])
+    first = loaded.segment_probs([SegmentItem(ds.records[0].images, ds.records[0].prompt, ds.records[0].response)])
     n0 = len(ds.segments[0])
     assert torch.allclose(probs[0, :n0], first[0]["object"], atol=1e-5)
 
@@ -376,7 +390,7 @@ def test_load_errors_name_the_file(object_rm, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from mmalign.methods.fg_reward import load_fg_reward_model
+    from mmalign.rewards.fine_grained import load_fg_reward_model
 
     _, root = object_rm
     bad = tmp_path / "bad"
@@ -396,7 +410,8 @@ def test_load_errors_name_the_file(object_rm, tmp_path):
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_batching_and_padding_do_not_change_probabilities(model_dirs, family):
-    from mmalign.methods.fg_reward import FGItem, FGRewardModel, make_head
+    from mmalign.rewards import SegmentItem
+    from mmalign.rewards.fine_grained import FGRewardModel, make_head
     from models.policy import HFPolicy
 
     torch.manual_seed(0)
@@ -404,11 +419,11 @@ def test_batching_and_padding_do_not_change_probabilities(model_dirs, family):
     heads = torch.nn.ModuleDict({t: make_head(policy.hidden_size) for t in ("object", "relation")})
     model = FGRewardModel(policy, heads).eval()
     img = Image.new("RGB", (64, 64), (10, 200, 10))
-    items = [FGItem([img], "Describe the image.", "There is one object: a large blue cross.", "a"),
-             FGItem([img], "Give a detailed description of the image, please, with every object.",
+    items = [SegmentItem([img], "Describe the image.", "There is one object: a large blue cross.", "a"),
+             SegmentItem([img], "Give a detailed description of the image, please, with every object.",
                     "A red circle is left of a blue square and a star, and it is small.", "b"),
-             FGItem([img], "Describe.", "", "empty"),
-             FGItem([img], "What is there?", "Two stars.", "c")]
+             SegmentItem([img], "Describe.", "", "empty"),
+             SegmentItem([img], "What is there?", "Two stars.", "c")]
     together = model.segment_probs(items, batch_size=4)
     alone = [model.segment_probs([it], batch_size=1)[0] for it in items]
     for t_, a_ in zip(together, alone):
@@ -419,13 +434,8 @@ def test_batching_and_padding_do_not_change_probabilities(model_dirs, family):
 
 
 def test_shared_model_trains_three_heads_and_scores_in_one_pass(world, model_dirs, fb, tmp_path, monkeypatch):
-    from mmalign.methods.fg_reward import (
-        FGItem,
-        FGRewardModel,
-        fg_segment_probs,
-        fg_segment_rewards,
-        load_fg_reward_model,
-    )
+    from mmalign.rewards import SegmentItem
+    from mmalign.rewards.fine_grained import FGRewardModel, fg_segment_probs, fg_segment_rewards, load_fg_reward_model
 
     cli = cli_main(fit_args(world, model_dirs["llava"], fb, tmp_path, "--trainer.max_steps", "2",
                             "--model.init_args.types", "[object, attribute, relation]",
@@ -445,7 +455,7 @@ def test_shared_model_trains_three_heads_and_scores_in_one_pass(world, model_dir
 
     monkeypatch.setattr(FGRewardModel, "segment_probs", counting)
     img = Image.new("RGB", (64, 64))
-    items = [FGItem([img], "Describe.", "There is one object: a large blue cross.", "a")]
+    items = [SegmentItem([img], "Describe.", "There is one object: a large blue cross.", "a")]
     probs = fg_segment_probs({t: shared for t in TYPES}, items)
     assert calls == [TYPES] and set(probs[0]) == set(TYPES)
     rewards = fg_segment_rewards({t: shared for t in TYPES}, items, mode="label")

@@ -265,21 +265,22 @@ def test_oracle_segment_rewards_follow_the_scene_graph(world):
     import random
 
     from mmalign.inject import inject
-    from mmalign.methods.fg_reward import FGItem
     from mmalign.oracle import OracleSegmentRewards, load_world_scenes
+    from mmalign.rewards import SegmentItem, SegmentRewardModel
 
     scenes = load_world_scenes(world)
     rm = OracleSegmentRewards(scenes)
+    assert isinstance(rm, SegmentRewardModel)  # the declared interface PPO checks its reward models against
     rec = next(json.loads(line) for line in (world / "train/sft.jsonl").read_text().splitlines()
                if json.loads(line)["task"] == "detailed_caption")
     image = str((world / rec["images"][0]).resolve())
     ref = rec["messages"][-1]["content"][0]["text"]
     bad = inject(ref, scenes[image], "object", random.Random(0)).text
-    good_r, bad_r = rm.segment_rewards([FGItem(images=[image], prompt=[], response=ref, id="a"),
-                                        FGItem(images=[image], prompt=[], response=bad, id="b")])
+    good_r, bad_r = rm.segment_rewards([SegmentItem(images=[image], prompt=[], response=ref, id="a"),
+                                        SegmentItem(images=[image], prompt=[], response=bad, id="b")])
     assert len(good_r["object"]) == len(split_segments(ref))
     assert all(v >= 0 for t in rm.types for v in good_r[t].tolist())
     assert (bad_r["object"] == -1).sum() == 1
-    assert rm.segment_rewards([FGItem(images=[image], prompt=[], response="  ", id="c")])[0]["object"].numel() == 0
+    assert rm.segment_rewards([SegmentItem(images=[image], prompt=[], response="  ", id="c")])[0]["object"].numel() == 0
     with pytest.raises(FileNotFoundError, match="scenes.jsonl"):
         load_world_scenes(world / "train")

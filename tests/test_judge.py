@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
 
 from mmalign.feedback import Feedback, FeedbackError, FeedbackItem, FeedbackSource, check_feedback
 from mmalign.records import RecordError, load_image
-from models.judge import DEFAULT_PROMPT_TEMPLATE, TEMPLATE_FIELDS, MMHalJudge, rating_tokens, read_mmhal_responses
+from models.judge import DEFAULT_PROMPT_TEMPLATE, TEMPLATE_FIELDS, MMHalJudge, rating_tokens
 
 SHORT_TEMPLATE = "Q: {question}\nRef: {reference}\nA: {response}\nRate 0-6."
 
@@ -202,64 +201,6 @@ def test_bad_paths_and_templates(tmp_path, model_dirs):
 
 
 # -- MMHal-Bench response files -------------------------------------------------------------------
-
-
-def _mmhal_record(i, image_src):
-    return {"question_type": "attribute", "question_topic": "animal", "image_id": f"id{i}",
-            "image_src": image_src, "image_content": ["Cat", "Lynx"], "question": f"How many cats? ({i})",
-            "gt_answer": "There are two cats.", "model_answer": "There is one cat."}
-
-
-def test_mmhal_reader(tmp_path, world, judge):
-    images = tmp_path / "images"
-    images.mkdir()
-    shutil.copy(world / "images" / "test" / "000000.png", images / "abc123.jpg")
-    recs = [_mmhal_record(0, "https://c1.staticflickr.com/1/2/abc123.jpg"),
-            _mmhal_record(1, "https://c1.staticflickr.com/1/2/missing.jpg")]
-    path = tmp_path / "response_template.json"
-    path.write_text(json.dumps(recs))
-
-    items = read_mmhal_responses(path, images_dir=images)
-    assert [it.id for it in items] == ["mmhal-000", "mmhal-001"]
-    a, b = items
-    assert a.image == str((images / "abc123.jpg").resolve()) and b.image is None
-    assert (a.prompt, a.response, a.reference) == ("How many cats? (0)", "There is one cat.", "There are two cats.")
-    assert a.meta["image_content"] == ["Cat", "Lynx"] and a.meta["question_type"] == "attribute"
-    assert "Image contents: Cat, Lynx" in judge.prompt_text(a)
-    assert read_mmhal_responses(path)[0].image is None  # no images_dir: text only
-
-    with pytest.raises(RecordError, match=r"response_template.json\[1\]: image 'missing.jpg'"):
-        read_mmhal_responses(path, images_dir=images, require_images=True)
-    with pytest.raises(RecordError, match=r"item 'mmhal-001' \(.*response_template.json\[1\]\): the judge"):
-        judge.annotate(items)  # the image judge needs record 1's image
-    _check_well_formed(items[:1], judge.annotate(items[:1]))
-
-
-@pytest.mark.parametrize("content, match", [
-    ("{not json", "malformed JSON"),
-    (json.dumps({"a": 1}), "expected a JSON list"),
-    (json.dumps([{k: v for k, v in _mmhal_record(0, "x.jpg").items() if k != "model_answer"}]),
-     r"\[0\]: 'model_answer' must be a string \(missing\)"),
-    (json.dumps([_mmhal_record(0, "x.jpg"), {**_mmhal_record(1, "y.jpg"), "image_content": "Cat"}]),
-     r"\[1\]: 'image_content' must be a list of strings"),
-    (json.dumps([_mmhal_record(0, "x.jpg"), 5]), r"\[1\]: a record must be a JSON object"),
-])
-def test_mmhal_reader_rejects_malformed_files(tmp_path, content, match):
-    path = tmp_path / "bad.json"
-    path.write_text(content)
-    with pytest.raises(RecordError, match=match):
-        read_mmhal_responses(path)
-
-
-def test_mmhal_reader_refuses_escaping_image_path(tmp_path):
-    path = tmp_path / "r.json"
-    path.write_text(json.dumps([{**_mmhal_record(0, "x.jpg"), "image_path": ".."}]))
-    (tmp_path / "images").mkdir()
-    with pytest.raises(RecordError, match="escapes the data root"):
-        read_mmhal_responses(path, images_dir=tmp_path / "images")
-
-
-# -- the text-only causal LM judge ----------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

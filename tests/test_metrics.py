@@ -9,15 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mmalign.eval import summary as S
+from mmalign.health import generation_health
 from mmalign.metrics import (
     bootstrap_ci,
     bootstrap_ratio_ci,
-    generation_health,
     has_loop,
-    paired_bootstrap_diff,
     paired_bootstrap_ratio_diff,
     words,
-    yes_no_metrics,
 )
 from mmalign.world import parse_yes_no
 
@@ -25,18 +24,17 @@ from mmalign.world import parse_yes_no
 # yes/no (POPE)
 
 
+def _yes_no(preds, labels):
+    """POPE scores as the evaluation computes them: per-question rows, summed."""
+    rows = [S.yesno_row(p, y) for p, y in zip(preds, labels, strict=True)]
+    got = {k: v["value"] for k, v in S.summarize(rows, S.YESNO, n_boot=20).items()}
+    counts = {k: sum(r[k] for r in rows) for k in ("tp", "fp", "tn", "fn", "unparsed")}
+    return got, counts
+
+
 def test_yes_no_metrics_by_hand():
     """Six items, one unparseable.
 
-    item  pred   label  ->
-    0     yes    yes    TP
-    1     yes    no     FP
-    2     no     no     TN
-    3     ???    yes    unparsed (wrong for accuracy; outside precision/recall)
-    4     yes    yes    TP
-    5     no     yes    FN
-
-    TP=2 FP=1 TN=1 FN=1 unparsed=1
     accuracy  = (TP+TN)/n = 3/6 = 0.5
     precision = 2/(2+1) = 2/3, recall = 2/(2+1) = 2/3, F1 = 2/3
     yes_ratio = yes / parsed = 3/5 = 0.6
@@ -44,25 +42,27 @@ def test_yes_no_metrics_by_hand():
     answers = ["Yes.", "yes, there is", "No.", "Maybe.", "YES", "no"]
     preds = [parse_yes_no(a) for a in answers]
     assert preds == [True, True, False, None, True, False]
-    m = yes_no_metrics(preds, [True, False, False, True, True, True])
+    m, c = _yes_no(preds, [True, False, False, True, True, True])
     assert m["accuracy"] == pytest.approx(0.5)
     assert m["precision"] == pytest.approx(2 / 3)
     assert m["recall"] == pytest.approx(2 / 3)
     assert m["f1"] == pytest.approx(2 / 3)
     assert m["yes_ratio"] == pytest.approx(0.6)
-    assert (m["tp"], m["fp"], m["tn"], m["fn"], m["n"], m["n_unparsed"]) == (2, 1, 1, 1, 6, 1)
+    assert (c["tp"], c["fp"], c["tn"], c["fn"], c["unparsed"]) == (2, 1, 1, 1, 1)
 
 
 def test_yes_no_metrics_degenerate():
-    """All-"no" answers: no predicted positives -> precision 0/0 -> 0.0, recall 0/1 = 0, F1 0.
-    All unparsed: accuracy 0/2 = 0, yes_ratio 0/0 -> 0.0. Empty input: every rate 0.0."""
-    m = yes_no_metrics([False, False], [True, False])
-    assert (m["accuracy"], m["precision"], m["recall"], m["f1"], m["yes_ratio"]) == (0.5, 0.0, 0.0, 0.0, 0.0)
-    m = yes_no_metrics([None, None], [True, False])
-    assert (m["accuracy"], m["yes_ratio"], m["n_unparsed"]) == (0.0, 0.0, 2)
-    assert yes_no_metrics([], [])["n"] == 0
+    """All-"no" answers: no predicted positives -> precision 0/0 is undefined (NaN, reported as
+    such rather than as 0), recall 0/1 = 0, F1 0/1 = 0. All unparsed: accuracy 0/2 = 0,
+    yes_ratio 0/0 undefined. No rows: no metrics."""
+    m, _ = _yes_no([False, False], [True, False])
+    assert (m["accuracy"], m["recall"], m["f1"], m["yes_ratio"]) == (0.5, 0.0, 0.0, 0.0)
+    assert math.isnan(m["precision"])
+    m, c = _yes_no([None, None], [True, False])
+    assert m["accuracy"] == 0.0 and math.isnan(m["yes_ratio"]) and c["unparsed"] == 2
+    assert S.summarize([], S.YESNO) == {}
     with pytest.raises(ValueError):
-        yes_no_metrics([True], [True, False])
+        _yes_no([True], [True, False])
 
 
 @settings(max_examples=50, deadline=None)
@@ -71,12 +71,12 @@ def test_yes_no_metrics_properties(pairs):
     """Rates lie in [0, 1]; counts add up to n; accuracy = (TP+TN)/n."""
     preds = [p for p, _ in pairs]
     labels = [y for _, y in pairs]
-    m = yes_no_metrics(preds, labels)
+    m, c = _yes_no(preds, labels)
     for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
-        assert 0.0 <= m[k] <= 1.0
-    assert m["tp"] + m["fp"] + m["tn"] + m["fn"] + m["n_unparsed"] == m["n"] == len(pairs)
+        assert k not in m or math.isnan(m[k]) or 0.0 <= m[k] <= 1.0
+    assert c["tp"] + c["fp"] + c["tn"] + c["fn"] + c["unparsed"] == len(pairs)
     if pairs:
-        assert m["accuracy"] == pytest.approx((m["tp"] + m["tn"]) / m["n"])
+        assert m["accuracy"] == pytest.approx((c["tp"] + c["tn"]) / len(pairs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,11 +97,10 @@ def test_generation_health_by_hand():
     """
     h = generation_health(["a red circle and a red square.", "A red circle."])
     assert h["mean_words"] == pytest.approx(5.0)
-    assert h["distinct_1"] == pytest.approx(0.5)
-    assert h["distinct_2"] == pytest.approx(5 / 8)
+    assert h["distinct1"] == pytest.approx(0.5)
+    assert h["distinct2"] == pytest.approx(5 / 8)
     assert h["loop_rate"] == 0.0
     assert h["empty_rate"] == 0.0
-    assert h["n"] == 2
 
 
 def test_generation_health_collapse():
@@ -111,7 +110,8 @@ def test_generation_health_collapse():
     assert h["loop_rate"] == pytest.approx(0.25)
     assert h["empty_rate"] == pytest.approx(0.5)
     assert h["mean_words"] == pytest.approx(2.25)
-    assert generation_health([])["n"] == 0
+    assert generation_health([]) == {"mean_words": 0.0, "loop_rate": 0.0, "empty_rate": 0.0, "distinct1": 0.0,
+                                     "distinct2": 0.0}
 
 
 @pytest.mark.parametrize(
@@ -140,7 +140,7 @@ def test_has_loop_min_repeats():
 @given(st.lists(st.text(alphabet="ab .", max_size=20), max_size=8))
 def test_generation_health_bounds(texts):
     h = generation_health(texts)
-    for k in ("distinct_1", "distinct_2", "loop_rate", "empty_rate"):
+    for k in ("distinct1", "distinct2", "loop_rate", "empty_rate"):
         assert 0.0 <= h[k] <= 1.0
 
 
@@ -195,7 +195,7 @@ def test_bootstrap_rejects_bad_input():
     with pytest.raises(ValueError):
         bootstrap_ratio_ci([1, 2], [3])
     with pytest.raises(ValueError):
-        paired_bootstrap_diff([1, 2], [1])
+        paired_bootstrap_ratio_diff([1, 2], [1, 1], [1], [1])
 
 
 def test_ratio_ci_by_hand():
@@ -226,7 +226,7 @@ def test_ratio_ci_zero_denominators():
 def test_paired_diff_identical_is_exactly_zero():
     rng = np.random.default_rng(4)
     x = rng.random(100)
-    assert paired_bootstrap_diff(x, x) == (0.0, 0.0, 0.0)
+    assert paired_bootstrap_ratio_diff(x, np.ones_like(x), x, np.ones_like(x)) == (0.0, 0.0, 0.0)
     num, den = rng.integers(0, 3, 100), rng.integers(1, 6, 100)
     assert paired_bootstrap_ratio_diff(num, den, num, den) == (0.0, 0.0, 0.0)
 
@@ -238,7 +238,8 @@ def test_paired_narrower_than_unpaired():
     rng = np.random.default_rng(5)
     a = rng.normal(0.0, 1.0, 300)
     b = a + 0.05 + rng.normal(0.0, 0.05, 300)
-    diff, low, high = paired_bootstrap_diff(b, a)
+    ones = np.ones_like(a)
+    diff, low, high = paired_bootstrap_ratio_diff(b, ones, a, ones)  # unit denominators: a difference of means
     assert diff == pytest.approx(b.mean() - a.mean())
     assert low < diff < high and low > 0.0  # the 0.05 shift is detected
     _, la, ha = bootstrap_ci(a)
@@ -261,4 +262,5 @@ def test_bootstrap_ci_properties(values, seed):
     eps = 1e-9
     assert min(values) - eps <= low <= point + eps
     assert point - eps <= high <= max(values) + eps
-    assert paired_bootstrap_diff(values, values, n_boot=50, seed=seed) == (0.0, 0.0, 0.0)
+    ones = [1.0] * len(values)
+    assert paired_bootstrap_ratio_diff(values, ones, values, ones, n_boot=50, seed=seed) == (0.0, 0.0, 0.0)

@@ -277,7 +277,7 @@ def test_module_options_are_checked(model_dirs):
 def test_configs_parse(config):
     import yaml
 
-    from mmalign.methods.reward import CRITIQUE_PROMPT, MMRLHF_CRITIQUE_PROMPT
+    from mmalign.rewards.critique import CRITIQUE_PROMPT, MMRLHF_CRITIQUE_PROMPT
 
     check_config(str(ROOT / config))
     assert (ROOT / config).read_text().startswith("# Run")
@@ -297,7 +297,7 @@ def test_scalar_fast_dev_run_qwen2_vl(world, model_dirs, pairs, tmp_path):
 
 
 def test_critique_rm_trains_exports_and_loads(critique_rm, world, pairs):
-    from mmalign.methods.reward import RewardItem, RewardScorer, load_reward_model
+    from mmalign.rewards.critique import RewardItem, RewardScorer, load_reward_model
     from mmalign.records import read_records
 
     cli, root = critique_rm
@@ -320,7 +320,7 @@ def test_critique_rm_trains_exports_and_loads(critique_rm, world, pairs):
                         id=r.id) for r in recs]
     got = RewardScorer(loaded, batch_size=2).scores(items)
     # the same items scored by the trained module itself
-    from mmalign.methods.reward import RewardModel
+    from mmalign.rewards.critique import RewardModel
 
     trained = RewardModel(cli.model.policy, cli.model.head, "critique", cfg["critique_prompt"])
     want = RewardScorer(trained, batch_size=3).scores(items)
@@ -333,7 +333,7 @@ def test_critique_rm_trains_exports_and_loads(critique_rm, world, pairs):
 
 
 def test_nan_scores_are_refused(critique_rm, world, pairs):
-    from mmalign.methods.reward import RewardItem, RewardScorer, load_reward_model
+    from mmalign.rewards.critique import RewardItem, RewardScorer, load_reward_model
     from mmalign.records import read_records
 
     _, root = critique_rm

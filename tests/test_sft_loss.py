@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmalign.methods.sft import sft_loss
+from mmalign.losses.sft import sft_loss
 
 LOGPS = torch.tensor([[-1.0, 99.0, 99.0, 99.0],
                       [-2.0, -3.0, -4.0, 99.0]])

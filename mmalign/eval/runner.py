@@ -41,6 +41,7 @@ from mmalign.eval.world_bench import (
     world_questions,
     world_vocabulary,
 )
+from mmalign.health import health_row
 from mmalign.records import RecordError, load_image, read_scenes, resolve_image_path
 from mmalign.shard import Parts, Shard
 from mmalign.stage import StageOutput, atomic_write_jsonl, atomic_write_text, read_jsonl
@@ -286,7 +287,7 @@ def score(benchmark: Benchmark, generations: Mapping[str, str]) -> list[dict[str
         if it.kind == "caption":
             row["reference"] = it.reference
             row.update(benchmark.scorers[it.section](it, g))
-            row.update(S.health_row(g))
+            row.update(health_row(g))
         else:
             pred = W.parse_yes_no(g)
             row.update(label=it.label, prediction=pred, **S.yesno_row(pred, bool(it.label)))

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mmalign.metrics import _bootstrap, _ngrams, bootstrap_ratio_ci, has_loop, paired_bootstrap_ratio_diff, words
+from mmalign.metrics import _bootstrap, _ngrams, bootstrap_ratio_ci, paired_bootstrap_ratio_diff, words
 
 
 @dataclass(frozen=True)
@@ -119,11 +119,6 @@ def yesno_row(pred: bool | None, label: bool) -> dict[str, int]:
         "f1_num": 2 * tp, "f1_den": 2 * tp + fp + fn, "f1no_num": 2 * tn, "f1no_den": 2 * tn + fn + fp,
         "parsed": int(parsed), "unparsed": int(not parsed),
     }
-
-
-def health_row(text: str) -> dict[str, int]:
-    toks = words(text)
-    return {"words": len(toks), "loop": int(has_loop(toks)), "empty": int(not toks)}
 
 
 def _interval(point: float, low: float, high: float, n: int) -> dict[str, float]:

@@ -38,6 +38,7 @@ from typing import Literal
 import torch
 
 from mmalign.collators import VisionChatCollator, to_device
+from mmalign.health import collapsed, generation_health
 from mmalign.losses.dpo import (
     DPOOutput,
     dpo_sigmoid_loss,
@@ -60,37 +61,6 @@ ReferenceMode = Literal["on_the_fly", "precomputed"]
 def pair_sums(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, T)`` token log-probs and mask -> ``(B,)`` sequence log-probs and ``(B,)`` token counts."""
     return (logps * mask).sum(dim=1), mask.sum(dim=1)
-
-
-def probe_health(texts: list[str]) -> dict[str, float]:
-    """Generation health of a probe set: mean words, distinct-1/2 (pooled over the texts), loop
-    and empty rates (the same per-text columns as the eval's health rows)."""
-    from mmalign.eval.summary import health_row
-    from mmalign.metrics import words
-
-    rows = [health_row(t) for t in texts]
-    out = {"mean_words": sum(r["words"] for r in rows) / max(1, len(rows)),
-           "loop_rate": sum(r["loop"] for r in rows) / max(1, len(rows)),
-           "empty_rate": sum(r["empty"] for r in rows) / max(1, len(rows))}
-    for n in (1, 2):
-        grams = [tuple(w[i:i + n]) for w in map(words, texts) for i in range(len(w) - n + 1)]
-        out[f"distinct{n}"] = len(set(grams)) / len(grams) if grams else 0.0
-    return out
-
-
-def collapsed(now: dict[str, float], start: dict[str, float]) -> list[str]:
-    """Reasons the probe says the policy collapsed, measured against the step-0 probe: answers
-    at most half as long, half the distinct bigrams, or 30 points more looping / empty answers."""
-    why = []
-    if now["mean_words"] < 0.5 * start["mean_words"]:
-        why.append(f"mean length {now['mean_words']:.1f} words < half of {start['mean_words']:.1f} at the start")
-    if now["distinct2"] < 0.5 * start["distinct2"]:
-        why.append(f"distinct-2 {now['distinct2']:.3f} < half of {start['distinct2']:.3f} at the start")
-    if now["loop_rate"] > start["loop_rate"] + 0.3:
-        why.append(f"loop rate {now['loop_rate']:.2f} vs {start['loop_rate']:.2f} at the start")
-    if now["empty_rate"] > start["empty_rate"] + 0.3:
-        why.append(f"empty answers {now['empty_rate']:.2f} vs {start['empty_rate']:.2f} at the start")
-    return why
 
 
 class DPOModule(PolicyModule):
@@ -281,7 +251,7 @@ class DPOModule(PolicyModule):
         texts: list[str] = []
         for b in self._probe_data():
             texts += self.policy.generate(to_device(b, self.device), max_new_tokens=self.hparams.probe_max_new_tokens)
-        health = probe_health(texts)
+        health = generation_health(texts)
         if self._probe_start is None:
             self._probe_start = health
         why = collapsed(health, self._probe_start)

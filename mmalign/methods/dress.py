@@ -37,41 +37,13 @@ from collections.abc import Sequence
 import torch
 
 from mmalign.conditions import CONDITION_FILE, ConditionScheme
+from mmalign.losses.dress import dress_loss, dress_loss_terms
 from mmalign.methods.base import export_policy, global_denominator
 from mmalign.methods.sft import SFTModule
 from mmalign.policy import Policy
 from mmalign.records import RecordError
 
 KINDS = ("critique", "refinement")
-
-
-def dress_loss_terms(logps: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum_b w_b NLL_b, sum_b w_b)``, the two halves of :func:`dress_loss` (examples without
-    scored tokens get weight 0), split so data parallelism can divide each rank's sum by the
-    all-reduced weight total (:func:`mmalign.methods.base.global_denominator`).
-
-    Args: as :func:`dress_loss`. Returns two scalars.
-    """
-    n = mask.sum(dim=1)                                                   # (B,)
-    nll = -(logps * mask).sum(dim=1) / n.clamp(min=1)                     # (B,)
-    w = weights.to(nll.dtype) * (n > 0).to(nll.dtype)
-    return (w * nll).sum(), w.sum()
-
-
-def dress_loss(logps: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum_b w_b NLL_b / sum_b w_b`` with ``NLL_b`` the mean negative log-prob of example
-    ``b``'s scored tokens (examples without scored tokens or with weight 0 do not count).
-
-    Args:
-        logps: ``(B, T)`` label log-probs (0 where masked).
-        mask: ``(B, T)`` float, 1 on the scored tokens (the last assistant turn).
-        weights: ``(B,)`` per-example weights >= 0.
-    """
-    weighted, total = dress_loss_terms(logps, mask, weights)
-    if total <= 0:
-        return weighted * 0.0
-    return weighted / total
 
 
 class DRESSModule(SFTModule):

@@ -48,6 +48,8 @@ import torch
 from torch import nn
 
 from mmalign.collators import select_rows
+from mmalign.feedback import HALLUCINATION_TYPES
+from mmalign.health import collapsed, generation_health
 from mmalign.losses.ppo import (
     combine_type_rewards,
     gae,
@@ -60,9 +62,9 @@ from mmalign.losses.ppo import (
     whiten,
 )
 from mmalign.methods.base import PolicyModule
-from mmalign.methods.dpo import collapsed, probe_health
 from mmalign.ops import gather_logprobs
 from mmalign.policy import Policy
+from mmalign.rewards import RewardForm, SegmentItem, SegmentRewardModel
 from mmalign.segments import split_segments
 
 log = logging.getLogger(__name__)
@@ -71,11 +73,9 @@ log = logging.getLogger(__name__)
 # iteration), so the warning says nothing here.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
-HALLUCINATION_TYPES = ("object", "attribute", "relation")
 #: a reward_models entry that means "the scene-graph oracle's labels" (a control, synthetic world)
 ORACLE = "oracle"
 Placement = Literal["segment", "sequence"]
-RewardForm = Literal["label", "expected"]
 ValueModel = Literal["separate", "shared"]
 
 
@@ -214,7 +214,7 @@ class FGAIFModule(PolicyModule):
             self.__dict__["_reward_models"] = self._load_reward_models()
 
     def _load_reward_models(self) -> dict[str, object]:
-        from mmalign.methods.fg_reward import load_fg_reward_model
+        from mmalign.rewards.fine_grained import load_fg_reward_model
 
         loaded: dict[str, object] = {}
         out = {}
@@ -222,6 +222,9 @@ class FGAIFModule(PolicyModule):
             if path not in loaded:
                 loaded[path] = self._oracle() if path == ORACLE else load_fg_reward_model(path)
             model = loaded[path]
+            if not isinstance(model, SegmentRewardModel):
+                raise TypeError(f"reward model {path}: {type(model).__name__} does not implement "
+                                "mmalign.rewards.SegmentRewardModel (types, segment_rewards, to)")
             if kind not in model.types:
                 raise ValueError(f"reward model {path} scores {list(model.types)}, not {kind!r}")
             out[kind] = model
@@ -255,9 +258,7 @@ class FGAIFModule(PolicyModule):
 
     def segment_rewards(self, meta: list[dict], texts: list[str]) -> dict[str, list[torch.Tensor]]:
         """Per type, per response, ``(S_i,)`` segment rewards ``R_k`` from the reward models."""
-        from mmalign.methods.fg_reward import FGItem
-
-        items = [FGItem(images=m["image_paths"], prompt=m["prompt_messages"], response=t, id=str(m.get("id")))
+        items = [SegmentItem(images=m["image_paths"], prompt=m["prompt_messages"], response=t, id=str(m.get("id")))
                  for m, t in zip(meta, texts)]
         out: dict[str, list[torch.Tensor]] = {}
         done: dict[int, list[dict[str, torch.Tensor]]] = {}
@@ -351,7 +352,7 @@ class FGAIFModule(PolicyModule):
         for kind, v in values.items():
             stats[f"reward/{kind}"] = ((v * valid).sum() / n_seg).item()
             stats[f"hallucinated/{kind}"] = (((v < 0) & valid).sum() / n_seg).item()
-        health = probe_health(texts)
+        health = generation_health(texts)
         stats.update({f"health/{k}": v for k, v in health.items()})
         return {"prompt": prompt, "ids": ids, "mask": maskf, "old_logp": old_logp, "old_values": old_values,
                 "adv": adv, "returns": returns, "texts": texts, "rewards_placed": placed, "stats": stats, "health": health}
