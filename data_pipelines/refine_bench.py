@@ -71,7 +71,9 @@ vs turn; when matplotlib is installed).
 
 ``compare DIR_A DIR_B ...``: the runs side by side per turn, each later run with its paired
 difference from the first (same scenes, matched by scene id; a paired bootstrap over scenes),
-written to ``compare.md`` / ``compare.json`` / ``compare.png``.
+written to ``compare.md`` / ``compare.json`` / ``compare.png`` (atomically, with ``manifest.json``
+holding the compared runs' hashes). ``data_pipelines.report`` reads ``compare.json`` for its
+refinement table (default ``<run>/refine/compare``, where ``make eval-dress`` writes it).
 """
 
 from __future__ import annotations
@@ -89,15 +91,22 @@ from typing import Any
 
 from mmalign.conditions import with_condition
 from mmalign.eval import summary as S
+from mmalign.eval.refine_metrics import (
+    ALL_METRICS,
+    REVISION_METRICS,
+    TURN_METRICS,
+    TYPES,
+    fmt_metric,
+    metric_label,
+)
 from mmalign.eval.world_bench import CAPTION_PROMPT
-from mmalign.feedback import HALLUCINATION_TYPES, Claim, FeedbackItem
+from mmalign.feedback import Claim, FeedbackItem
 from mmalign.metrics import words
 
 STAGE = "refine-bench"
 COMPARE_STAGE = "refine-bench-compare"
 #: the oracle's refinement when there is nothing to fix (:func:`mmalign.oracle.critique_and_refinement`)
 NO_CHANGE = "No change is needed."
-TYPES: tuple[str, ...] = tuple(HALLUCINATION_TYPES)
 CONDITION_PLACEMENT = "the user turn being answered: the caption prompt at turn 0, the latest refinement after"
 
 
@@ -200,34 +209,6 @@ def turn_row(judgement: Mapping[str, Any], first: Mapping[str, Any] | None = Non
             row[f"introduced_{t}"] = ch[t]["introduced"]
     return row
 
-
-def _m(*args: Any, **kw: Any) -> S.Metric:
-    return S.Metric(*args, **kw)
-
-
-#: every turn
-TURN_METRICS: tuple[S.Metric, ...] = (
-    _m("false_per_caption", "false claims / caption (all types)", "false_all", percent=False),
-    *(_m(f"false_{t}_per_caption", f"false {t} claims / caption", f"false_{t}", percent=False) for t in TYPES),
-    _m("chair_i", "CHAIR_i (false object claims / object claims)", "false_object", "claims_object"),
-    _m("attribute_error_rate", "false / checkable attribute claims", "false_attribute", "checked_attribute"),
-    _m("relation_error_rate", "false / checkable relation claims", "false_relation", "checked_relation"),
-    _m("hallucinated_share", "captions with a false claim (CHAIR_s-style)", "hallucinated"),
-    _m("coverage", "coverage (scene objects correctly described)", "coverage", better="higher"),
-    _m("mean_words", "mean length (words)", "words", better="", percent=False),
-)
-#: turn k >= 1, against turn 0
-REVISION_METRICS: tuple[S.Metric, ...] = (
-    _m("fixed_caption_share", "turn-0 hallucinated captions now hallucination-free", "fixed_caption",
-       "hallucinated_at_0", better="higher"),
-    _m("fixed_claim_share", "turn-0 false claims fixed (all types)", "fixed_all", "false_at_0", better="higher"),
-    *(_m(f"fixed_{t}_share", f"turn-0 false {t} claims fixed", f"fixed_{t}", f"false_at_0_{t}", better="higher")
-      for t in TYPES),
-    _m("introduced_per_caption", "new false claims / caption (vs turn 0)", "introduced_all", percent=False),
-    _m("new_hallucination_share", "captions with a new false claim (vs turn 0)", "any_introduced"),
-    _m("refined_share", "scenes asked to revise at this turn", "refined", better=""),
-)
-ALL_METRICS: dict[str, S.Metric] = {m.key: m for m in (*TURN_METRICS, *REVISION_METRICS)}
 
 DEFINITIONS: dict[str, str] = {
     "false_per_caption": "mean number of false claims (oracle verdict False) per caption, all types",
@@ -360,17 +341,6 @@ def summarize_records(records: Sequence[Mapping[str, Any]], turns: int, n_boot: 
 # report and chart
 
 
-def _fmt(v: Mapping[str, float] | None, key: str, signed: bool = False) -> str:
-    from mmalign.eval.report import fmt
-
-    m = ALL_METRICS.get(key)
-    return fmt(v, m.percent if m else True, signed=signed)
-
-
-def _label(key: str) -> str:
-    return ALL_METRICS[key].label if key in ALL_METRICS else key
-
-
 def markdown_report(doc: Mapping[str, Any]) -> str:
     st = doc["settings"]
     turns = doc["turns"]
@@ -395,8 +365,8 @@ def markdown_report(doc: Mapping[str, Any]) -> str:
     for key in ALL_METRICS:
         if not any(key in t["metrics"] for t in turns):
             continue
-        cells = [_fmt(t["metrics"].get(key), key) if key in t["metrics"] else "" for t in turns]
-        lines.append(f"| {_label(key)} | " + " | ".join(cells) + " |")
+        cells = [fmt_metric(t["metrics"].get(key), key) if key in t["metrics"] else "" for t in turns]
+        lines.append(f"| {metric_label(key)} | " + " | ".join(cells) + " |")
     lines += ["", "## Definitions", ""]
     lines += [f"- `{k}`: {v}" for k, v in DEFINITIONS.items()]
     lines.append("")
@@ -582,12 +552,12 @@ def _summary(doc: Mapping[str, Any]) -> str:
     out = [f"{STAGE}: {doc['model']} on {doc['scenes']} scenes (95% bootstrap intervals):"]
     for t in doc["turns"]:
         m = t["metrics"]
-        line = (f"  turn {t['turn']} (asked {t['asked']}): false/caption {_fmt(m.get('false_per_caption'), 'false_per_caption')}"
-                f"; CHAIR_i {_fmt(m.get('chair_i'), 'chair_i')}")
+        line = (f"  turn {t['turn']} (asked {t['asked']}): false/caption {fmt_metric(m.get('false_per_caption'), 'false_per_caption')}"
+                f"; CHAIR_i {fmt_metric(m.get('chair_i'), 'chair_i')}")
         if t["turn"]:
-            line += (f"; fixed captions {_fmt(m.get('fixed_caption_share'), 'fixed_caption_share')}"
-                     f"; fixed claims {_fmt(m.get('fixed_claim_share'), 'fixed_claim_share')}"
-                     f"; new/caption {_fmt(m.get('introduced_per_caption'), 'introduced_per_caption')}")
+            line += (f"; fixed captions {fmt_metric(m.get('fixed_caption_share'), 'fixed_caption_share')}"
+                     f"; fixed claims {fmt_metric(m.get('fixed_claim_share'), 'fixed_claim_share')}"
+                     f"; new/caption {fmt_metric(m.get('introduced_per_caption'), 'introduced_per_caption')}")
         out.append(line)
     return "\n".join(out)
 
@@ -659,12 +629,12 @@ def compare_markdown(cmp: Mapping[str, Any], names: Sequence[str]) -> str:
         for key in ALL_METRICS:
             if key not in base:
                 continue
-            cells = [_fmt(base.get(key), key)]
+            cells = [fmt_metric(base.get(key), key)]
             for r in runs[1:]:
-                cells.append(_fmt(cmp["metrics"][r]["turns"][k]["metrics"].get(key), key))
+                cells.append(fmt_metric(cmp["metrics"][r]["turns"][k]["metrics"].get(key), key))
                 d = cmp["diffs"][r][k].get(key)
-                cells.append(_fmt(d, key, signed=True) if d else "")
-            lines.append(f"| {_label(key)} | " + " | ".join(cells) + " |")
+                cells.append(fmt_metric(d, key, signed=True) if d else "")
+            lines.append(f"| {metric_label(key)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -11,7 +11,11 @@ What it reads (all written by earlier stages; nothing is recomputed from the mod
   the fair baseline: the SFT model trained for as many further steps as the preference methods,
   so a difference from it is the method's, not the extra steps'. Ablations and controls are added
   when they have been evaluated (``make ablations``).
-* ``refine/<run>/`` (the refinement benchmark, DRESS's multi-turn setting).
+* ``refine/compare/compare.json`` (the refinement benchmark, DRESS's multi-turn setting: the
+  ``--refine`` runs side by side with paired differences from SFT, as ``python -m
+  data_pipelines.refine_bench compare`` wrote it, ``make eval-dress``). It must have been made from
+  the ``refine/<run>/`` outputs now in place (its manifest's input hashes); when it is missing or
+  older, the report says so, with the command that makes it, and leaves the table out.
 * ``rm/scored/val`` and ``fg-rm/<source>/eval`` (how good the reward models are, in one line each).
 * ``timings.jsonl`` (``mmalign.timed``): the wall time of each stage's latest run.
 * ``<run>/logs/metrics.csv`` (Lightning's CSV logs): the training curves.
@@ -28,6 +32,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from mmalign.eval.refine_metrics import fmt_metric
 
 STAGE = "report"
 
@@ -93,8 +99,6 @@ def main_table(cmp_sft: Mapping[str, Any], cmp_cont: Mapping[str, Any] | None, r
 
 
 def refine_table(cmp: Mapping[str, Any], names: Sequence[str]) -> list[str]:
-    from data_pipelines.refine_bench import _fmt
-
     runs = cmp["runs"]
     lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for turn, key, label in REFINE_ROWS:
@@ -103,13 +107,37 @@ def refine_table(cmp: Mapping[str, Any], names: Sequence[str]) -> list[str]:
         cells = []
         for i, r in enumerate(runs):
             v = cmp["metrics"][r]["turns"][turn]["metrics"].get(key)
-            cell = _fmt(v, key) if v else "n/a"
+            cell = fmt_metric(v, key) if v else "n/a"
             if i:
                 d = cmp["diffs"][r][turn].get(key)
-                cell += f"<br>Δ {names[0]} {_fmt(d, key, signed=True)}" if d else ""
+                cell += f"<br>Δ {names[0]} {fmt_metric(d, key, signed=True)}" if d else ""
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
+
+
+def read_refine_compare(folder: Path, runs: Sequence[Path]) -> dict[str, Any]:
+    """The refinement benchmark's comparison of ``runs`` (baseline first), as ``python -m
+    data_pipelines.refine_bench compare`` wrote it: ``folder/compare.json``.
+
+    Raises FileNotFoundError when it is missing, ValueError when it was made from other runs or
+    from earlier outputs of them (the input hashes in its manifest differ from the runs' now);
+    both messages give the command that makes it.
+    """
+    from mmalign.stage import input_hash, read_manifest
+
+    path = folder / "compare.json"
+    redo = (f"python -m data_pipelines.refine_bench compare {' '.join(map(str, runs))} --names "
+            f"{' '.join(r.name for r in runs)} --out {folder} (what `make eval-dress` runs)")
+    manifest = read_manifest(folder)
+    if not path.is_file() or manifest is None:
+        raise FileNotFoundError(f"{path}: missing, so the refinement benchmark's comparison is not in the report; "
+                                f"make it with: {redo}")
+    stored = [entry.get("sha256") for entry in manifest.get("inputs", [])]
+    if stored != [input_hash(r) for r in runs]:
+        raise ValueError(f"{path} was not made from the refinement runs now in place ({', '.join(r.name for r in runs)}, "
+                         f"in this order): other runs, or earlier outputs of them; make it again with: {redo}")
+    return json.loads(path.read_text())
 
 
 def timing_rows(path: Path) -> tuple[list[dict[str, Any]], float]:
@@ -230,7 +258,10 @@ def plot_metrics(cmp: Mapping[str, Any], runs: Sequence[str], folders: Mapping[s
 
 
 def build(run_dir: Path, runs: Sequence[str], ablations: Sequence[str], refine: Sequence[str], scale: str,
-          n_boot: int = 1000) -> tuple[str, dict[str, Any]]:
+          n_boot: int = 1000, refine_compare: Path | None = None) -> tuple[str, dict[str, Any]]:
+    """The report's Markdown and JSON. ``refine_compare``: the folder of the refinement
+    benchmark's comparison (default ``run_dir/refine/compare``); ``n_boot`` applies to the
+    method table (the comparison has its own, from when it was made)."""
     from mmalign.eval.runner import compare_runs
     from mmalign.machine import gemm_gflops, machine_base
 
@@ -263,13 +294,18 @@ def build(run_dir: Path, runs: Sequence[str], ablations: Sequence[str], refine: 
     lines += ["", "![metrics per method](report-metrics.png)", ""]
 
     refine_present = [r for r in refine if (run_dir / "refine" / r / "metrics.json").exists()]
-    refine_cmp = None
+    refine_cmp = refine_missing = None
     if len(refine_present) >= 2 and refine_present[0] == "sft":
-        from data_pipelines.refine_bench import compare_runs as refine_compare
-
-        refine_cmp = refine_compare([run_dir / "refine" / r for r in refine_present], n_boot=n_boot)
-        lines += ["## Refinement benchmark (multi-turn, DRESS's setting)", "",
-                  (f"{refine_cmp['scenes']} held-out scenes: caption, the oracle's refinement, answer again "
+        lines += ["## Refinement benchmark (multi-turn, DRESS's setting)", ""]
+        try:
+            refine_cmp = read_refine_compare(refine_compare or run_dir / "refine" / "compare",
+                                             [run_dir / "refine" / r for r in refine_present])
+        except (FileNotFoundError, ValueError) as e:
+            refine_missing = str(e)
+            print(f"{STAGE}: {e}", file=sys.stderr)
+            lines += [f"Not shown: {e}", ""]
+    if refine_cmp is not None:
+        lines += [(f"{refine_cmp['scenes']} held-out scenes: caption, the oracle's refinement, answer again "
                   f"({refine_cmp['turns'] - 1} turns). Details: `{run_dir}/refine/*/report.md`."), ""]
         lines += refine_table(refine_cmp, [NAMES.get(r, r) for r in refine_present])
         lines.append("")
@@ -304,7 +340,8 @@ def build(run_dir: Path, runs: Sequence[str], ablations: Sequence[str], refine: 
            "vs_sft_continued": ({r: {f"{s}:{k}": cmp_cont["diffs"].get(folders[r], {}).get(s, {}).get(k)
                                      for s, k, _ in COLUMNS} for r in present if r not in ("sft", "sft-continued")}
                                 if cmp_cont else {}),
-           "refine": refine_cmp["diffs"] if refine_cmp else None}
+           "refine": refine_cmp["diffs"] if refine_cmp else None,
+           **({"refine_missing": refine_missing} if refine_missing else {})}
     return "\n".join(lines) + "\n", doc
 
 
@@ -345,10 +382,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refine", nargs="*", default=["sft", "sft-continued", "dress"],
                     help="refinement-benchmark runs (sft first)")
     ap.add_argument("--scale", default="quick", help="the Makefile's SCALE, printed in the report")
-    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--refine-compare", type=Path,
+                    help="the refinement benchmark's comparison of the --refine runs, a folder holding compare.json "
+                         "(python -m data_pipelines.refine_bench compare; default <run>/refine/compare)")
+    ap.add_argument("--n-boot", type=int, default=1000,
+                    help="bootstrap resamples of the method table (the refinement comparison keeps those it was "
+                         "made with)")
     args = ap.parse_args(argv)
     try:
-        md, doc = build(args.run, args.runs, args.ablations, args.refine, args.scale, n_boot=args.n_boot)
+        md, doc = build(args.run, args.runs, args.ablations, args.refine, args.scale, n_boot=args.n_boot,
+                        refine_compare=args.refine_compare)
     except (ValueError, FileNotFoundError) as e:
         print(f"report: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import pytest
 from data_pipelines import refine_bench as RB
 from mmalign import world as W
 from mmalign.eval import runner as R
+from mmalign.eval.refine_metrics import TYPES
 from mmalign.feedback import Claim
 from mmalign.oracle import WorldOracle
 from mmalign.records import read_scenes, resolve_image_path
@@ -187,7 +188,7 @@ def test_fixed_kept_introduced_counting():
 
 def _j(false: list[tuple[str, str]], claims: dict, coverage: float, n_words: int, refinement: str = "Fix.") -> dict:
     return {"false_claims": [{"type": t, "key": k, "text": k} for t, k in false],
-            "claims": {t: claims.get(t, 0) for t in RB.TYPES}, "checked": {t: claims.get(t, 0) for t in RB.TYPES},
+            "claims": {t: claims.get(t, 0) for t in TYPES}, "checked": {t: claims.get(t, 0) for t in TYPES},
             "coverage": coverage, "words": n_words, "refinement": refinement}
 
 

@@ -110,3 +110,63 @@ def test_curves_and_smoothing():
     assert REP._ema([1.0, 1.0, 1.0]) == [1.0, 1.0, 1.0]
     short = REP._ema([0.0, 1.0])
     assert short == [0.0, 0.5]  # few points: alpha 0.5, so the curve follows them
+
+
+def _refine_run(folder: Path, false_at: list[tuple[int, int]], model: str) -> None:
+    """A refinement-benchmark output (metrics.json, generations.jsonl, manifest) of scenes whose
+    false object claims at turn 0 and turn 1 are ``false_at``, made with the benchmark's own
+    row and summary functions."""
+    from data_pipelines import refine_bench as RB
+    from mmalign.eval.refine_metrics import TYPES
+    from mmalign.stage import StageOutput, atomic_write_jsonl, atomic_write_text
+
+    def judgement(n_false: int) -> dict:
+        return {"false_claims": [{"type": "object", "key": f"object: s{i}", "text": "x"} for i in range(n_false)],
+                "claims": {t: 3 for t in TYPES}, "checked": {t: 3 for t in TYPES}, "coverage": 0.5,
+                "words": 9, "refinement": "Fix." if n_false else RB.NO_CHANGE}
+
+    recs = []
+    for k, (a, b) in enumerate(false_at):
+        j0, j1 = judgement(a), judgement(b)
+        recs.append({"id": f"scene{k}", "turns": [{"turn": 0, "refined": True, "row": RB.turn_row(j0)},
+                                                  {"turn": 1, "refined": True, "row": RB.turn_row(j1, j0, True)}]})
+    doc = {"stage": RB.STAGE, "model": model, "scenes": len(recs), "settings": {"model": model, "condition": ""},
+           "turns": RB.summarize_records(recs, 1, n_boot=50, seed=0)}
+    with StageOutput(folder, stage=RB.STAGE, config={"model": model}) as st:
+        atomic_write_jsonl(st.path / "generations.jsonl", recs)
+        atomic_write_text(st.path / "metrics.json", json.dumps(doc) + "\n")
+
+
+def test_refinement_table_is_read_from_the_benchmarks_comparison(run_dir, tmp_path, capsys):
+    from data_pipelines import refine_bench as RB
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "eval", run / "eval")
+    refine = ["sft", "sft-continued", "dress"]
+    for name, false_at in (("sft", [(2, 2), (1, 1), (0, 0)]), ("sft-continued", [(2, 1), (1, 1), (0, 0)]),
+                           ("dress", [(2, 0), (1, 0), (0, 1)])):
+        _refine_run(run / "refine" / name, false_at, name)
+    # not compared yet: the report says so, with the command, and leaves the table out
+    md, doc = REP.build(run, RUNS, [], refine, "quick", n_boot=50)
+    err = capsys.readouterr().err
+    assert "## Refinement benchmark" in md and "Not shown:" in md and "| false claims per caption" not in md
+    assert f"{run / 'refine' / 'compare' / 'compare.json'}: missing" in err
+    assert "refine_bench compare" in err and "--names sft sft-continued dress" in err
+    assert doc["refine"] is None and "missing" in doc["refine_missing"]
+    # compared: the table comes from compare.json
+    assert RB.main(["compare", *(str(run / "refine" / r) for r in refine), "--names", *refine,
+                    "--out", str(run / "refine" / "compare"), "--n-boot", "50"]) == 0
+    md, doc = REP.build(run, RUNS, [], refine, "quick", n_boot=50)
+    cmp = json.loads((run / "refine" / "compare" / "compare.json").read_text())
+    assert doc["refine"] == cmp["diffs"] and "refine_missing" not in doc
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ") and "turn" in line}
+    assert "Not shown" not in md
+    cell = rows["false claims per caption, turn 0"].split("|")[2]
+    assert cell.startswith(" 1.0 [") and "%" not in cell  # 3 false claims over 3 scenes: a count, not a share
+    assert "Δ SFT" in rows["turn-0 false claims fixed after turn 1"]
+    # a benchmark run made again after the comparison: the comparison is older, and not used
+    capsys.readouterr()
+    _refine_run(run / "refine" / "dress", [(2, 0), (1, 0), (0, 0)], "dress")
+    md, doc = REP.build(run, RUNS, [], refine, "quick", n_boot=50)
+    assert "not made from the refinement runs now in place" in capsys.readouterr().err
+    assert doc["refine"] is None and "| false claims per caption" not in md
