@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmalign.feedback import HALLUCINATION_TYPES
     from mmalign.rewards import CLASSES, SegmentItem
     from mmalign.rewards.fine_grained import check_fg_record, fg_segment_probs, load_fg_reward_model
-    from mmalign.records import read_records
+    from mmalign.records import read_records, where
 
     # The input is checked before any model loads: a bad line fails in seconds, naming file:line.
     recs = read_records(feedback, "annotated", data_root=args.data_root, check_images="exists")
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dirs = {t: str(next(d for d in dirs if loaded[d] is models[t])) for t in types}
 
     gold = [check_fg_record(r, types)[1] for r in recs]                     # per response (S, K)
-    items = [SegmentItem(images=r.images, prompt=r.prompt, response=r.response, id=f"{r.meta.get('source')} id={r.id}")
+    items = [SegmentItem(images=r.images, prompt=r.prompt, response=r.response, id=where(r.meta, r.id))
              for r in recs]
     probs = fg_segment_probs(models, items, batch_size=args.batch_size, progress=not args.no_progress)
 

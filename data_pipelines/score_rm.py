@@ -52,7 +52,9 @@ from mmalign.records import (
     iter_jsonl,
     message_text,
     read_records,
+    where,
 )
+from mmalign.rewards import CRITIQUE_KEYS
 from mmalign.stage import (
     StageOutput,
     atomic_write_jsonl,
@@ -61,7 +63,6 @@ from mmalign.stage import (
 )
 
 STAGE = "score_rm"
-CRITIQUE_KEYS = {"chosen": "critique_chosen", "rejected": "critique_rejected"}
 NO_HALLUCINATION = "There is no hallucination in the answer."
 _ABSENT = re.compile(r"There is no ([A-Za-z][A-Za-z -]*?) in the image\.")
 
@@ -158,7 +159,7 @@ def _answer(messages: list[dict]) -> str:
 
 
 def _where(rec: PreferenceRecord) -> str:
-    return f"{rec.meta.get('source', '?')} id={rec.id}"
+    return where(rec.meta, rec.id, default="?")
 
 
 def unique_items(records: list[PreferenceRecord]) -> tuple[list[dict], list[tuple[int, int]]]:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from mmalign.ops import IGNORE_INDEX
-from mmalign.records import RecordError
+from mmalign.records import RecordError, where
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,7 @@ def _has_image(messages: list[dict]) -> bool:
 
 
 def _where(example: dict) -> str:
-    meta = example.get("meta", {})
-    return meta.get("source") or meta.get("id") or "<example>"
+    return where(example.get("meta"), default="<example>")
 
 
 @dataclass

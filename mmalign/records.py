@@ -57,6 +57,20 @@ class RecordError(ValueError):
 # messages
 
 
+def where(meta: Any, record_id: Any = None, default: str = "<record>") -> str:
+    """How an error names a record: ``<file>:<line> id=<id>`` from its ``meta`` (``source``, set by
+    :func:`read_records`, and ``id``), or whichever of the two is known, or ``default``.
+
+    ``record_id`` overrides ``meta["id"]`` (records carry their id outside ``meta``); an id that
+    the source already contains is not repeated."""
+    meta = meta if isinstance(meta, dict) else {}
+    src = meta.get("source")
+    rid = record_id if record_id is not None else meta.get("id")
+    if src and rid is not None and str(rid) not in str(src):
+        return f"{src} id={rid}"
+    return str(src or (rid if rid is not None else None) or default)
+
+
 def _check_content(content: Any, where: str) -> int:
     """Validate one message's ``content``; return how many image parts it holds."""
     if isinstance(content, str):

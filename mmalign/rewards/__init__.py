@@ -33,6 +33,9 @@ CLASSES: tuple[str, ...] = LABELS
 #: The reward of each class: FGAIF's -1 / 0 / +1 (the mapping of its codes to names is our reading,
 #: see :mod:`mmalign.methods.fg_reward`).
 VALUES: dict[str, float] = {"hallucinated": -1.0, "n/a": 0.0, "correct": 1.0}
+#: Record keys (PreferenceRecord meta) of the reference critiques a critique reward model is trained
+#: and checked on, as the prefs stage writes them.
+CRITIQUE_KEYS = {"chosen": "critique_chosen", "rejected": "critique_rejected"}
 #: How class probabilities become a reward: the most probable class's value, or the expectation.
 RewardForm = Literal["label", "expected"]
 

@@ -39,6 +39,7 @@ from mmalign.collators import VisionChatCollator, to_device
 from mmalign.ops import IGNORE_INDEX
 from mmalign.policy import Policy
 from mmalign.records import AnnotatedResponse, RecordError, load_image
+from mmalign.records import where as record_where
 from mmalign.rewards import (
     CLASSES,
     RewardForm,
@@ -75,15 +76,6 @@ SCORE_POSITION = "last token of each segment (mmalign.segments.split_segments) i
 
 # ---------------------------------------------------------------------------------------------
 # the rows a reward model reads
-
-
-def where_of(ex: Mapping[str, Any]) -> str:
-    """Which example, for an error message: its ``meta`` source and id."""
-    meta = ex.get("meta") or {}
-    src, rid = meta.get("source"), meta.get("id")
-    if src and rid and str(rid) not in str(src):
-        return f"{src} id={rid}"
-    return str(src or rid or "<example>")
 
 
 def _bounds(seg: Any) -> tuple[int, int]:
@@ -172,7 +164,7 @@ def encode_segments(processor: Any, examples: Sequence[Mapping[str, Any]],
     labels: list[list[list[int]] | None] = []
     cut = 0
     for ex in examples:
-        where = where_of(ex)
+        where = record_where(ex.get("meta"), default="<example>")
         text = ex["response"]
         if not isinstance(text, str) or not text.strip():
             raise RecordError(f"{where}: empty response; it has no segment to score")
@@ -232,7 +224,8 @@ def encode_segments(processor: Any, examples: Sequence[Mapping[str, Any]],
             for k, row in enumerate(lab):
                 if valid[i, k]:
                     if any(not 0 <= c < len(CLASSES) for c in row):
-                        raise RecordError(f"{where_of(examples[i])}: segment {k}: class index out of range in {row}")
+                        at = record_where(examples[i].get("meta"), default="<example>")
+                        raise RecordError(f"{at}: segment {k}: class index out of range in {row}")
                     lab_t[i, k] = torch.tensor(row, dtype=torch.long)
         batch["segment_labels"] = lab_t
     return batch
@@ -244,7 +237,7 @@ def check_fg_record(rec: AnnotatedResponse, types: Sequence[str]) -> tuple[list[
     ``annotations.segments`` must be the feedback stage's list of ``{index, start, end, text,
     labels}`` and tile the response exactly as :func:`split_segments` cuts it; anything else is a
     :class:`RecordError` naming the record's ``file:line``."""
-    where = f"{rec.meta.get('source', '<record>')} id={rec.id}"
+    where = record_where(rec.meta, rec.id)
     segs = rec.annotations.get("segments")
     if not isinstance(segs, list) or not segs:
         raise RecordError(f"{where}: no annotations.segments (a non-empty list); is this the feedback stage's "
