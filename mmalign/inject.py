@@ -37,12 +37,13 @@ import re
 from dataclasses import dataclass, replace
 
 from mmalign import world as W
-from mmalign.feedback import Claim
+from mmalign.feedback import HALLUCINATION_TYPES, Claim
 from mmalign.oracle import verify_world_claim, world_claims
 
 __all__ = ["INJECTION_KINDS", "Injection", "inject"]
 
-INJECTION_KINDS: tuple[str, ...] = ("object", "attribute", "relation")
+#: one kind of injected hallucination per hallucination type
+INJECTION_KINDS: tuple[str, ...] = HALLUCINATION_TYPES
 
 
 @dataclass(frozen=True)
