@@ -26,7 +26,7 @@ TYPES = ("object", "attribute", "relation")
 
 
 def _feedback_file(world: Path, split: str, out: Path, source: str = "oracle", inject_kinds=TYPES) -> Path:
-    from data_pipelines.feedback import load_scenes
+    from mmalign.scene_io import load_scenes
     from mmalign.feedback import FeedbackItem, feedback_to_json
     from mmalign.inject import inject
     from mmalign.oracle import WorldOracle

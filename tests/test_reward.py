@@ -110,7 +110,7 @@ def test_critique_quality_by_hand():
 
 
 def _pairs_file(world: Path, out: Path, n: int = 12) -> Path:
-    from data_pipelines.feedback import load_scenes
+    from mmalign.scene_io import load_scenes
     from mmalign.feedback import FeedbackItem
     from mmalign.inject import inject
     from mmalign.oracle import WorldOracle

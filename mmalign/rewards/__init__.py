@@ -58,10 +58,15 @@ class SegmentItem:
     id: str = ""
 
     def messages(self) -> list[dict]:
-        if isinstance(self.prompt, str):
-            return [{"role": "user", "content": [{"type": "image"}] * len(self.images)
-                     + [{"type": "text", "text": self.prompt}]}]
-        return self.prompt
+        return prompt_messages(self.prompt, len(self.images))
+
+
+def prompt_messages(prompt: list[dict] | str, n_images: int) -> list[dict]:
+    """A prompt as messages: given messages as they are; a question string as one user turn with
+    ``n_images`` image parts first."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]}]
+    return prompt
 
 
 @runtime_checkable

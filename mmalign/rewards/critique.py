@@ -27,6 +27,7 @@ from mmalign.collators import VisionChatCollator, to_device
 from mmalign.losses.reward import gather_at, last_label_index
 from mmalign.policy import Policy
 from mmalign.records import load_image, message_text
+from mmalign.rewards import prompt_messages
 
 RewardMode = Literal["critique", "scalar"]
 HeadKind = Literal["linear", "mlp"]
@@ -237,10 +238,7 @@ class RewardItem:
     id: str = ""
 
     def messages_prompt(self) -> list[dict]:
-        if isinstance(self.prompt, str):
-            return [{"role": "user", "content": [{"type": "image"}] * len(self.images)
-                     + [{"type": "text", "text": self.prompt}]}]
-        return self.prompt
+        return prompt_messages(self.prompt, len(self.images))
 
 
 @dataclass
