@@ -1,6 +1,6 @@
 """The ``ref-logps`` stage: the reference model's log-probs of every preference pair, in one pass.
 
-    python -m data_pipelines.ref_logps --model runs/demo/sft/model --pairs runs/demo/rm/scored/train/pairs.jsonl \\
+    python -m data_pipelines.ref_logps --model runs/demo/sft/model --pairs runs/demo/prefs/train/pairs.jsonl \\
         --data-root runs/demo/data --out runs/demo/ref/train
 
 DPO's reference model is frozen, so its sequence log-probs of each chosen and rejected answer
@@ -8,6 +8,10 @@ never change during training. Computing them once here and storing them with the
 the reference forward from every training step (``DPOModule(reference="precomputed")``); the
 loss is the same as with the reference on the fly (tested). Re-Align's visual pairs (records with
 ``rejected_images``) also get ``ref_chosen_rejimg_logp``: the chosen answer under the rejected images.
+
+The stage reads the ``prefs`` pairs themselves, so plain DPO needs no reward model. MM-DPO's
+reward margins (``make rm-score``) are joined to these pairs by id when MM-DPO loads its data
+(``PreferenceDataModule(train_margins=..., val_margins=...)``, :func:`mmalign.data.join_margins`).
 
 Output (atomic, with ``manifest.json``): ``pairs.jsonl``, the input records with
 ``ref_chosen_logp`` / ``ref_rejected_logp`` (summed log-probs of the answer tokens),

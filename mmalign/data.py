@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mmalign.collators import PairLayout, PreferenceCollator, VisionChatCollator
 from mmalign.records import (
     ReadReport,
+    RecordError,
+    iter_jsonl,
     load_image,
     message_text,
     read_records,
@@ -408,6 +411,69 @@ class PreferenceDataset(_RecordDataset):
         }
 
 
+#: the field a margins file gives each pair (MM-DPO's delta, written by data_pipelines.score_rm)
+MARGIN_KEY = "reward_margin"
+
+
+def read_margins(path: str) -> dict[str, tuple[float, int]]:
+    """``{pair id: (reward_margin, line)}`` from a JSONL of scored pairs (``make rm-score``'s
+    ``rm/scored/<split>/pairs.jsonl``; only ``id`` and ``reward_margin`` are read). A line without
+    an id or a finite margin, or an id given twice, is an error naming ``file:line``."""
+    out: dict[str, tuple[float, int]] = {}
+    for lineno, obj, err in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        if err:
+            raise RecordError(f"{where}: {err}")
+        if not isinstance(obj, dict) or not isinstance(obj.get("id"), str) or not obj["id"]:
+            raise RecordError(f"{where}: a margins record needs a string 'id' (the pair it scores)")
+        m = obj.get(MARGIN_KEY)
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+            raise RecordError(f"{where}: pair {obj['id']!r} has no finite '{MARGIN_KEY}' (got {m!r})")
+        if obj["id"] in out:
+            raise RecordError(f"{where}: pair {obj['id']!r} scored twice (first at line {out[obj['id']][1]})")
+        out[obj["id"]] = (float(m), lineno)
+    return out
+
+
+def stage_rejected_ids(pairs_path: str) -> set[str]:
+    """Ids of the pairs the stage that wrote ``pairs_path`` left out on purpose and listed in
+    ``rejects.jsonl`` beside it (``ref-logps``: pairs over ``--max-length``)."""
+    rejects = os.path.join(os.path.dirname(os.path.abspath(pairs_path)), "rejects.jsonl")
+    if not os.path.exists(rejects):
+        return set()
+    return {obj["id"] for _, obj, err in iter_jsonl(rejects)
+            if not err and isinstance(obj, dict) and isinstance(obj.get("id"), str)}
+
+
+def join_margins(records: list, pairs_path: str, margins_path: str, strict: bool = True) -> None:
+    """Give every preference record of ``pairs_path`` its ``reward_margin`` from ``margins_path``,
+    joined by pair id (in place; a margin already in a record is replaced).
+
+    MM-DPO's two inputs are made by separate stages from the same ``prefs`` pairs: the reference
+    log-probs (``ref-logps``) and the critique reward model's margins (``rm-score``). The join is
+    checked both ways: a pair without a margin, or a margin whose pair is not in ``pairs_path``
+    (unless the pairs' stage listed it in its ``rejects.jsonl``), is a :class:`RecordError` naming
+    the file that lacks it and the pair id: the two files would come from different pairs.
+    ``strict=False`` (records skipped as malformed, ``on_error: skip``) only warns on the second."""
+    margins = read_margins(margins_path)
+    for r in records:
+        if r.id not in margins:
+            raise RecordError(f"{margins_path}: no {MARGIN_KEY} for pair {r.id!r} "
+                              f"({r.meta.get('source', pairs_path)}); the margins must score the same pairs")
+        r.meta[MARGIN_KEY] = margins[r.id][0]
+    have = {r.id for r in records}
+    orphans = [i for i in margins if i not in have]
+    if orphans:
+        orphans = [i for i in orphans if i not in stage_rejected_ids(pairs_path)]
+    if orphans:
+        i = orphans[0]
+        msg = (f"{pairs_path}: no pair {i!r}, whose {MARGIN_KEY} is at {margins_path}:{margins[i][1]} "
+               f"({len(orphans)} margin(s) without a pair); the margins must score the same pairs")
+        if strict:
+            raise RecordError(msg)
+        log.warning("%s", msg)
+
+
 class PreferenceDataModule(_RecordDataModule):
     """Preference pairs (``chosen`` preferred over ``rejected`` for one image + prompt) from
     JSONL files of preference records (TRL's vision preference format, see
@@ -416,6 +482,10 @@ class PreferenceDataModule(_RecordDataModule):
     Args:
         train_file: JSONL of preference records.
         val_file: optional held-out JSONL for validation loss / reward accuracy.
+        train_margins: optional JSONL of scored pairs (``make rm-score``'s
+            ``rm/scored/train/pairs.jsonl``) whose ``reward_margin`` is joined into ``train_file``'s
+            pairs by id, for MM-DPO's Dynamic Reward Scaling (see :func:`join_margins`).
+        val_margins: the same for ``val_file``.
         data_root: folder that image paths are relative to (default: each file's folder).
         limit: use at most this many training pairs (0 = all), for quick runs.
         batch_size: pairs per step (each pair is two sequences).
@@ -437,6 +507,8 @@ class PreferenceDataModule(_RecordDataModule):
         train_file: str,
         val_file: str | None = None,
         data_root: str | None = None,
+        train_margins: str | None = None,
+        val_margins: str | None = None,
         limit: int = 0,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -450,9 +522,13 @@ class PreferenceDataModule(_RecordDataModule):
         self.save_hyperparameters()
 
     def _read(self, path: str) -> PreferenceDataset:
+        hp = self.hparams
         recs = self._records(path)
         if not recs:
             raise ValueError(f"{path}: no preference records")
+        margins = hp.train_margins if path == hp.train_file else hp.val_margins
+        if margins:
+            join_margins(recs, path, margins, strict=hp.on_error == "raise")
         return PreferenceDataset(recs)
 
     def _make_collator(self) -> PreferenceCollator:

@@ -1,14 +1,19 @@
 """The SFT DataModule: task filters, per-task sampling weights, a clear error without a processor;
-the resumable train loader: the same batches after a mid-epoch resume, with workers and under DDP."""
+the preference DataModule's join of reward margins by pair id (MM-DPO); the resumable train loader:
+the same batches after a mid-epoch resume, with workers and under DDP."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 
-from mmalign.data import EpochSampler, ResumableLoader, SFTDataModule
+from mmalign.data import EpochSampler, PreferenceDataModule, ResumableLoader, SFTDataModule
+from mmalign.records import RecordError, read_records
 from models.processors import load_processor
 
 
@@ -50,6 +55,82 @@ def test_task_filter_and_unknown_weights(world, model_dirs):
     bad.setup("fit")
     with pytest.raises(ValueError, match="poetry"):
         bad.train_dataloader()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    return path
+
+
+@pytest.fixture
+def pairs_and_margins(world, tmp_path):
+    """Four caption pairs as ``ref-logps`` writes them and their margins as ``rm-score`` writes
+    them (every field of the pair plus the scores), in another order."""
+    recs = [r for r in read_records(world / "train/sft.jsonl", "sft", data_root=world)
+            if r.meta.get("task") == "detailed_caption"][:5]
+    pairs = [{"id": f"p{i}", "images": recs[i].images, "prompt": recs[i].messages[:-1],
+              "chosen": recs[i].messages[-1]["content"][0]["text"],
+              "rejected": recs[i + 1].messages[-1]["content"][0]["text"],
+              "ref_chosen_logp": -1.0 - i, "ref_rejected_logp": -2.0 - i} for i in range(4)]
+    scored = [{**{k: v for k, v in p.items() if not k.startswith("ref_")}, "reward_chosen": 0.5,
+               "reward_rejected": 0.5 - (i + 1) / 4, "reward_margin": (i + 1) / 4} for i, p in enumerate(pairs)]
+    return (write_jsonl(tmp_path / "ref/train/pairs.jsonl", pairs),
+            write_jsonl(tmp_path / "rm/scored/train/pairs.jsonl", scored[::-1]))
+
+
+def preference_module(world, pairs: Path, margins: Path | None, **kw) -> PreferenceDataModule:
+    dm = PreferenceDataModule(str(pairs), data_root=str(world), train_margins=margins and str(margins), **kw)
+    dm.set_processor(object())  # setup only reads the records here; no batch is collated
+    return dm
+
+
+def test_margins_are_joined_by_pair_id(world, pairs_and_margins):
+    pairs, margins = pairs_and_margins
+    dm = preference_module(world, pairs, margins)
+    dm.setup("fit")
+    got = {dm.train_set[i]["meta"]["id"]: dm.train_set[i]["meta"] for i in range(len(dm.train_set))}
+    assert {k: m["reward_margin"] for k, m in got.items()} == {f"p{i}": (i + 1) / 4 for i in range(4)}
+    assert got["p2"]["ref_chosen_logp"] == -3.0  # the pairs' own fields stay
+    assert "reward_chosen" not in got["p2"]     # only the margin is taken from the scored pairs
+    # without a margins file the records are as written (plain DPO needs none)
+    plain = preference_module(world, pairs, None)
+    plain.setup("fit")
+    assert "reward_margin" not in plain.train_set[0]["meta"]
+
+
+def test_a_pair_without_a_margin_names_the_margins_file_and_the_pair(world, pairs_and_margins):
+    pairs, margins = pairs_and_margins
+    rows = margins.read_text().splitlines()
+    margins.write_text("".join(x + "\n" for x in rows if '"id": "p1"' not in x))
+    with pytest.raises(RecordError, match=rf"{re.escape(str(margins))}: no reward_margin for pair 'p1'"):
+        preference_module(world, pairs, margins).setup("fit")
+
+
+def test_a_margin_without_a_pair_names_the_pairs_file_and_the_pair(world, pairs_and_margins):
+    pairs, margins = pairs_and_margins
+    rows = pairs.read_text().splitlines()
+    pairs.write_text("".join(x + "\n" for x in rows if '"id": "p3"' not in x))
+    where = re.escape(f"{margins}:1")
+    with pytest.raises(RecordError, match=rf"{re.escape(str(pairs))}: no pair 'p3', whose reward_margin is at {where}"):
+        preference_module(world, pairs, margins).setup("fit")
+    # ...unless the pairs' stage left it out on purpose and said so (ref-logps: too long)
+    write_jsonl(pairs.parent / "rejects.jsonl", [{"id": "p3", "reason": "does not fit max_length=256"}])
+    dm = preference_module(world, pairs, margins)
+    dm.setup("fit")
+    assert sorted(r.id for r in dm.train_set.records) == ["p0", "p1", "p2"]
+
+
+def test_a_bad_margins_file_names_the_line(world, pairs_and_margins):
+    pairs, margins = pairs_and_margins
+    rows = [json.loads(x) for x in margins.read_text().splitlines()]
+    rows[2]["reward_margin"] = float("nan")
+    write_jsonl(margins, rows)
+    with pytest.raises(RecordError, match=rf"{re.escape(str(margins))}:3: pair 'p1' has no finite 'reward_margin'"):
+        preference_module(world, pairs, margins).setup("fit")
+    write_jsonl(margins, [*rows[:2], rows[0]])
+    with pytest.raises(RecordError, match=rf"{re.escape(str(margins))}:3: pair 'p3' scored twice"):
+        preference_module(world, pairs, margins).setup("fit")
 
 
 class Recorded(torch.utils.data.Dataset):
