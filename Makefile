@@ -1,35 +1,76 @@
-# mmalign: the pipeline as one readable script. `make help` prints the stage graph.
+# mmalign: the pipeline as one readable script. `make help` prints the targets (from the `## `
+# comment on each target's line), the stage graph below (the `#|` lines) and the variables with
+# their values (from the `## ` line above each `?=`), so the help is read from the rules themselves.
 #
 # Every stage writes runs/$(RUN)/<stage>/ atomically and finishes with a marker file (manifest.json,
 # build.json or the exported model's config.json). Make skips a stage whose marker is newer than its
 # inputs; the stage scripts themselves also compare the input hashes in their manifest.
+#
+#| data -> vision -> tiny-model -> sft       (MODEL=...: sft starts from BASE; no vision, no tiny-model)
+#|                                  |
+#|              +-------------------+
+#| baseline     +-> sft-continued
+#| feedback     +-> sample -+-> feedback/oracle             (the scene-graph oracle's labels)
+#|              |           \-> feedback/judge <- judge <- judge-base (sft + the final vision tower)
+#| MM-RLHF      +-> feedback/oracle -> prefs -+-> rm -> rm-score ---------+
+#|              |                             \-> ref-logps -+-> dpo      |
+#|              |                                            \-> mmdpo <--+  (the RM's margins, by pair id)
+#| Re-Align     +-> index -> realign-data -> realign, realign-text
+#| FGAIF        +-> sample-val -> feedback-val -+
+#|              |   feedback/oracle ------------+-> fg-rm -+-> fg-rm-eval
+#|              |                                          \-> fgaif, fgaif-seq
+#|              +-> fgaif-oracle                (the oracle's labels as rewards: no reward model)
+#| DRESS        +-> feedback/oracle -> nlf -> dress
+#| evaluation   \-> eval/<run> for sft and every trained run (+ refine/<run>: sft, sft-continued, dress)
+#|                  -> eval-mmrlhf, eval-realign, eval-fgaif, eval-dress (side by side) -> report
 
 SHELL := /bin/bash
 # SCALE=quick (default): `make demo` in ~28 minutes on 2 CPU cores at ~140 GFLOP/s (shorter reward-model
 # and alignment trainings, 150 sampled prompts, 100 held-out scenes; vision, SFT and judge keep their
 # steps: 10 of those minutes are vision + SFT, 4 the judge). SCALE=full: the configs' own step
-# counts, 500 prompts, all 500 held-out scenes (about an hour; the README's result tables), in
-# runs/demo-full. Any variable below can still be set on the command line.
+# counts, 500 prompts, all 500 held-out scenes (about an hour; the result tables of docs/RESULTS.md),
+# in runs/demo-full. Any variable below can still be set on the command line.
+## quick (the demo: short reward-model and alignment trainings) or full (the configs' own step counts)
 SCALE ?= quick
-ifeq ($(SCALE),quick)
-RUN ?= $(if $(MODEL),$(MODEL),demo)
-RM_STEPS ?= 60
-ALIGN_STEPS ?= 60
-EVAL_LIMIT ?= 100
-SAMPLE_PROMPTS ?= 150
-REFINE_OPTS ?= --limit 50 --turns 2
-else ifeq ($(SCALE),full)
-RUN ?= $(if $(MODEL),$(MODEL),demo-full)
-else
+# Per-scale defaults: one block per SCALE, each read by the one `?=` line of its variable below (a
+# value set on the command line or in the environment wins). Empty = the configs' own value / all.
+SCALES := quick full
+quick.RUN            := demo
+quick.RM_STEPS       := 60
+quick.ALIGN_STEPS    := 60
+quick.EVAL_LIMIT     := 100
+quick.SAMPLE_PROMPTS := 150
+quick.REFINE_OPTS    := --limit 50 --turns 2
+full.RUN             := demo-full
+full.RM_STEPS        :=
+full.ALIGN_STEPS     :=
+full.EVAL_LIMIT      :=
+full.SAMPLE_PROMPTS  := 500
+full.REFINE_OPTS     := --limit 200 --turns 2
+ifneq ($(words $(SCALE))$(filter $(SCALE),$(SCALES)),1$(SCALE))
 $(error SCALE=$(SCALE): use quick or full)
 endif
-RUN ?= $(if $(MODEL),$(MODEL),demo)
+## the run folder under runs/ (per SCALE: demo, demo-full; with MODEL: the model's name)
+RUN ?= $(if $(MODEL),$(MODEL),$($(SCALE).RUN))
+## steps of every reward-model training (per SCALE; empty: the configs' own)
+RM_STEPS ?= $($(SCALE).RM_STEPS)
+## steps of every alignment training (per SCALE; empty: the configs' own)
+ALIGN_STEPS ?= $($(SCALE).ALIGN_STEPS)
+## evaluate the first n held-out scenes only (per SCALE; empty: all 500)
+EVAL_LIMIT ?= $($(SCALE).EVAL_LIMIT)
+## train prompts sampled (K responses each; per SCALE)
+SAMPLE_PROMPTS ?= $($(SCALE).SAMPLE_PROMPTS)
+## refinement benchmark options: scenes and turns (per SCALE)
+REFINE_OPTS ?= $($(SCALE).REFINE_OPTS)
 OUT := runs/$(RUN)
+## the seed of the world and of every trainer
 SEED ?= 0
 # A real checkpoint instead of the tiny model (`make pipeline MODEL=<name> BASE=<checkpoint folder>`):
 # configs/models/<MODEL>/common.yaml is layered over every training config (policy, precision,
 # batch sizes), then configs/models/<MODEL>/<stage>.yaml where one exists (learning rates).
+## a model profile of configs/models/ (empty: the tiny model)
 MODEL ?=
+## the checkpoint folder SFT starts from when MODEL is set
 BASE ?=
 MODEL_DIR = configs/models/$(MODEL)
 # (ablations share their method's file: fgaif-seq and fgaif-oracle use fgaif.yaml, realign-text realign.yaml)
@@ -41,132 +82,111 @@ TIMED = $(PY) -m mmalign.timed --log $(OUT)/timings.jsonl --target $@ --root $(O
 # RANKS=n runs the generation-heavy stages (sample, feedback, eval) as n processes under torchrun
 # (one per GPU where there are GPUs); batch b runs on rank b % n, and the merged output is the
 # same as RANKS=1's (mmalign/shard.py).
+## processes for sample / feedback / eval (torchrun); the output equals RANKS=1's
 RANKS ?= 1
 RUN_PY = $(if $(filter-out 1,$(RANKS)),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(RANKS),$(PY))
+## the virtualenv `make venv` makes (used by every target once it exists)
 VENV ?= .venv
 # The project's Python: .venv if `make venv` made one, else the active environment.
 PY = $(shell [ -x $(VENV)/bin/python ] && echo $(VENV)/bin/python || echo python3)
 # `torch==2.13.0` is the CPU wheel on the CI machine. Elsewhere PyPI's Linux wheel is a
 # multi-GB CUDA build: pass TORCH_INDEX=https://download.pytorch.org/whl/cpu for a CPU one.
+## the torch `make install` installs when none imports
 TORCH_SPEC ?= torch==2.13.0
+## pip index for that torch (e.g. https://download.pytorch.org/whl/cpu)
 TORCH_INDEX ?=
 FIT = $(TIMED) $(PY) -m mmalign.cli fit
+
+# The sources of each training, a prerequisite of its model: the method's module, the module base
+# class and the losses (and reward-model code) it uses, besides the config each rule names. The
+# wildcards keep files that may be absent in a checkout out of the graph rather than failing it.
+TRAIN_BASE  := mmalign/methods/base.py
+SFT_SRC     := $(TRAIN_BASE) mmalign/methods/sft.py $(wildcard mmalign/losses/sft.py)
+DPO_SRC     := $(TRAIN_BASE) mmalign/methods/dpo.py mmalign/losses/dpo.py
+REALIGN_SRC := $(DPO_SRC) mmalign/methods/realign.py mmalign/losses/rdpo.py
+RM_SRC      := $(TRAIN_BASE) mmalign/methods/reward.py mmalign/losses/reward.py \
+  $(wildcard mmalign/losses/sft.py mmalign/rewards/*.py)
+FG_RM_SRC   := $(TRAIN_BASE) mmalign/methods/fg_reward.py $(wildcard mmalign/losses/fg.py mmalign/rewards/*.py)
+FGAIF_SRC   := $(TRAIN_BASE) mmalign/methods/fgaif.py mmalign/losses/ppo.py $(wildcard mmalign/rewards/*.py)
+DRESS_SRC   := $(SFT_SRC) mmalign/methods/dress.py $(wildcard mmalign/losses/dress.py)
 
 .PHONY: help install venv deps data vision tiny-model sft eval-sft eval eval-compare sample judge feedback prefs mmrlhf-import \
   rm rm-score ref-logps dpo mmdpo sft-continued eval-mmrlhf index realign-data realign realign-text eval-realign \
   sample-val feedback-val fg-rm fg-rm-eval fgaif fgaif-seq fgaif-oracle eval-fgaif \
   nlf dress-import dress eval-dress bench bench-dpo bench-index demo demo-full ablations report pipeline test test-slow clean
 
-help:
-	@echo "mmalign stages (make <target> [RUN=name] [SEED=n]); outputs under runs/<RUN>/"
-	@echo ""
-	@echo "  data        synthetic scenes -> $(OUT)/data/{train,val,test}/sft.jsonl + images + manifest.json"
-	@echo "    |"
-	@echo "  vision      tiny CLIP-style tower pretrained with dense per-patch labels on fresh scenes -> $(OUT)/vision/model"
-	@echo "    |"
-	@echo "  tiny-model  tokenizer trained on the world's text + tiny LLaVA built around the pretrained tower -> $(OUT)/tiny-model"
-	@echo "    |"
-	@echo "  sft         visual instruction tuning, tower frozen (mmalign fit, configs/sft/tiny.yaml) -> $(OUT)/sft/model"
-	@echo "    |"
-	@echo "  eval-sft    hallucination evaluation on 500 held-out scenes: CHAIR, AMBER-style per type,"
-	@echo "              POPE-style yes/no splits, 95% intervals -> $(OUT)/eval/sft/{report.md,metrics.json,chart.png}"
-	@echo ""
-	@echo "    |"
-	@echo "  sample      K=$(K) responses per train prompt from the SFT policy -> $(OUT)/sample/responses.jsonl"
-	@echo "    |         judge: the SFT model trained longer on content questions ('What color is the star?') -> $(OUT)/judge/model"
-	@echo "  feedback    segments + object/attribute/relation labels, scores, critique, refinement from"
-	@echo "              SOURCE=$(SOURCE) (oracle|judge|detector), agreement with the oracle -> $(OUT)/feedback/$(SOURCE)"
-	@echo ""
-	@echo "  MM-RLHF (issue 5):"
-	@echo "  prefs       ranked responses per prompt (samples + injected hallucinations, scored and critiqued by"
-	@echo "              PREFS_SOURCE=$(PREFS_SOURCE)) and every strict pair -> $(OUT)/prefs/{ranked.jsonl,train,val}"
-	@echo "    |"
-	@echo "  rm          critique reward model + scalar Bradley-Terry baseline -> $(OUT)/rm/{critique,scalar}/model"
-	@echo "  rm-score    ranking accuracy + critique quality on val; reward margins on every pair -> $(OUT)/rm/scored"
-	@echo "  ref-logps   the SFT model's log-probs of every pair, one pass -> $(OUT)/ref/{train,val}/pairs.jsonl"
-	@echo "    |"
-	@echo "  sft-continued / dpo / mmdpo   SFT 400 more steps, plain DPO, MM-DPO (Dynamic Reward Scaling)"
-	@echo "  eval-mmrlhf the three and SFT on the held-out scenes, side by side -> $(OUT)/eval/compare-mmrlhf"
-	@echo "  mmrlhf-import MMRLHF=<folder>   the published MM-RLHF data -> $(OUT)/mmrlhf/import"
-	@echo "  Re-Align (issue 6):"
-	@echo "  index       train images embedded by the SFT policy's vision tower -> FAISS index $(OUT)/index"
-	@echo "  realign-data  injected rejected answer + retrieved rejected image per caption -> $(OUT)/realign-data"
-	@echo "  realign / realign-text   rDPO, and its text-only ablation (DPO on the same pairs)"
-	@echo "  eval-realign  SFT, SFT-continued, text-only DPO, rDPO side by side -> $(OUT)/eval/compare-realign"
-	@echo "  FGAIF (issue 7):"
-	@echo "  sample-val / feedback-val   SFT samples on the val scenes, labelled by the oracle (held-out RM test)"
-	@echo "  fg-rm       object / attribute / relation reward models (3-class head at every segment end), trained"
-	@echo "              on FG_SOURCE=$(FG_SOURCE) labels -> $(OUT)/fg-rm/$(FG_SOURCE)/<type>/model (FG_RM_SHARED=1: one model)"
-	@echo "  fg-rm-eval  precision / recall / F1 of 'hallucinated' per type on the held-out responses"
-	@echo "  fgaif / fgaif-seq   PPO with dense segment rewards, and the sequence-level-reward ablation"
-	@echo "  fgaif-oracle  control: the same PPO with the oracle's segment labels as rewards (perfect reward models)"
-	@echo "  eval-fgaif  SFT, SFT-continued, sequence-reward PPO, FGAIF, oracle-reward PPO -> $(OUT)/eval/compare-fgaif"
-	@echo "  DRESS (issue 8):"
-	@echo "  nlf         critique examples + refinement episodes (SFT revisions judged by the oracle) with conditions -> $(OUT)/nlf"
-	@echo "  dress       conditional RL from SFT (configs/dress/tiny.yaml); dress-import DRESS=<LVLM_NLF folder>"
-	@echo "  eval-dress  SFT, SFT-continued, DRESS (asked with its best condition) + the refinement benchmark"
-	@echo "              (answer, oracle refinement, answer again; 2 turns) -> $(OUT)/eval/compare-dress, $(OUT)/refine/compare"
-	@echo "  bench       bench-dpo (DPO pairs/s and peak memory vs TRL's DPOTrainer) and bench-index"
-	@echo "              (FAISS IVF / HNSW recall@10 and latency vs exact and NumPy) -> benchmarks/results/"
-	@echo ""
-	@echo "  eval CKPT=path [NAME=x]     evaluate any checkpoint the same way -> $(OUT)/eval/<NAME>"
-	@echo "  eval-compare RUNS=\"a b\"    side-by-side table + chart, paired differences vs the first -> $(OUT)/eval/compare"
-	@echo ""
-	@echo "  report      every method vs SFT and SFT-continued (95% intervals), refinement benchmark, wall time"
-	@echo "              per stage, plots -> $(OUT)/report.md"
-	@echo "  demo        every stage of the core pipeline, then the report (SCALE=quick ~28 min; SCALE=full ~1 h)"
-	@echo "  ablations   plain DPO, text-only rDPO, sequence-reward PPO, oracle-reward PPO (+ evaluations, report)"
-	@echo "  demo-full   SCALE=full demo + ablations -> runs/demo-full"
-	@echo "  pipeline MODEL=<$(notdir $(wildcard configs/models/*))> BASE=<checkpoint> [DRY_RUN=1]"
-	@echo "              the same stages on a real checkpoint; DRY_RUN=1 checks every config and prints the plan"
-	@echo "  RANKS=n     sample / feedback / eval on n processes (torchrun); the output equals RANKS=1's"
-	@echo "  test        the test suite (fast tests; 'make test-slow' for the slow ones)"
-	@echo "  install     pip install into the active Python ($(PY)); 'make venv' makes and fills $(VENV)/"
+# `make help`: the usage line, the stage graph (`#|` lines), every target with a `## ` comment on its
+# line under its section (`# --- ` lines), then every variable with a `## ` line above its `?=`, with
+# its value in this invocation (`make help SCALE=full` shows full's).
+THIS_MAKEFILE := $(lastword $(MAKEFILE_LIST))
+HELP_VARS = $(shell awk '/^## /{d=1; next} d && /^[A-Za-z_]+ \?=/{print $$1} {d=0}' $(THIS_MAKEFILE))
+shell_quote = '$(subst ','\'',$(1))'
+define HELP_PROGRAM
+NR == FNR { i = index($$0, "="); val[substr($$0, 1, i - 1)] = substr($$0, i + 1); next }
+/^#\|/ { graph = graph "  " substr($$0, 3) "\n"; next }
+/^# --- / { s = $$0; sub(/^# --- /, "", s); sub(/ -+$$/, "", s); targets = targets "\n  " s "\n"; next }
+/^[A-Za-z0-9_%.-]+:.*## / { t = $$0; sub(/:.*/, "", t); targets = targets sprintf("    %-15s %s\n", t, substr($$0, index($$0, "## ") + 3)); next }
+/^## / { doc = substr($$0, 4); next }
+doc != "" && /^[A-Za-z_]+ \?=/ { v = $$1; x = (v in val) ? val[v] : ""; if (x == "") x = "(empty)";
+  vars = vars sprintf("  %-15s %-24s %s\n", v, x, doc) }
+{ doc = "" }
+END { printf "mmalign: make <target> [VAR=value ...]; every output goes under runs/<RUN>/\n\n"
+      printf "Stage graph (each name a target or a folder under runs/<RUN>/):\n%s", graph
+      printf "\nTargets:\n%s", targets
+      printf "\nVariables (name, value in this call, meaning):\n%s", vars }
+endef
+help: export HELP_AWK = $(HELP_PROGRAM)
+help: ## this list: targets, the stage graph, the variables and their values
+	@printf '%s\n' $(foreach v,$(HELP_VARS),$(call shell_quote,$(v)=$($(v)))) | awk "$$HELP_AWK" - $(THIS_MAKEFILE)
 
 # --- environment --------------------------------------------------------------------------------
 
-install:
+install: ## pip install -e ".[dev,bench]" (and torch when none imports) into the active Python
 	@$(PY) -c "import torch" 2>/dev/null || { echo "no torch: installing $(TORCH_SPEC) (CPU)"; \
 	  $(PY) -m pip install $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); }
 	$(PY) -m pip install -e ".[dev,bench]"
 
-venv:
+venv: ## make .venv/ and install there (every target then uses it)
 	python3 -m venv $(VENV)
 	$(MAKE) install PY=$(VENV)/bin/python
 
 # Fresh machine: if the active Python cannot import the stack, make a .venv and install there.
-deps:
+deps: ## make .venv/ when the active Python cannot import the stack
 	@$(PY) -c "import mmalign, torch, transformers, lightning, faiss, peft, hypothesis, trl" 2>/dev/null || $(MAKE) venv
 
 # --- stages ---------------------------------------------------------------------------------------
 
 # YES_NO_ANSWERS=explained: yes/no answers go on to say what the image shows ("No, it is small.");
 # short: "Yes." / "No." (docs/TESTBED.md: why the explained form is the one the tiny model learns).
+## yes/no answers of the data: explained ("No, it is small.") or short ("No.")
 YES_NO_ANSWERS ?= explained
-data: deps $(OUT)/data/manifest.json
+data: deps $(OUT)/data/manifest.json ## synthetic scenes -> runs/<RUN>/data/{train,val,test}/sft.jsonl, images/
 $(OUT)/data/manifest.json: data_pipelines/scenes.py mmalign/world.py
 	$(TIMED) $(PY) -m data_pipelines.scenes --out $(OUT)/data --seed $(SEED) --yes-no-answers $(YES_NO_ANSWERS)
 
 # The vision tower pretrained before any language model sees it (LLaVA starts from a pretrained
 # CLIP): dense per-patch labels on fresh scenes -> a stock CLIPVisionModel in $(OUT)/vision/model.
 # VISION_STEPS=n overrides the config's steps (the knob for how much the policy still hallucinates).
+## vision pretraining steps (empty: the config's)
 VISION_STEPS ?=
-vision: deps $(OUT)/vision/manifest.json
+vision: deps $(OUT)/vision/manifest.json ## CLIP-style tower pretrained with dense per-patch labels -> runs/<RUN>/vision
 $(OUT)/vision/manifest.json: $(OUT)/data/manifest.json models/vision.py mmalign/render.py configs/vision/tiny.yaml
 	$(TIMED) $(PY) -m models.vision --config configs/vision/tiny.yaml --data $(OUT)/data --out $(OUT)/vision \
 	  $(if $(VISION_STEPS),--steps $(VISION_STEPS))
 
 # The tiny LLaVA built around the pretrained tower (its sizes and weights), decoder and projector new.
 # The policy gets the vision run's earlier snapshot (POLICY_TOWER), the judge its final tower.
+## the vision snapshot the policy is built around (the judge gets the final tower)
 POLICY_TOWER ?= model-step400
-tiny-model: deps $(OUT)/tiny-model/build.json
+tiny-model: deps $(OUT)/tiny-model/build.json ## tokenizer + tiny LLaVA around the POLICY_TOWER snapshot -> runs/<RUN>/tiny-model
 $(OUT)/tiny-model/build.json: $(OUT)/data/manifest.json $(OUT)/vision/manifest.json models/tiny.py
 	$(TIMED) $(PY) -m models.tiny --data $(OUT)/data --out $(OUT)/tiny-model --vision-tower $(OUT)/vision/$(POLICY_TOWER) --seed $(SEED)
 
 # The policy SFT starts from: the tiny model built above, or BASE (a real checkpoint, `make pipeline`).
 SFT_BASE = $(if $(MODEL),$(BASE),$(OUT)/tiny-model)
-sft: deps $(OUT)/sft/model/config.json
-$(OUT)/sft/model/config.json: $(if $(MODEL),$(OUT)/data/manifest.json,$(OUT)/tiny-model/build.json) configs/sft/tiny.yaml
+sft: deps $(OUT)/sft/model/config.json ## visual instruction tuning, tower frozen (configs/sft/tiny.yaml) -> runs/<RUN>/sft/model
+$(OUT)/sft/model/config.json: $(if $(MODEL),$(OUT)/data/manifest.json,$(OUT)/tiny-model/build.json) configs/sft/tiny.yaml \
+    $(SFT_SRC)
 	$(FIT) --config configs/sft/tiny.yaml $(call OVERLAY,sft) --seed_everything $(SEED) \
 	  --trainer.default_root_dir $(OUT)/sft \
 	  --model.init_args.policy.init_args.path $(SFT_BASE) \
@@ -175,35 +195,38 @@ $(OUT)/sft/model/config.json: $(if $(MODEL),$(OUT)/data/manifest.json,$(OUT)/tin
 	  --data.init_args.val_file $(OUT)/data/val/sft.jsonl \
 	  --data.init_args.data_root $(OUT)/data
 
-eval-sft: deps $(OUT)/eval/sft/metrics.json
+eval-sft: deps $(OUT)/eval/sft/metrics.json ## the SFT model on the held-out scenes: CHAIR, AMBER, POPE, 95% intervals -> runs/<RUN>/eval/sft
 EVAL = $(TIMED) $(RUN_PY) -m mmalign.cli eval
 # compare reads finished evaluations: one process
 EVAL_COMPARE = $(TIMED) $(PY) -m mmalign.cli eval compare
-# EVAL_LIMIT=n evaluates the first n held-out scenes only (SCALE=quick sets 100; unset: all 500).
-EVAL_LIMIT ?=
+# EVAL_LIMIT=n evaluates the first n held-out scenes only (declared with the per-scale defaults above).
 EVAL_OPTS = $(if $(EVAL_LIMIT),--limit $(EVAL_LIMIT))
 $(OUT)/eval/sft/metrics.json: $(OUT)/sft/model/config.json $(wildcard mmalign/eval/*.py)
 	$(EVAL) --model $(OUT)/sft/model --data $(OUT)/data --split test $(EVAL_OPTS) --out $(OUT)/eval/sft
 	@cat $(OUT)/eval/sft/report.md
 
 # Any checkpoint on the same held-out benchmark: make eval CKPT=runs/demo/sft/model NAME=sft-again
+## eval: the checkpoint folder to evaluate
 CKPT ?=
+## eval: the name of its evaluation folder (default: CKPT's folder name)
 NAME ?= $(notdir $(patsubst %/,%,$(CKPT)))
-eval: deps
+eval: deps ## any checkpoint on the same benchmark: CKPT=<folder> [NAME=x] -> runs/<RUN>/eval/<NAME>
 	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=<checkpoint folder> [NAME=<name>] [RUN=$(RUN)]"; exit 2; }
 	$(EVAL) --model $(CKPT) --data $(OUT)/data --split test $(EVAL_OPTS) --out $(OUT)/eval/$(NAME)
 
 # make eval-compare RUNS="runs/demo/eval/sft runs/demo/eval/other"  (the first is the baseline)
+## eval-compare: the evaluation folders, the baseline first
 RUNS ?=
-eval-compare: deps
+eval-compare: deps ## side by side, paired differences vs the first: RUNS="a b" -> runs/<RUN>/eval/compare
 	@test -n "$(RUNS)" || { echo "usage: make eval-compare RUNS=\"<eval folder> <eval folder> ...\""; exit 2; }
 	$(EVAL_COMPARE) $(RUNS) --out $(OUT)/eval/compare
 
 # --- sampling and AI feedback --------------------------------------------------------------------
 
+## responses sampled per prompt
 K ?= 4
-SAMPLE_PROMPTS ?= 500
-sample: deps $(OUT)/sample/manifest.json
+# SAMPLE_PROMPTS (how many train prompts) is declared with the per-scale defaults above.
+sample: deps $(OUT)/sample/manifest.json ## K responses per train prompt from the SFT model -> runs/<RUN>/sample
 $(OUT)/sample/manifest.json: $(OUT)/sft/model/config.json data_pipelines/sample.py
 	$(TIMED) $(RUN_PY) -m data_pipelines.sample --model $(OUT)/sft/model --data $(OUT)/data --split train \
 	  --limit $(SAMPLE_PROMPTS) --k $(K) --seed $(SEED) --out $(OUT)/sample
@@ -212,10 +235,13 @@ $(OUT)/sample/manifest.json: $(OUT)/sft/model/config.json data_pipelines/sample.
 # descriptions: it sees better and has trained longer than the policy it judges. A real checkpoint
 # (MODEL=...) has no tower of ours to swap in: its judge starts from its SFT model.
 JUDGE_BASE = $(if $(MODEL),$(OUT)/sft/model,$(OUT)/judge-base)
+## judge training steps (empty: the config's)
+JUDGE_STEPS ?=
 $(OUT)/judge-base/build.json: $(OUT)/sft/model/config.json $(OUT)/vision/manifest.json models/tiny.py
 	$(TIMED) $(PY) -m models.tiny swap-tower --model $(OUT)/sft/model --vision-tower $(OUT)/vision/model --out $(OUT)/judge-base
-judge: deps $(OUT)/judge/model/config.json
-$(OUT)/judge/model/config.json: $(OUT)/sft/model/config.json $(if $(MODEL),,$(OUT)/judge-base/build.json) configs/judge/tiny.yaml
+judge: deps $(OUT)/judge/model/config.json ## the SFT model with the final tower, trained on descriptions -> runs/<RUN>/judge/model
+$(OUT)/judge/model/config.json: $(OUT)/sft/model/config.json $(if $(MODEL),,$(OUT)/judge-base/build.json) configs/judge/tiny.yaml \
+    $(SFT_SRC)
 	$(FIT) --config configs/judge/tiny.yaml $(call OVERLAY,judge) --seed_everything $(SEED) \
 	  --trainer.default_root_dir $(OUT)/judge $(if $(JUDGE_STEPS),--trainer.max_steps $(JUDGE_STEPS)) \
 	  --model.init_args.policy.init_args.path $(JUDGE_BASE) \
@@ -224,14 +250,16 @@ $(OUT)/judge/model/config.json: $(OUT)/sft/model/config.json $(if $(MODEL),,$(OU
 	  --data.init_args.val_file $(OUT)/data/val/sft.jsonl \
 	  --data.init_args.data_root $(OUT)/data
 
+## the source of `make feedback`: judge, oracle or detector
 SOURCE ?= judge
+## SOURCE=detector: the detector's checkpoint folder (OWL-ViT, OWLv2, Grounding-DINO)
 DETECTOR ?=
-# How the judge verifies a claim: caption (against its own description), lookup, yesno (docs/TESTBED.md).
+## how the judge verifies a claim: caption (against its own description), lookup, yesno (docs/TESTBED.md)
 JUDGE_QUESTIONS ?= caption
 # One rule for every source (the folder name is the source), so the judge's and the oracle's
 # feedback can both exist: the demo reports the judge's, MM-RLHF's preferences use the oracle's.
 .SECONDEXPANSION:
-feedback: deps $(OUT)/feedback/$(SOURCE)/manifest.json
+feedback: deps $(OUT)/feedback/$(SOURCE)/manifest.json ## segment labels, scores, critique, refinement by SOURCE -> runs/<RUN>/feedback/<SOURCE>
 $(OUT)/feedback/%/manifest.json: $(OUT)/sample/manifest.json data_pipelines/feedback.py \
     $$(if $$(filter judge,$$*),$(OUT)/judge/model/config.json)
 	$(TIMED) $(RUN_PY) -m data_pipelines.feedback --responses $(OUT)/sample --data $(OUT)/data --source $* \
@@ -242,30 +270,31 @@ $(OUT)/feedback/%/manifest.json: $(OUT)/sample/manifest.json data_pipelines/feed
 
 # MM-RLHF's rankings are human annotations; in the synthetic world the scene-graph oracle plays the
 # annotator (PREFS_SOURCE=judge ranks by the judge's verdicts instead; docs/TESTBED.md).
+## whose scores rank the responses: oracle (the annotator's role) or judge
 PREFS_SOURCE ?= oracle
+## hallucination-injected answers added per prompt
 INJECT ?= 2
-prefs: deps $(OUT)/prefs/manifest.json
+prefs: deps $(OUT)/prefs/manifest.json ## MM-RLHF: ranked responses per prompt and every strict pair -> runs/<RUN>/prefs
 $(OUT)/prefs/manifest.json: $(OUT)/feedback/$(PREFS_SOURCE)/manifest.json data_pipelines/prefs.py mmalign/inject.py mmalign/oracle.py
 	$(TIMED) $(PY) -m data_pipelines.prefs --feedback $(OUT)/feedback/$(PREFS_SOURCE) --data $(OUT)/data \
 	  --inject-per-prompt $(INJECT) --seed $(SEED) --out $(OUT)/prefs \
 	  $(if $(filter oracle,$(PREFS_SOURCE)),,--weights faithfulness=1)
 
 # The published MM-RLHF data (unzipped yifanzhang114/MM-RLHF: data.jsonl + short/ long/ mcq/ safety/).
+## mmrlhf-import: the unzipped published MM-RLHF data
 MMRLHF ?= data/MM-RLHF
-mmrlhf-import: deps
+mmrlhf-import: deps ## the published MM-RLHF data (MMRLHF=<folder>) -> runs/<RUN>/mmrlhf/import
 	$(TIMED) $(PY) -m data_pipelines.import_mmrlhf --input $(MMRLHF)/data.jsonl --images $(MMRLHF) \
 	  --out $(OUT)/mmrlhf/import --val-fraction 0.05 --on-error skip
 
 # Reward models on the prefs pairs: MM-RLHF's critique RM (writes a critique, then scores) and the
 # scalar Bradley-Terry baseline (configs/rm/). `rm-score` scores the val pairs with both (ranking
 # accuracy, critique quality vs the oracle's) and the train pairs with the critique RM: its margin
-# is MM-DPO's delta (reward_margin in runs/<RUN>/rm/scored/{train,val}/pairs.jsonl).
-# RM_STEPS / ALIGN_STEPS=n shorten the reward-model and the alignment trainings (SCALE=quick sets
-# 60 and 60); unset, the configs' step counts hold.
-RM_STEPS ?=
-ALIGN_STEPS ?=
-rm: deps $(OUT)/rm/critique/model/reward_config.json $(OUT)/rm/scalar/model/reward_config.json
-$(OUT)/rm/%/model/reward_config.json: $(OUT)/prefs/manifest.json $(OUT)/sft/model/config.json configs/rm/%.yaml mmalign/methods/reward.py
+# is MM-DPO's delta (reward_margin in runs/<RUN>/rm/scored/{train,val}/pairs.jsonl, joined to the
+# pairs by id when MM-DPO loads them). RM_STEPS / ALIGN_STEPS=n shorten the reward-model and the
+# alignment trainings (per-scale defaults above; empty: the configs' step counts hold).
+rm: deps $(OUT)/rm/critique/model/reward_config.json $(OUT)/rm/scalar/model/reward_config.json ## critique reward model + scalar Bradley-Terry baseline -> runs/<RUN>/rm
+$(OUT)/rm/%/model/reward_config.json: $(OUT)/prefs/manifest.json $(OUT)/sft/model/config.json configs/rm/%.yaml $(RM_SRC)
 	$(FIT) --config configs/rm/$*.yaml $(call OVERLAY,rm) --seed_everything $(SEED) \
 	  --trainer.default_root_dir $(OUT)/rm/$* \
 	  --model.init_args.policy.init_args.path $(OUT)/sft/model \
@@ -273,7 +302,8 @@ $(OUT)/rm/%/model/reward_config.json: $(OUT)/prefs/manifest.json $(OUT)/sft/mode
 	  --data.init_args.train_file $(OUT)/prefs/train/pairs.jsonl \
 	  --data.init_args.val_file $(OUT)/prefs/val/pairs.jsonl \
 	  --data.init_args.data_root $(OUT)/data
-rm-score: deps $(OUT)/rm/scored/train/manifest.json $(OUT)/rm/scored/val/manifest.json $(OUT)/rm/scalar/scored-val/manifest.json
+RM_MARGINS = $(OUT)/rm/scored/train/manifest.json $(OUT)/rm/scored/val/manifest.json
+rm-score: deps $(RM_MARGINS) $(OUT)/rm/scalar/scored-val/manifest.json ## ranking accuracy, critique quality; every pair's RM margin -> runs/<RUN>/rm/scored
 	@cat $(OUT)/rm/scored/val/report.md | head -8; cat $(OUT)/rm/scalar/scored-val/report.md | head -6
 $(OUT)/rm/scored/%/manifest.json: $(OUT)/rm/critique/model/reward_config.json data_pipelines/score_rm.py
 	$(TIMED) $(PY) -m data_pipelines.score_rm --rm $(OUT)/rm/critique/model --pairs $(OUT)/prefs/$*/pairs.jsonl \
@@ -282,16 +312,20 @@ $(OUT)/rm/scalar/scored-val/manifest.json: $(OUT)/rm/scalar/model/reward_config.
 	$(TIMED) $(PY) -m data_pipelines.score_rm --rm $(OUT)/rm/scalar/model --pairs $(OUT)/prefs/val/pairs.jsonl \
 	  --data-root $(OUT)/data --out $(OUT)/rm/scalar/scored-val
 
-# Reference log-probs of every pair under the SFT model, in one pass (DPO configs: reference: precomputed).
-ref-logps: deps $(OUT)/ref/train/manifest.json $(OUT)/ref/val/manifest.json
-$(OUT)/ref/%/manifest.json: $(OUT)/rm/scored/%/manifest.json $(OUT)/sft/model/config.json data_pipelines/ref_logps.py
-	$(TIMED) $(PY) -m data_pipelines.ref_logps --model $(OUT)/sft/model --pairs $(OUT)/rm/scored/$*/pairs.jsonl \
+# Reference log-probs of every prefs pair under the SFT model, in one pass (DPO configs: reference:
+# precomputed). They read the prefs pairs themselves, so plain DPO needs no reward model.
+REF_PAIRS = $(OUT)/ref/train/manifest.json $(OUT)/ref/val/manifest.json
+ref-logps: deps $(REF_PAIRS) ## the SFT model's log-probs of every prefs pair, one pass -> runs/<RUN>/ref
+$(OUT)/ref/%/manifest.json: $(OUT)/prefs/manifest.json $(OUT)/sft/model/config.json data_pipelines/ref_logps.py
+	$(TIMED) $(PY) -m data_pipelines.ref_logps --model $(OUT)/sft/model --pairs $(OUT)/prefs/$*/pairs.jsonl \
 	  --data-root $(OUT)/data --max-length 256 --out $(OUT)/ref/$*
 
-# $(1) = target and run folder, $(2) = config
+# A policy trained from the SFT model: $(1) = target and run folder, $(2) = config, $(3) = its other
+# prerequisites (data and sources), $(4) = its extra arguments. `make help` reads the `<target>: ## ...`
+# line written before each call.
 define fit_policy
 $(1): deps $(OUT)/$(1)/model/config.json
-$(OUT)/$(1)/model/config.json: $(3) $(2)
+$(OUT)/$(1)/model/config.json: $(OUT)/sft/model/config.json $(3) $(2)
 	$$(FIT) --config $(2) $$(call OVERLAY,$(1)) --seed_everything $$(SEED) \
 	  --trainer.default_root_dir $$(OUT)/$(1) \
 	  --model.init_args.policy.init_args.path $$(OUT)/sft/model \
@@ -299,15 +333,22 @@ $(OUT)/$(1)/model/config.json: $(3) $(2)
 endef
 PREF_DATA = --data.init_args.train_file $(OUT)/ref/train/pairs.jsonl --data.init_args.val_file $(OUT)/ref/val/pairs.jsonl \
   --data.init_args.data_root $(OUT)/data --model.init_args.probe_file $(OUT)/data/val/sft.jsonl
-$(eval $(call fit_policy,dpo,configs/dpo/dpo.yaml,$(OUT)/ref/train/manifest.json $(OUT)/ref/val/manifest.json,$(PREF_DATA)))
-$(eval $(call fit_policy,mmdpo,configs/dpo/mmdpo.yaml,$(OUT)/ref/train/manifest.json $(OUT)/ref/val/manifest.json,$(PREF_DATA)))
-$(eval $(call fit_policy,sft-continued,configs/sft/continue.yaml,$(OUT)/sft/model/config.json,\
+# MM-DPO joins the critique RM's margins (rm-score) to the pairs by pair id as it loads them.
+MMDPO_MARGINS = --data.init_args.train_margins $(OUT)/rm/scored/train/pairs.jsonl \
+  --data.init_args.val_margins $(OUT)/rm/scored/val/pairs.jsonl
+dpo: ## plain DPO on the prefs pairs, no reward model (ablation) -> runs/<RUN>/dpo/model
+$(eval $(call fit_policy,dpo,configs/dpo/dpo.yaml,$(REF_PAIRS) $(DPO_SRC),$(PREF_DATA)))
+mmdpo: ## MM-DPO: DPO with Dynamic Reward Scaling by the critique RM's margins -> runs/<RUN>/mmdpo/model
+$(eval $(call fit_policy,mmdpo,configs/dpo/mmdpo.yaml,$(REF_PAIRS) $(RM_MARGINS) $(DPO_SRC),$(PREF_DATA) $(MMDPO_MARGINS)))
+sft-continued: ## the SFT baseline trained further (configs/sft/continue.yaml) -> runs/<RUN>/sft-continued/model
+$(eval $(call fit_policy,sft-continued,configs/sft/continue.yaml,$(SFT_SRC),\
   --data.init_args.train_file $(OUT)/data/train/sft.jsonl --data.init_args.val_file $(OUT)/data/val/sft.jsonl \
   --data.init_args.data_root $(OUT)/data))
 
 # Held-out evaluation of each, and the side-by-side table with paired differences vs SFT.
 $(OUT)/eval/%/metrics.json: $(OUT)/%/model/config.json $(wildcard mmalign/eval/*.py)
 	$(EVAL) --model $(OUT)/$*/model --data $(OUT)/data --split test $(EVAL_OPTS) --out $(OUT)/eval/$*
+eval-mmrlhf: ## SFT, SFT-continued, DPO, MM-DPO on the held-out scenes, side by side -> runs/<RUN>/eval/compare-mmrlhf
 eval-mmrlhf: deps $(foreach r,sft sft-continued dpo mmdpo,$(OUT)/eval/$(r)/metrics.json)
 	$(EVAL_COMPARE) $(foreach r,sft sft-continued dpo mmdpo,$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-mmrlhf
 	@cat $(OUT)/eval/compare-mmrlhf/compare.md
@@ -316,15 +357,16 @@ eval-mmrlhf: deps $(foreach r,sft sft-continued dpo mmdpo,$(OUT)/eval/$(r)/metri
 
 # Train images embedded by the SFT policy's vision tower (what Re-Align's paper uses: the VLM's own
 # encoder) into a FAISS index; INDEX_KIND=flat (exact cosine) | ivf | hnsw.
+## FAISS index kind: flat (exact cosine), ivf or hnsw
 INDEX_KIND ?= flat
-index: deps $(OUT)/index/manifest.json
+index: deps $(OUT)/index/manifest.json ## Re-Align: train images embedded by the SFT vision tower -> FAISS index runs/<RUN>/index
 $(OUT)/index/manifest.json: $(OUT)/data/manifest.json $(OUT)/sft/model/config.json data_pipelines/index.py mmalign/retrieval.py models/embedders.py
 	$(TIMED) $(PY) -m data_pipelines.index --data $(OUT)/data --splits train --embedder policy --model $(OUT)/sft/model \
 	  --kind $(INDEX_KIND) --out $(OUT)/index
 
 # Dual preferences (Re-Align): per train caption, a hallucination-injected rejected answer and, as the
 # rejected image, the nearest train image whose scene makes the caption wrong.
-realign-data: deps $(OUT)/realign-data/manifest.json
+realign-data: deps $(OUT)/realign-data/manifest.json ## injected rejected answer + retrieved rejected image per caption -> runs/<RUN>/realign-data
 $(OUT)/realign-data/manifest.json: $(OUT)/data/manifest.json $(OUT)/index/manifest.json data_pipelines/realign_data.py mmalign/inject.py mmalign/oracle.py mmalign/retrieval.py
 	$(TIMED) $(PY) -m data_pipelines.realign_data --data $(OUT)/data --index $(OUT)/index --split train \
 	  --tasks detailed_caption --k 10 --seed $(SEED) --out $(OUT)/realign-data
@@ -334,8 +376,11 @@ $(OUT)/realign-data/manifest.json: $(OUT)/data/manifest.json $(OUT)/index/manife
 REALIGN_DATA = --data.init_args.train_file $(OUT)/realign-data/train/pairs.jsonl \
   --data.init_args.val_file $(OUT)/realign-data/val/pairs.jsonl --data.init_args.data_root $(OUT)/data \
   --model.init_args.probe_file $(OUT)/data/val/sft.jsonl
-$(eval $(call fit_policy,realign,configs/realign/tiny.yaml,$(OUT)/realign-data/manifest.json,$(REALIGN_DATA)))
-$(eval $(call fit_policy,realign-text,configs/realign/tiny.yaml,$(OUT)/realign-data/manifest.json,$(REALIGN_DATA) --model.init_args.visual_weight 0))
+realign: ## rDPO: text + visual DPO terms -> runs/<RUN>/realign/model
+$(eval $(call fit_policy,realign,configs/realign/tiny.yaml,$(OUT)/realign-data/manifest.json $(REALIGN_SRC),$(REALIGN_DATA)))
+realign-text: ## rDPO's text-only ablation (visual_weight 0: plain DPO on the same pairs)
+$(eval $(call fit_policy,realign-text,configs/realign/tiny.yaml,$(OUT)/realign-data/manifest.json $(REALIGN_SRC),$(REALIGN_DATA) --model.init_args.visual_weight 0))
+eval-realign: ## SFT, SFT-continued, text-only DPO, rDPO side by side -> runs/<RUN>/eval/compare-realign
 eval-realign: deps $(foreach r,sft sft-continued realign-text realign,$(OUT)/eval/$(r)/metrics.json)
 	$(EVAL_COMPARE) $(foreach r,sft sft-continued realign-text realign,$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-realign
 	@head -12 $(OUT)/eval/compare-realign/compare.md
@@ -344,11 +389,11 @@ eval-realign: deps $(foreach r,sft sft-continued realign-text realign,$(OUT)/eva
 
 # Held-out responses for the fine-grained reward models' precision / recall: the SFT policy's samples
 # on the val scenes, labelled by the oracle.
-sample-val: deps $(OUT)/sample-val/manifest.json
+sample-val: deps $(OUT)/sample-val/manifest.json ## SFT samples on the val scenes (the fine-grained RMs' held-out test) -> runs/<RUN>/sample-val
 $(OUT)/sample-val/manifest.json: $(OUT)/sft/model/config.json data_pipelines/sample.py
 	$(TIMED) $(RUN_PY) -m data_pipelines.sample --model $(OUT)/sft/model --data $(OUT)/data --split val \
 	  --k $(K) --seed $(SEED) --out $(OUT)/sample-val
-feedback-val: deps $(OUT)/feedback-val/oracle/manifest.json
+feedback-val: deps $(OUT)/feedback-val/oracle/manifest.json ## the oracle's labels of those samples -> runs/<RUN>/feedback-val/oracle
 $(OUT)/feedback-val/oracle/manifest.json: $(OUT)/sample-val/manifest.json data_pipelines/feedback.py
 	$(TIMED) $(RUN_PY) -m data_pipelines.feedback --responses $(OUT)/sample-val --data $(OUT)/data --source oracle \
 	  --out $(OUT)/feedback-val/oracle
@@ -360,17 +405,20 @@ $(OUT)/feedback-val/oracle/manifest.json: $(OUT)/sample-val/manifest.json data_p
 # trained on those would be a constant). FG_RM_SHARED=1 trains one model with three heads
 # (.../shared) instead. FG_RM_STEPS (default RM_STEPS) shortens the trainings.
 comma := ,
+## whose segment labels the fine-grained reward models learn: oracle or judge
 FG_SOURCE ?= oracle
+## 1: one fine-grained reward model with three heads instead of three models
 FG_RM_SHARED ?=
+## fine-grained reward-model training steps (default: RM_STEPS)
 FG_RM_STEPS ?= $(RM_STEPS)
 FG_TYPES := object attribute relation
 FG_RM := $(OUT)/fg-rm/$(FG_SOURCE)
 FG_RM_MODELS := $(if $(FG_RM_SHARED),shared,$(FG_TYPES))
 FG_RM_PATH = $(FG_RM)/$(if $(FG_RM_SHARED),shared,$(1))/model
 FG_RM_DEPS = $(foreach m,$(FG_RM_MODELS),$(FG_RM)/$(m)/model/fg_reward_config.json)
-fg-rm: deps $(FG_RM_DEPS)
+fg-rm: deps $(FG_RM_DEPS) ## FGAIF: object / attribute / relation reward models on FG_SOURCE's labels -> runs/<RUN>/fg-rm
 $(FG_RM)/%/model/fg_reward_config.json: $(OUT)/feedback/$(FG_SOURCE)/manifest.json $(OUT)/feedback-val/oracle/manifest.json \
-    $(OUT)/sft/model/config.json configs/fg_rm/tiny.yaml mmalign/methods/fg_reward.py
+    $(OUT)/sft/model/config.json configs/fg_rm/tiny.yaml $(FG_RM_SRC)
 	$(FIT) --config configs/fg_rm/tiny.yaml $(call OVERLAY,fg-rm) --seed_everything $(SEED) \
 	  --trainer.default_root_dir $(FG_RM)/$* $(if $(FG_RM_STEPS),--trainer.max_steps $(FG_RM_STEPS)) \
 	  --model.init_args.policy.init_args.path $(OUT)/sft/model \
@@ -381,7 +429,7 @@ $(FG_RM)/%/model/fg_reward_config.json: $(OUT)/feedback/$(FG_SOURCE)/manifest.js
 	  --data.init_args.data_root $(OUT)/data
 # Precision / recall / F1 of "hallucinated" per type on the held-out (val-scene) responses vs the oracle.
 FG_RM_EVAL := $(FG_RM)/eval$(if $(FG_RM_SHARED),-shared)
-fg-rm-eval: deps $(FG_RM_EVAL)/manifest.json
+fg-rm-eval: deps $(FG_RM_EVAL)/manifest.json ## precision / recall / F1 of "hallucinated" per type on the held-out responses
 	@head -12 $(FG_RM_EVAL)/report.md
 $(FG_RM_EVAL)/manifest.json: $(FG_RM_DEPS) $(OUT)/feedback-val/oracle/manifest.json data_pipelines/fg_rm_eval.py
 	$(TIMED) $(PY) -m data_pipelines.fg_rm_eval --models $(foreach t,$(FG_TYPES),$(t)=$(call FG_RM_PATH,$(t))) \
@@ -392,13 +440,17 @@ $(FG_RM_EVAL)/manifest.json: $(FG_RM_DEPS) $(OUT)/feedback-val/oracle/manifest.j
 FGAIF_ARGS = --data.init_args.train_file $(OUT)/data/train/sft.jsonl --data.init_args.data_root $(OUT)/data \
   --model.init_args.reward_models '{"object": "$(call FG_RM_PATH,object)", "attribute": "$(call FG_RM_PATH,attribute)", \
   "relation": "$(call FG_RM_PATH,relation)"}'
-$(eval $(call fit_policy,fgaif,configs/fgaif/tiny.yaml,$(FG_RM_DEPS) mmalign/methods/fgaif.py mmalign/losses/ppo.py,$(FGAIF_ARGS)))
-$(eval $(call fit_policy,fgaif-seq,configs/fgaif/tiny.yaml,$(FG_RM_DEPS) mmalign/methods/fgaif.py mmalign/losses/ppo.py,$(FGAIF_ARGS) --model.init_args.reward_placement sequence))
+fgaif: ## PPO with dense segment rewards from the three reward models -> runs/<RUN>/fgaif/model
+$(eval $(call fit_policy,fgaif,configs/fgaif/tiny.yaml,$(FG_RM_DEPS) $(FGAIF_SRC),$(FGAIF_ARGS)))
+fgaif-seq: ## the sequence-level-reward ablation (the same total reward on the last token)
+$(eval $(call fit_policy,fgaif-seq,configs/fgaif/tiny.yaml,$(FG_RM_DEPS) $(FGAIF_SRC),$(FGAIF_ARGS) --model.init_args.reward_placement sequence))
 # Control: the same PPO with the oracle's segment labels as rewards (perfect reward models).
-$(eval $(call fit_policy,fgaif-oracle,configs/fgaif/tiny.yaml,$(OUT)/data/manifest.json mmalign/methods/fgaif.py mmalign/losses/ppo.py,\
+fgaif-oracle: ## control: the same PPO with the oracle's segment labels as rewards (perfect reward models)
+$(eval $(call fit_policy,fgaif-oracle,configs/fgaif/tiny.yaml,$(OUT)/data/manifest.json $(FGAIF_SRC),\
   --data.init_args.train_file $(OUT)/data/train/sft.jsonl --data.init_args.data_root $(OUT)/data \
   --model.init_args.reward_models '{"object": "oracle"$(comma) "attribute": "oracle"$(comma) "relation": "oracle"}'))
 FGAIF_RUNS = sft sft-continued fgaif-seq fgaif fgaif-oracle
+eval-fgaif: ## SFT, SFT-continued, sequence-reward PPO, FGAIF, oracle-reward PPO side by side -> runs/<RUN>/eval/compare-fgaif
 eval-fgaif: deps $(foreach r,$(FGAIF_RUNS),$(OUT)/eval/$(r)/metrics.json)
 	$(EVAL_COMPARE) $(foreach r,$(FGAIF_RUNS),$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-fgaif
 	@head -12 $(OUT)/eval/compare-fgaif/compare.md
@@ -410,10 +462,13 @@ eval-fgaif: deps $(foreach r,$(FGAIF_RUNS),$(OUT)/eval/$(r)/metrics.json)
 # something to fix (response, the oracle's refinement, the SFT policy's revision judged again; every
 # revision kept with its own condition). Score = mean of the oracle's faithfulness and helpfulness,
 # so a revision that drops everything does not pass as "good".
+## whose feedback nlf turns into records
 NLF_SOURCE ?= oracle
+## SFT revisions per refinement episode
 NLF_REVISIONS ?= 1
+## the score that splits "Answer quality: bad." from "good." (nlf and dress)
 NLF_THRESHOLD ?= 0.6
-nlf: deps $(OUT)/nlf/manifest.json
+nlf: deps $(OUT)/nlf/manifest.json ## DRESS: critique examples + refinement episodes with conditions -> runs/<RUN>/nlf
 $(OUT)/nlf/manifest.json: $(OUT)/feedback/$(NLF_SOURCE)/manifest.json $(OUT)/sft/model/config.json \
     $(OUT)/data/manifest.json data_pipelines/nlf.py mmalign/conditions.py mmalign/oracle.py
 	$(TIMED) $(PY) -m data_pipelines.nlf --feedback $(OUT)/feedback/$(NLF_SOURCE) --data $(OUT)/data \
@@ -421,27 +476,31 @@ $(OUT)/nlf/manifest.json: $(OUT)/feedback/$(NLF_SOURCE)/manifest.json $(OUT)/sft
 	  --score-weights faithfulness=1,helpfulness=1 --thresholds $(NLF_THRESHOLD)
 
 # DRESS's released NLF data (unzipped YangyiYY/LVLM_NLF) + COCO train2017 images.
+## dress-import: the unzipped LVLM_NLF folder
 DRESS ?= data/LVLM_NLF
+## dress-import: the COCO train2017 images
 COCO_TRAIN ?= $(DRESS)/train2017
-dress-import: deps
+dress-import: deps ## DRESS's released NLF data (DRESS=<folder>) -> runs/<RUN>/dress/import
 	$(TIMED) $(PY) -m data_pipelines.import_dress --input $(DRESS) --images $(COCO_TRAIN) \
 	  --out $(OUT)/dress/import --val-fraction 0.05 --on-error skip
 
 # Conditional RL from the SFT model (configs/dress/tiny.yaml; the condition scheme must match nlf's).
-$(eval $(call fit_policy,dress,configs/dress/tiny.yaml,$(OUT)/nlf/manifest.json mmalign/methods/dress.py,\
+dress: ## conditional RL from the SFT model (configs/dress/tiny.yaml) -> runs/<RUN>/dress/model
+$(eval $(call fit_policy,dress,configs/dress/tiny.yaml,$(OUT)/nlf/manifest.json $(DRESS_SRC),\
   --data.init_args.train_file $(OUT)/nlf/train/sft.jsonl --data.init_args.val_file $(OUT)/nlf/val/sft.jsonl \
   --data.init_args.data_root $(OUT)/data --model.init_args.condition_thresholds '[$(NLF_THRESHOLD)]'))
 
 # Held-out evaluation (a DRESS model is asked with its best condition, read from its folder), and the
-# refinement benchmark: answer, get the oracle's refinement, answer again (2 turns, 200 test scenes).
+# refinement benchmark: answer, get the oracle's refinement, answer again (REFINE_OPTS, per scale
+# above: 2 turns on 50 test scenes at SCALE=quick, 200 at full).
 REFINE = $(TIMED) $(PY) -m data_pipelines.refine_bench
-REFINE_OPTS ?= --limit 200 --turns 2
 $(OUT)/refine/%/manifest.json: $(OUT)/%/model/config.json $(OUT)/data/manifest.json data_pipelines/refine_bench.py \
     mmalign/oracle.py mmalign/conditions.py
 	$(REFINE) --model $(OUT)/$*/model --data $(OUT)/data --split test $(REFINE_OPTS) --out $(OUT)/refine/$*
-refine-bench-%: deps $(OUT)/refine/%/manifest.json
+refine-bench-%: deps $(OUT)/refine/%/manifest.json ## the refinement benchmark of one run: make refine-bench-<run>
 	@cat $(OUT)/refine/$*/report.md
 DRESS_RUNS = sft sft-continued dress
+eval-dress: ## SFT, SFT-continued, DRESS (its best condition) + the refinement benchmark, side by side
 eval-dress: deps $(foreach r,$(DRESS_RUNS),$(OUT)/eval/$(r)/metrics.json $(OUT)/refine/$(r)/manifest.json)
 	$(EVAL_COMPARE) $(foreach r,$(DRESS_RUNS),$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-dress
 	$(REFINE) compare $(foreach r,$(DRESS_RUNS),$(OUT)/refine/$(r)) --names $(DRESS_RUNS) --out $(OUT)/refine/compare
@@ -451,13 +510,14 @@ eval-dress: deps $(foreach r,$(DRESS_RUNS),$(OUT)/eval/$(r)/metrics.json $(OUT)/
 
 # Retrieval recall@10 and latency of IVF and HNSW against exact flat search and NumPy brute force,
 # 100k x 128 vectors (~70 s on 2 cores) -> benchmarks/results/index-<date>.{md,json}
-bench-index: deps
+bench-index: deps ## FAISS IVF / HNSW recall@10 and latency vs exact and NumPy -> benchmarks/results/
 	$(PY) benchmarks/bench_index.py
 
 # DPO training throughput and peak memory, mmalign vs TRL's DPOTrainer on the same tiny LLaVA, data
 # and batch, each variant in its own process; loss agreement checked to 1e-4 (trl comes with
 # `make install`, the "bench" extra). Writes benchmarks/results/dpo-<date>.{md,json} with the machine and the date.
-bench: bench-dpo bench-index
+bench: bench-dpo bench-index ## both benchmarks
+bench-dpo: ## DPO pairs/s and peak memory vs TRL's DPOTrainer -> benchmarks/results/
 bench-dpo: deps $(OUT)/sft/model/config.json $(OUT)/sample/manifest.json
 	$(PY) benchmarks/bench_dpo.py --model $(OUT)/sft/model --responses $(OUT)/sample/responses.jsonl --data-root $(OUT)/data
 
@@ -471,20 +531,21 @@ ABLATION_RUNS = dpo realign-text fgaif-seq fgaif-oracle
 REFINE_RUNS = sft sft-continued dress
 STAGES = data $(if $(MODEL),,vision tiny-model) sft judge sample feedback prefs index rm rm-score ref-logps \
   sft-continued mmdpo realign-data realign sample-val feedback-val fg-rm fg-rm-eval fgaif nlf dress
-demo: $(STAGES) report
+demo: $(STAGES) report ## every stage of the core pipeline, then the report (SCALE=quick ~28 min on 2 cores; full ~1 h)
 	@echo "demo done ($(SCALE) scale): $(OUT)/report.md (report-metrics.png, report-training.png beside it)"
 
+ablations: ## plain DPO, text-only rDPO, sequence-reward PPO, oracle-reward PPO (+ evaluations, report)
 ablations: deps $(foreach r,$(ABLATION_RUNS),$(OUT)/eval/$(r)/metrics.json)
 	@# a fresh make sees the new evaluations and adds them to the report
 	@$(MAKE) --no-print-directory report
 
-# The SCALE=full demo plus the ablations: the numbers in the README's method sections.
-demo-full:
+# The SCALE=full demo plus the ablations: the numbers of docs/RESULTS.md's method sections.
+demo-full: ## SCALE=full demo + ablations -> runs/demo-full
 	$(MAKE) demo ablations SCALE=full
 
 # One report: the table (every method vs SFT and SFT-continued, 95% intervals), the refinement
 # benchmark, wall time per stage (timings.jsonl), plots of the metrics and the training curves.
-report: deps $(OUT)/report.md
+report: deps $(OUT)/report.md ## every method vs SFT and SFT-continued, refinement, reward models, wall times -> runs/<RUN>/report.md
 	@sed -n '1,/^## /p' $(OUT)/report.md | head -40
 $(OUT)/report.md: $(foreach r,$(CORE_RUNS),$(OUT)/eval/$(r)/metrics.json) \
     $(foreach r,$(REFINE_RUNS),$(OUT)/refine/$(r)/manifest.json) $(OUT)/fg-rm/$(FG_SOURCE)/eval/manifest.json \
@@ -494,10 +555,11 @@ $(OUT)/report.md: $(foreach r,$(CORE_RUNS),$(OUT)/eval/$(r)/metrics.json) \
 
 # The same stages on a real checkpoint: make pipeline MODEL=llava-1.5-7b-qlora BASE=<checkpoint folder>
 # (configs/models/<MODEL>/; a CUDA GPU). DRY_RUN=1 checks the configs and prints the stage plan.
+## pipeline: 1 = check every config and print the stage plan, run nothing
 DRY_RUN ?=
 # A GPU run takes the configs' own step counts unless SCALE is given.
 PIPELINE_SCALE = $(if $(filter command line,$(origin SCALE)),$(SCALE),full)
-pipeline:
+pipeline: ## the same stages on a real checkpoint: MODEL=<profile> BASE=<folder> [DRY_RUN=1]
 	@test -n "$(MODEL)" || { echo "usage: make pipeline MODEL=<$(notdir $(wildcard configs/models/*))> BASE=<checkpoint> [DRY_RUN=1]"; exit 2; }
 	@test -f $(MODEL_DIR)/common.yaml || { echo "no configs/models/$(MODEL)/common.yaml (have: $(notdir $(wildcard configs/models/*)))"; exit 2; }
 	$(PY) -m mmalign.plan --model $(MODEL) --base "$(BASE)" --run $(OUT) $(if $(DRY_RUN),--dry-run) \
@@ -505,11 +567,11 @@ pipeline:
 
 # --- tests ----------------------------------------------------------------------------------------
 
-test: deps
+test: deps ## the fast test suite
 	$(PY) -m pytest -q
 
-test-slow: deps
+test-slow: deps ## the slow tests (the whole demo + ablations, the pipeline dry runs)
 	$(PY) -m pytest -q -m slow
 
-clean:
+clean: ## delete runs/<RUN>
 	rm -rf runs/$(RUN)
