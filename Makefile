@@ -543,12 +543,20 @@ ablations: deps $(foreach r,$(ABLATION_RUNS),$(OUT)/eval/$(r)/metrics.json)
 demo-full: ## SCALE=full demo + ablations -> runs/demo-full
 	$(MAKE) demo ablations SCALE=full
 
+# The refinement comparison the report prints: the REFINE_RUNS side by side, each with its paired
+# difference from sft (refine_bench compare, as eval-dress runs it), into refine/compare/compare.json,
+# where data_pipelines.report looks by default (--refine-compare).
+refine-compare: deps $(OUT)/refine/compare/manifest.json ## the refinement benchmarks of the report's runs (REFINE_RUNS) side by side -> runs/<RUN>/refine/compare
+$(OUT)/refine/compare/manifest.json: $(foreach r,$(REFINE_RUNS),$(OUT)/refine/$(r)/manifest.json)
+	$(REFINE) compare $(foreach r,$(REFINE_RUNS),$(OUT)/refine/$(r)) --names $(REFINE_RUNS) --out $(OUT)/refine/compare
+
 # One report: the table (every method vs SFT and SFT-continued, 95% intervals), the refinement
 # benchmark, wall time per stage (timings.jsonl), plots of the metrics and the training curves.
 report: deps $(OUT)/report.md ## every method vs SFT and SFT-continued, refinement, reward models, wall times -> runs/<RUN>/report.md
 	@sed -n '1,/^## /p' $(OUT)/report.md | head -40
 $(OUT)/report.md: $(foreach r,$(CORE_RUNS),$(OUT)/eval/$(r)/metrics.json) \
-    $(foreach r,$(REFINE_RUNS),$(OUT)/refine/$(r)/manifest.json) $(OUT)/fg-rm/$(FG_SOURCE)/eval/manifest.json \
+    $(foreach r,$(REFINE_RUNS),$(OUT)/refine/$(r)/manifest.json) $(OUT)/refine/compare/manifest.json \
+    $(OUT)/fg-rm/$(FG_SOURCE)/eval/manifest.json \
     $(wildcard $(foreach r,$(ABLATION_RUNS),$(OUT)/eval/$(r)/metrics.json)) data_pipelines/report.py
 	$(TIMED) $(PY) -m data_pipelines.report --run $(OUT) --scale $(SCALE) --runs $(CORE_RUNS) \
 	  --ablations $(ABLATION_RUNS) --refine $(REFINE_RUNS)
