@@ -216,7 +216,7 @@ def test_sft_trains_under_lightning_ddp_and_rank_0_exports_once(world, model_dir
             "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
             "--model.init_args.policy.init_args.path", str(model_dirs["llava"]),
-            "--model.init_args.export_dir", str(tmp_path / "model"),
+            "--model.init_args.export.dir", str(tmp_path / "model"),
             "--data.init_args.train_file", str(world / "train/sft.jsonl"),
             "--data.init_args.val_file", str(world / "val/sft.jsonl"),
             "--data.init_args.data_root", str(world), "--data.init_args.batch_size", "4"]

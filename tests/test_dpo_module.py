@@ -186,7 +186,7 @@ def test_mmdpo_trains_through_the_cli_and_logs_the_probe(world, model_dirs, tmp_
                     "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
                     "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
                     "--model.init_args.policy.init_args.path", str(model_dirs["llava"]),
-                    "--model.init_args.export_dir", str(tmp_path / "model"),
+                    "--model.init_args.export.dir", str(tmp_path / "model"),
                     "--model.init_args.probe_file", str(world / "val/sft.jsonl"),
                     "--model.init_args.probe_every", "2", "--model.init_args.probe_size", "4",
                     "--model.init_args.reference", "on_the_fly",

@@ -87,7 +87,7 @@ def _fit_args(world, model, data, root, *extra):
     return ["fit", "--config", str(ROOT / "configs/dress/tiny.yaml"), "--trainer.default_root_dir", str(root),
             "--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "2",
             "--trainer.limit_val_batches", "1",
-            "--model.init_args.policy.init_args.path", str(model), "--model.init_args.export_dir", str(root / "model"),
+            "--model.init_args.policy.init_args.path", str(model), "--model.init_args.export.dir", str(root / "model"),
             "--data.init_args.train_file", str(data), "--data.init_args.val_file", str(data),
             "--data.init_args.data_root", str(world), "--data.init_args.batch_size", "4", *extra]
 

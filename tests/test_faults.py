@@ -107,7 +107,7 @@ def fit_args(method: str, world: Path, model: Path, root: Path, pairs: Path | No
               "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1",
               "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
               "--model.init_args.policy.init_args.path", str(model),
-              "--model.init_args.export_dir", str(root / "model"),
+              "--model.init_args.export.dir", str(root / "model"),
               "--data.init_args.data_root", str(world), "--data.init_args.batch_size", str(BATCH),
               "--data.init_args.limit", str(N_EXAMPLES)]
     if method == "sft":  # tiny.yaml keeps its task_weights: the weighted (with replacement) sampler

@@ -69,7 +69,7 @@ def fit_args(world: Path, model: Path, fb: dict, root: Path, *extra: str) -> lis
             "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
             "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
             "--model.init_args.policy.init_args.path", str(model),
-            "--model.init_args.export_dir", str(root / "model"),
+            "--model.init_args.export.dir", str(root / "model"),
             "--data.init_args.train_file", str(fb["train"]), "--data.init_args.val_file", str(fb["val"]),
             "--data.init_args.data_root", str(world), "--data.init_args.batch_size", "4", *extra]
 

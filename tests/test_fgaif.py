@@ -156,7 +156,8 @@ def test_rollout_places_the_segment_rewards_and_conserves_them(model_dirs, place
 
 def test_ppo_iteration_updates_the_policy_and_first_ratio_is_one(model_dirs):
     torch.manual_seed(0)
-    mod = make_module(model_dirs, max_new_tokens=16, minibatch_size=4, ppo_epochs=1, lr=1e-3)
+    mod = make_module(model_dirs, max_new_tokens=16, minibatch_size=4, ppo_epochs=1,
+                      optim=FGAIFModule.optim_defaults(lr=1e-3))
     batch = VisionChatCollator(mod.policy.processor, mode="generate")(prompts(3))
     ro = mod.rollout(batch)
     # before any update the policy reproduces the rollout's log-probs: ratio 1 everywhere
@@ -196,7 +197,8 @@ def test_training_steps_run_ppo_and_log_the_step_split(model_dirs, tmp_path):
     import lightning as L
 
     torch.manual_seed(0)
-    mod = make_module(model_dirs, max_new_tokens=12, minibatch_size=3, ppo_epochs=2, lr=1e-3)
+    mod = make_module(model_dirs, max_new_tokens=12, minibatch_size=3, ppo_epochs=2,
+                      optim=FGAIFModule.optim_defaults(lr=1e-3))
     before = [p.detach().clone() for p in mod.policy.trainable_parameters()]
     loader = torch.utils.data.DataLoader(_Prompts(6), batch_size=3,
                                          collate_fn=VisionChatCollator(mod.policy.processor, mode="generate"))
@@ -236,7 +238,7 @@ def test_fgaif_trains_through_the_cli_exports_and_resumes(world, model_dirs, tmp
                          "--trainer.callbacks", ('[{"class_path": "ModelCheckpoint", '
                          '"init_args": {"every_n_train_steps": 2, "save_last": true}}]'),
                          "--model.init_args.policy.init_args.path", str(model_dirs["llava"]),
-                         "--model.init_args.export_dir", str(tmp_path / "ppo/model"),
+                         "--model.init_args.export.dir", str(tmp_path / "ppo/model"),
                          "--model.init_args.reward_models", rms, "--model.init_args.max_new_tokens", "12",
                          "--model.init_args.minibatch_size", "4",
                          "--data.init_args.train_file", str(world / "train/sft.jsonl"),

@@ -132,7 +132,7 @@ def test_rdpo_trains_through_the_cli(world, model_dirs, tmp_path):
                     "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
                     "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
                     "--model.init_args.policy.init_args.path", str(model_dirs["llava"]),
-                    "--model.init_args.export_dir", str(tmp_path / "model"),
+                    "--model.init_args.export.dir", str(tmp_path / "model"),
                     "--model.init_args.probe_file", "null",
                     "--data.init_args.train_file", str(pairs), "--data.init_args.val_file", str(pairs),
                     "--data.init_args.data_root", str(world), "--data.init_args.batch_size", "4"])

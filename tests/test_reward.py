@@ -158,7 +158,7 @@ def rm_args(config: str, world: Path, model: Path, pairs: Path, root: Path, *ext
             "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
             "--model.init_args.policy.init_args.path", str(model),
-            "--model.init_args.export_dir", str(root / "model"),
+            "--model.init_args.export.dir", str(root / "model"),
             "--data.init_args.train_file", str(pairs), "--data.init_args.val_file", str(pairs),
             "--data.init_args.data_root", str(world), "--data.init_args.batch_size", "2", *extra]
 

@@ -42,7 +42,7 @@ def fit_args(world: Path, model: Path, root: Path, *extra: str) -> list[str]:
             "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
             "--model.init_args.policy.init_args.path", str(model),
-            "--model.init_args.export_dir", str(root / "model"),
+            "--model.init_args.export.dir", str(root / "model"),
             "--data.init_args.train_file", str(world / "train/sft.jsonl"),
             "--data.init_args.val_file", str(world / "val/sft.jsonl"),
             "--data.init_args.data_root", str(world),

@@ -80,13 +80,14 @@ def test_unknown_normalisation_is_refused():
 def test_module_option_is_a_hyperparameter():
     """The option reaches ``hparams`` through PolicyModule's save_hyperparameters (so it lands in
     checkpoints) and the module uses it."""
+    from mmalign.methods.base import OptimArgs
     from mmalign.methods.sft import SFTModule
 
     class Stub(torch.nn.Module):
         pass
 
-    m = SFTModule(Stub(), loss_normalization="example", lr=2e-3)
-    assert m.hparams.loss_normalization == "example" and m.hparams.lr == 2e-3
+    m = SFTModule(Stub(), loss_normalization="example", optim=OptimArgs(lr=2e-3))
+    assert m.hparams.loss_normalization == "example" and m.hparams.optim["lr"] == 2e-3
     assert SFTModule(Stub()).hparams.loss_normalization == "token"
     with pytest.raises(ValueError, match="loss_normalization"):
         SFTModule(Stub(), loss_normalization="sequence")
@@ -100,7 +101,7 @@ def test_config_key_is_type_checked(tmp_path):
 
     text = (Path(__file__).resolve().parents[1] / "configs/sft/tiny.yaml").read_text()
     text = "\n".join(line for line in text.splitlines() if "loss_normalization" not in line)
-    text = text.replace("    lr: 0.001", "    lr: 0.001\n    loss_normalization: NORM")
+    text = text.replace("    optim:", "    loss_normalization: NORM\n    optim:")
     for norm in ("token", "example"):
         (tmp_path / "ok.yaml").write_text(text.replace("NORM", norm))
         check_config(str(tmp_path / "ok.yaml"))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import lightning as L
 import torch
@@ -46,27 +50,89 @@ def global_denominator(local: torch.Tensor, min_total: float = 0.0) -> torch.Ten
     return total.clamp(min=min_total) / w
 
 
+@dataclass(frozen=True)
+class OptimArgs:
+    """The optimiser of every method: AdamW (betas 0.9, 0.95) with linear warm-up and cosine decay
+    (YAML ``model.init_args.optim``; a config may give some fields, the others keep the
+    method's defaults). Frozen, so an instance is a safe default argument: each method's
+    signature holds its own defaults as one (``optim: OptimArgs = OptimArgs(lr=5e-6, ...)``).
+
+    Args:
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay (not applied to biases and norms: 1-D parameters).
+        warmup_steps: linear warm-up from 0 to ``lr`` over this many optimiser steps.
+        min_lr_ratio: cosine decay ends at ``lr * min_lr_ratio`` at the last step.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True)
+class ExportArgs:
+    """Where the trained model goes when training ends (YAML ``model.init_args.export``).
+
+    Args:
+        dir: folder the trained policy is written to in Hugging Face format (atomically: a
+            killed export never leaves a half model); None = no export.
+        merge_lora: merge LoRA into the weights on export (True) or save the adapter only.
+    """
+
+    dir: str | None = None
+    merge_lora: bool = True
+
+
+def _as(cls: type, value: Any, name: str) -> Any:
+    """``value`` as a ``cls`` instance: as given (the CLI and Python callers), or from a mapping
+    (hyperparameters read back from a checkpoint by ``load_from_checkpoint``)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return cls(**value)
+    raise TypeError(f"{name} must be an {cls.__name__} (or a mapping of its fields), got {type(value).__name__}")
+
+
 class PolicyModule(L.LightningModule):
     """Holds the policy; AdamW with linear warm-up and cosine decay; exports at the end.
 
     Args:
         policy: the model to train (``class_path: models.policy.HFPolicy`` in configs).
-        lr: peak learning rate.
-        weight_decay: AdamW weight decay (not applied to biases and norms).
-        warmup_steps: linear warm-up from 0 to ``lr``.
-        min_lr_ratio: cosine decay ends at ``lr * min_lr_ratio`` at the last step.
-        export_dir: where the trained policy is written in Hugging Face format when training
-            ends (atomically: a killed export never leaves a half model); None = no export.
-        merge_lora: merge LoRA into the weights on export (True) or save the adapter only.
+        optim: learning rate, weight decay and schedule (:class:`OptimArgs`); each method has
+            its own defaults.
+        export: where and how the trained policy is written (:class:`ExportArgs`).
+
+    The hyperparameters (``self.hparams``, checkpoints) hold ``optim`` and ``export`` as plain
+    dicts of their fields; the module reads them as ``self.optim`` and ``self.export_args``.
     """
 
-    def __init__(self, policy: Policy, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 20,
-                 min_lr_ratio: float = 0.1, export_dir: str | None = None, merge_lora: bool = True):
+    def __init__(self, policy: Policy, optim: OptimArgs = OptimArgs(), export: ExportArgs = ExportArgs()):
         super().__init__()
         self.policy = policy
+        self.optim: OptimArgs = _as(OptimArgs, optim, "optim")
+        self.export_args: ExportArgs = _as(ExportArgs, export, "export")
         # The policy is rebuilt from the YAML config (LightningCLI saves config.yaml beside the
         # logs); pickling a whole model into hparams would break weights_only checkpoint loads.
         self.save_hyperparameters(ignore=["policy"])
+        # Plain dicts in hparams whoever built the module (LightningCLI records the config's
+        # dicts, a Python caller the dataclasses): checkpoints stay loadable with weights_only.
+        self.hparams["optim"] = asdict(self.optim)
+        self.hparams["export"] = asdict(self.export_args)
+
+    @classmethod
+    def optim_defaults(cls, **changes: Any) -> OptimArgs:
+        """This method's default :class:`OptimArgs` with ``changes``: what a Python caller passes
+        to change one field and keep the method's others (``OptimArgs(lr=...)`` alone takes the
+        generic defaults; a YAML or command-line ``optim.lr`` keeps the method's by itself)."""
+        default = inspect.signature(cls).parameters["optim"].default
+        return replace(default, **changes)
 
     def extra_parameter_groups(self) -> list[tuple[list[torch.nn.Parameter], float]]:
         """Trainable parameters outside the policy (score heads, value models), as ``(params,
@@ -75,25 +141,25 @@ class PolicyModule(L.LightningModule):
         return []
 
     def configure_optimizers(self):
-        hp = self.hparams
+        o = self.optim
         groups = []
-        for params, lr in [(list(self.policy.trainable_parameters()), hp.lr), *self.extra_parameter_groups()]:
-            groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay, "lr": lr},
+        for params, lr in [(list(self.policy.trainable_parameters()), o.lr), *self.extra_parameter_groups()]:
+            groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay, "lr": lr},
                        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.95))
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=(0.9, 0.95))
         total = max(1, int(self.trainer.estimated_stepping_batches))
 
         def schedule(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / (hp.warmup_steps + 1)
-            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            if step < o.warmup_steps:
+                return (step + 1) / (o.warmup_steps + 1)
+            progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.export_dir and self._trainer is not None:
+        if stage == "fit" and self.export_args.dir and self._trainer is not None:
             check_export_strategy(self.trainer.strategy)
 
     def on_fit_end(self) -> None:
@@ -104,12 +170,12 @@ class PolicyModule(L.LightningModule):
             # A smoke run must never leave a model where the next stage would take it as trained.
             print("fast_dev_run: export skipped")
             return
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            self.export(self.hparams.export_dir)
+        if self.export_args.dir and self.trainer.is_global_zero:
+            self.export(self.export_args.dir)
 
     def export(self, out_dir: str) -> None:
         """Write what the next stage loads (the policy; reward models add their heads)."""
-        export_policy(self.policy, out_dir, self.hparams.merge_lora)
+        export_policy(self.policy, out_dir, self.export_args.merge_lora)
 
 
 def check_export_strategy(strategy) -> None:
@@ -119,14 +185,14 @@ def check_export_strategy(strategy) -> None:
     rank skips it). Under DDP and DeepSpeed ZeRO 1/2 every rank holds all the weights, so that
     is the whole model. Under FSDP and ZeRO 3 each rank holds a shard: FSDP's state_dict is a
     collective that rank 0 alone would wait on forever, and ZeRO 3's local parameters are empty
-    placeholders. Train those with ``export_dir: null`` and keep Lightning's checkpoints.
+    placeholders. Train those with ``export: {dir: null}`` and keep Lightning's checkpoints.
     """
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
     if isinstance(strategy, FSDPStrategy) or (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3):
-        raise ValueError(f"export_dir is set but {type(strategy).__name__} shards the weights across ranks, and the "
+        raise ValueError(f"export.dir is set but {type(strategy).__name__} shards the weights across ranks, and the "
                          "export saves rank 0's copy only: use DDP or DeepSpeed stage 1/2 to export, or set "
-                         "model.init_args.export_dir null and keep the checkpoints")
+                         "model.init_args.export.dir null and keep the checkpoints")
 
 
 def export_policy(policy: Policy, out_dir: str, merge_lora: bool = True, heads: torch.nn.Module | None = None,

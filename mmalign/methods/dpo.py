@@ -46,7 +46,7 @@ from mmalign.losses.dpo import (
     ipo_loss,
     nll_anchored_dpo_loss,
 )
-from mmalign.methods.base import PolicyModule, global_denominator
+from mmalign.methods.base import OptimArgs, PolicyModule, global_denominator
 from mmalign.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def pair_sums(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, to
 
 class DPOModule(PolicyModule):
     """DPO-family training of ``policy`` on preference pairs (see the module docstring; the
-    optimiser and export options are PolicyModule's).
+    export option is PolicyModule's).
 
     Args:
         loss_type: "sigmoid" (DPO), "ipo" or "nll" (DPO + nll_alpha x mean NLL of the chosen answer).
@@ -85,15 +85,16 @@ class DPOModule(PolicyModule):
         probe_every: probe every this many optimizer steps.
         probe_max_new_tokens: generation budget per probe answer.
         on_collapse: "warn" (log and go on) or "stop" training when the probe flags a collapse.
+        optim: the optimiser (:class:`~mmalign.methods.base.OptimArgs`; DPO's default lr 5e-6,
+            warm-up 10 steps).
     """
 
-    def __init__(self, policy: Policy, lr: float = 5e-6, weight_decay: float = 0.0, warmup_steps: int = 10,
-                 min_lr_ratio: float = 0.1, export_dir: str | None = None, merge_lora: bool = True,
-                 loss_type: LossType = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
+    def __init__(self, policy: Policy, loss_type: LossType = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
                  nll_alpha: float = 1.0, drs_w: float = 0.0, drs_k: float = 1.0, drs_beta_min: float = 1e-3,
                  reference: ReferenceMode = "on_the_fly", probe_file: str | None = None,
                  probe_task: str | None = "detailed_caption", probe_size: int = 16, probe_every: int = 50,
-                 probe_max_new_tokens: int = 96, on_collapse: Literal["warn", "stop"] = "warn"):
+                 probe_max_new_tokens: int = 96, on_collapse: Literal["warn", "stop"] = "warn",
+                 optim: OptimArgs = OptimArgs(lr=5e-6, warmup_steps=10), **kwargs):  # noqa: B008
         if loss_type not in ("sigmoid", "ipo", "nll"):
             raise ValueError(f"loss_type must be 'sigmoid', 'ipo' or 'nll', not {loss_type!r}")
         if reference not in ("on_the_fly", "precomputed"):
@@ -102,8 +103,7 @@ class DPOModule(PolicyModule):
             raise ValueError(f"beta must be > 0, got {beta}")
         if drs_w and loss_type == "ipo":
             raise ValueError("Dynamic Reward Scaling scales DPO's beta; it is not defined for IPO (set drs_w: 0)")
-        super().__init__(policy, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         min_lr_ratio=min_lr_ratio, export_dir=export_dir, merge_lora=merge_lora)
+        super().__init__(policy, optim=optim, **kwargs)
         self._probe_batches: list[dict] | None = None
         self._probe_start: dict[str, float] | None = None
         self._ref_id: str | None = None

@@ -38,7 +38,7 @@ import torch
 
 from mmalign.conditions import CONDITION_FILE, ConditionScheme
 from mmalign.losses.dress import dress_loss, dress_loss_terms
-from mmalign.methods.base import export_policy, global_denominator
+from mmalign.methods.base import OptimArgs, export_policy, global_denominator
 from mmalign.methods.sft import SFTModule
 from mmalign.policy import Policy
 from mmalign.records import RecordError
@@ -57,15 +57,15 @@ class DRESSModule(SFTModule):
 
     The data are SFT records (``make nlf``) read with ``train_on: last``; every record's
     ``condition`` must be one of this scheme's texts (a record made with another scheme is an
-    error naming it). The other options are :class:`SFTModule`'s.
+    error naming it). ``optim`` defaults to lr 1e-4, warm-up 20 steps; the export option is
+    :class:`~mmalign.methods.base.PolicyModule`'s (``**kwargs``).
     """
 
     def __init__(self, policy: Policy, condition_thresholds: Sequence[float] = (0.75,),
                  condition_names: Sequence[str] = ("bad", "good"),
                  condition_template: str = "Answer quality: {name}.",
                  kind_weights: dict[str, float] | None = None,
-                 lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 20, min_lr_ratio: float = 0.1,
-                 export_dir: str | None = None, merge_lora: bool = True):
+                 optim: OptimArgs = OptimArgs(lr=1e-4, warmup_steps=20), **kwargs):  # noqa: B008
         scheme = ConditionScheme(tuple(condition_thresholds), tuple(condition_names), condition_template)
         weights = {"critique": 1.0, "refinement": 1.0} if kind_weights is None else dict(kind_weights)
         unknown = set(weights) - set(KINDS)
@@ -74,9 +74,7 @@ class DRESSModule(SFTModule):
         for k, v in weights.items():
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"kind_weights[{k}] must be a finite number >= 0, got {v}")
-        super().__init__(policy, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         min_lr_ratio=min_lr_ratio, export_dir=export_dir, merge_lora=merge_lora,
-                         loss_normalization="example")
+        super().__init__(policy, loss_normalization="example", optim=optim, **kwargs)
         self.scheme = scheme
         self.kind_weights = {k: weights.get(k, 0.0) for k in KINDS}
         self._texts = {self.scheme.text(n) for n in self.scheme.names}
@@ -114,5 +112,5 @@ class DRESSModule(SFTModule):
 
     def export(self, out_dir: str) -> None:
         # the scheme goes with the model: evaluation asks it with the best condition
-        export_policy(self.policy, out_dir, self.hparams.merge_lora, config=self.scheme.to_dict(),
+        export_policy(self.policy, out_dir, self.export_args.merge_lora, config=self.scheme.to_dict(),
                       config_file=CONDITION_FILE, what="dress")

@@ -74,7 +74,12 @@ from torch.utils.data import Dataset
 
 from mmalign.data import Loaders
 from mmalign.losses.fg import balanced_class_weights, fg_loss
-from mmalign.methods.base import PolicyModule, export_policy, global_denominator
+from mmalign.methods.base import (
+    OptimArgs,
+    PolicyModule,
+    export_policy,
+    global_denominator,
+)
 from mmalign.policy import Policy
 from mmalign.records import (
     AnnotatedResponse,
@@ -145,10 +150,12 @@ class FGRewardModule(PolicyModule):
             inverse frequency in the training labels, ``n / (3 * n_c)`` per type, because most
             labels are "n/a" (relation: ~99 % in the demo world) and an unweighted head learns
             to predict the majority class.
-        head_lr: learning rate of the heads, which start from scratch; None = ``lr``.
+        head_lr: learning rate of the heads, which start from scratch; None = ``optim.lr``.
+        optim: the optimiser (:class:`~mmalign.methods.base.OptimArgs`; default lr 1e-3, warm-up
+            20 steps).
 
-    The other options are :class:`PolicyModule`'s (lr, weight_decay, warmup_steps, min_lr_ratio,
-    export_dir, merge_lora); ``export_dir`` also receives the heads and ``fg_reward_config.json``.
+    The export option is :class:`PolicyModule`'s (``**kwargs``); ``export.dir`` also receives the
+    heads and ``fg_reward_config.json``.
     Logged: ``{train,val}/loss`` and per type ``{train,val}/<type>/loss`` and ``/accuracy``; at
     the end of each validation, per type ``val/<type>/precision``, ``/recall``, ``/f1`` of
     "hallucinated" from the epoch's confusion counts (not batch means).
@@ -156,15 +163,13 @@ class FGRewardModule(PolicyModule):
 
     def __init__(self, policy: Policy, types: list[str] = ["object"], class_weights: ClassWeights = "none",  # noqa: B006
                  head_lr: float | None = None,
-                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 20, min_lr_ratio: float = 0.1,
-                 export_dir: str | None = None, merge_lora: bool = True):
+                 optim: OptimArgs = OptimArgs(lr=1e-3, warmup_steps=20), **kwargs):  # noqa: B008
         types = check_types(types)
         if class_weights not in ("none", "balanced"):
             raise ValueError(f"class_weights must be 'none' or 'balanced', not {class_weights!r}")
         if head_lr is not None and not (math.isfinite(head_lr) and head_lr > 0):
             raise ValueError(f"head_lr must be a finite number > 0, got {head_lr}")
-        super().__init__(policy, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         min_lr_ratio=min_lr_ratio, export_dir=export_dir, merge_lora=merge_lora)
+        super().__init__(policy, optim=optim, **kwargs)
         hidden = getattr(policy, "hidden_size", None)
         if not isinstance(hidden, int):
             raise TypeError(f"{type(policy).__name__} has no integer `hidden_size`: the heads need the width of the "
@@ -204,7 +209,7 @@ class FGRewardModule(PolicyModule):
     def extra_parameter_groups(self) -> list[tuple[list[nn.Parameter], float]]:
         # the heads start from scratch: their own learning rate
         hp = self.hparams
-        return [(list(self.heads.parameters()), hp.head_lr if hp.head_lr is not None else hp.lr)]
+        return [(list(self.heads.parameters()), hp.head_lr if hp.head_lr is not None else self.optim.lr)]
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -260,7 +265,8 @@ class FGRewardModule(PolicyModule):
                 "score_position": SCORE_POSITION}
 
     def export(self, out_dir: str) -> None:
-        export_fg_reward_model(self.policy, self.heads, self.fg_reward_config(), out_dir, self.hparams.merge_lora)
+        export_fg_reward_model(self.policy, self.heads, self.fg_reward_config(), out_dir,
+                               self.export_args.merge_lora)
 
 
 def export_fg_reward_model(policy: Policy, heads: nn.ModuleDict, config: dict, out_dir: str,

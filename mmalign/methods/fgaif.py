@@ -61,7 +61,7 @@ from mmalign.losses.ppo import (
     token_rewards,
     whiten,
 )
-from mmalign.methods.base import PolicyModule
+from mmalign.methods.base import OptimArgs, PolicyModule
 from mmalign.ops import gather_logprobs
 from mmalign.policy import Policy
 from mmalign.rewards import RewardForm, SegmentItem, SegmentRewardModel
@@ -126,7 +126,7 @@ class FGAIFModule(PolicyModule):
         vf_coef: weight of the value loss.
         value_model: "separate" (a copy of the starting policy plus a head: the value loss never
             moves the policy) or "shared" (a head on the policy's hidden states; cheaper).
-        value_lr: learning rate of the value model and head; None = ``lr``.
+        value_lr: learning rate of the value model and head; None = ``optim.lr``.
         ppo_epochs: passes over each rollout (FGAIF's script: 2).
         minibatch_size: responses per optimiser step.
         samples_per_prompt: responses sampled per prompt of a rollout batch.
@@ -139,8 +139,10 @@ class FGAIFModule(PolicyModule):
         on_collapse: what to do when the rollouts' health (length, distinct-2, loops, empties)
             degrades against the first rollout (:func:`mmalign.methods.dpo.collapsed`): "warn"
             or "stop".
+        optim: the optimiser (:class:`~mmalign.methods.base.OptimArgs`; default lr 1e-5, no
+            warm-up, ``min_lr_ratio`` 1.0: a constant learning rate).
 
-    The other options are :class:`PolicyModule`'s; the export holds the policy only.
+    The export option is :class:`PolicyModule`'s (``**kwargs``); the export holds the policy only.
     """
 
     def __init__(self, policy: Policy, reward_models: dict[str, str],
@@ -153,8 +155,7 @@ class FGAIFModule(PolicyModule):
                  temperature: float = 1.0, top_p: float = 1.0, whiten_rewards: bool = False,
                  max_grad_norm: float = 1.0, reward_batch_size: int = 32,
                  on_collapse: Literal["warn", "stop"] = "warn",
-                 lr: float = 1e-5, weight_decay: float = 0.0, warmup_steps: int = 0, min_lr_ratio: float = 1.0,
-                 export_dir: str | None = None, merge_lora: bool = True):
+                 optim: OptimArgs = OptimArgs(lr=1e-5, warmup_steps=0, min_lr_ratio=1.0), **kwargs):  # noqa: B008
         if not reward_models:
             raise ValueError("reward_models is empty: name at least one of object / attribute / relation")
         unknown = set(reward_models) - set(HALLUCINATION_TYPES)
@@ -182,8 +183,7 @@ class FGAIFModule(PolicyModule):
                         ("samples_per_prompt", samples_per_prompt), ("max_new_tokens", max_new_tokens)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
-        super().__init__(policy, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         min_lr_ratio=min_lr_ratio, export_dir=export_dir, merge_lora=merge_lora)
+        super().__init__(policy, optim=optim, **kwargs)
         self.automatic_optimization = False
         self.weights = weights
         hidden = getattr(policy, "hidden_size", None)
@@ -252,7 +252,7 @@ class FGAIFModule(PolicyModule):
         params = list(self.value_head.parameters())
         if self.value_backbone is not None:
             params += list(self.value_backbone.trainable_parameters())
-        return [(params, hp.value_lr if hp.value_lr is not None else hp.lr)]
+        return [(params, hp.value_lr if hp.value_lr is not None else self.optim.lr)]
 
     # -- rollout and rewards ---------------------------------------------------------------------
 

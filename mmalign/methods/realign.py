@@ -14,18 +14,19 @@ same data, the ablation the paper makes.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from mmalign.losses.rdpo import RDPOOutput, rdpo_loss
-from mmalign.methods.dpo import DPOModule, ReferenceMode, pair_sums
+from mmalign.methods.base import OptimArgs
+from mmalign.methods.dpo import DPOModule, pair_sums
 from mmalign.policy import Policy
 
 
 class RealignModule(DPOModule):
-    """rDPO training of ``policy`` on visual preference pairs (see DPOModule for the optimiser,
-    reference, probe and export options; ``beta`` is rDPO's one beta).
+    """rDPO training of ``policy`` on visual preference pairs.
+
+    DPOModule's reference, probe and export options (``beta``: rDPO's one beta) pass through
+    ``**kwargs`` with DPOModule's defaults; the optimiser has Re-Align's.
 
     Args:
         text_weight: weight of the text term (same image, chosen over rejected answer).
@@ -35,22 +36,22 @@ class RealignModule(DPOModule):
             Re-Align's released code).
         anchor_delta: the anchor's delta.
         nll_weight: weight of the chosen answer's mean NLL (0 in Re-Align's released runs).
+        optim: the optimiser (:class:`~mmalign.methods.base.OptimArgs`; Re-Align's default lr
+            1e-4, warm-up 10 steps).
     """
 
-    def __init__(self, policy: Policy, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 10,
-                 min_lr_ratio: float = 0.1, export_dir: str | None = None, merge_lora: bool = True,
-                 beta: float = 0.1, text_weight: float = 1.0, visual_weight: float = 1.0,
+    def __init__(self, policy: Policy, text_weight: float = 1.0, visual_weight: float = 1.0,
                  anchor_weight: float = 0.0, anchor_delta: float = 0.0, nll_weight: float = 0.0,
-                 reference: ReferenceMode = "on_the_fly", probe_file: str | None = None,
-                 probe_task: str | None = "detailed_caption", probe_size: int = 16, probe_every: int = 50,
-                 probe_max_new_tokens: int = 96, on_collapse: Literal["warn", "stop"] = "warn"):
+                 optim: OptimArgs = OptimArgs(lr=1e-4, warmup_steps=10), **kwargs):  # noqa: B008
         if min(text_weight, visual_weight, anchor_weight, nll_weight) < 0:
             raise ValueError("rDPO weights must be >= 0")
-        super().__init__(policy, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         min_lr_ratio=min_lr_ratio, export_dir=export_dir, merge_lora=merge_lora,
-                         loss_type="sigmoid", beta=beta, reference=reference, probe_file=probe_file,
-                         probe_task=probe_task, probe_size=probe_size, probe_every=probe_every,
-                         probe_max_new_tokens=probe_max_new_tokens, on_collapse=on_collapse)
+        # rDPO's loss is compute_loss below, not one of DPO's: DPO's loss options are fixed here
+        # (switched off; nll_alpha, drs_k and drs_beta_min at DPOModule's defaults, which nothing
+        # reads with them off), so they are no RealignModule options and never appear in its
+        # config. The rest of DPOModule's (beta, reference, probe_*, on_collapse, export) pass
+        # through **kwargs, with DPOModule's defaults.
+        super().__init__(policy, loss_type="sigmoid", label_smoothing=0.0, nll_alpha=1.0, drs_w=0.0, drs_k=1.0,
+                         drs_beta_min=1e-3, optim=optim, **kwargs)
         # PolicyModule's save_hyperparameters collects the arguments of every __init__ frame of
         # the chain, this one's included: text_weight etc. are in self.hparams and in checkpoints.
 

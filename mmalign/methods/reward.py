@@ -78,7 +78,12 @@ from mmalign.collators import VisionChatCollator
 from mmalign.data import Loaders
 from mmalign.losses.reward import bradley_terry_loss, reward_centering
 from mmalign.losses.sft import sft_loss_terms
-from mmalign.methods.base import PolicyModule, export_policy, global_denominator
+from mmalign.methods.base import (
+    OptimArgs,
+    PolicyModule,
+    export_policy,
+    global_denominator,
+)
 from mmalign.ops import token_logprobs
 from mmalign.policy import Policy
 from mmalign.records import (
@@ -218,21 +223,23 @@ class RewardModule(PolicyModule):
             from the records' scores (Llama 2's margin loss); 0 = plain Bradley-Terry.
         head: "linear" (one Linear(H, 1)) or "mlp" (MM-RLHF's RewardHead, Linear-tanh-Linear).
         head_dropout: dropout of the "mlp" head.
-        head_lr: learning rate of the score head, which starts from scratch; None = ``lr``.
+        head_lr: learning rate of the score head, which starts from scratch; None = ``optim.lr``.
         critique_prompt: the critique instruction, with ``{question}`` and ``{answer}``; saved with
             the model, so scoring asks exactly what training taught. MM-RLHF's evaluator prompt is
             :data:`MMRLHF_CRITIQUE_PROMPT`.
 
-    The other options are :class:`PolicyModule`'s (lr, weight_decay, warmup_steps, min_lr_ratio,
-    export_dir, merge_lora); ``export_dir`` also receives the head and ``reward_config.json``.
+        optim: the optimiser (:class:`~mmalign.methods.base.OptimArgs`; default lr 1e-3, warm-up
+            20 steps).
+
+    The export option is :class:`PolicyModule`'s (``**kwargs``); ``export.dir`` also receives the
+    head and ``reward_config.json``.
     """
 
     def __init__(self, policy: Policy, mode: RewardMode = "critique", lm_weight: float | None = None,
                  bt_weight: float = 1.0, center_weight: float = 0.0, margin_scale: float = 0.0,
                  head: HeadKind = "linear", head_dropout: float = 0.0, head_lr: float | None = None,
                  critique_prompt: str = CRITIQUE_PROMPT,
-                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 20, min_lr_ratio: float = 0.1,
-                 export_dir: str | None = None, merge_lora: bool = True):
+                 optim: OptimArgs = OptimArgs(lr=1e-3, warmup_steps=20), **kwargs):  # noqa: B008
         if mode not in ("critique", "scalar"):
             raise ValueError(f"mode must be 'critique' or 'scalar', not {mode!r}")
         if mode == "scalar" and lm_weight:
@@ -243,8 +250,7 @@ class RewardModule(PolicyModule):
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         check_critique_prompt(critique_prompt)
-        super().__init__(policy, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         min_lr_ratio=min_lr_ratio, export_dir=export_dir, merge_lora=merge_lora)
+        super().__init__(policy, optim=optim, **kwargs)
         self.lm_weight = (1.0 if mode == "critique" else 0.0) if lm_weight is None else float(lm_weight)
         hidden = getattr(policy, "hidden_size", None)
         if not isinstance(hidden, int):
@@ -257,7 +263,7 @@ class RewardModule(PolicyModule):
     def extra_parameter_groups(self) -> list[tuple[list[nn.Parameter], float]]:
         # the score head starts from scratch: its own learning rate
         hp = self.hparams
-        return [(list(self.head.parameters()), hp.head_lr if hp.head_lr is not None else hp.lr)]
+        return [(list(self.head.parameters()), hp.head_lr if hp.head_lr is not None else self.optim.lr)]
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -329,7 +335,7 @@ class RewardModule(PolicyModule):
         return layer.in_features
 
     def export(self, out_dir: str) -> None:
-        export_reward_model(self.policy, self.head, self.reward_config(), out_dir, self.hparams.merge_lora)
+        export_reward_model(self.policy, self.head, self.reward_config(), out_dir, self.export_args.merge_lora)
 
 
 def export_reward_model(policy: Policy, head: ScoreHead, config: dict, out_dir: str, merge_lora: bool = True) -> None:

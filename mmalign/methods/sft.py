@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from mmalign.losses.sft import LossNormalization, sft_loss_terms
-from mmalign.methods.base import PolicyModule, global_denominator
+from mmalign.methods.base import OptimArgs, PolicyModule, global_denominator
 from mmalign.policy import Policy
 
 
@@ -29,15 +29,15 @@ class SFTModule(PolicyModule):
         loss_normalization: "token" = mean over all scored tokens of the batch (LLaVA's; long
             answers dominate the gradient); "example" = mean over each example's scored tokens,
             then over examples (every example weighs the same, whatever its answer length).
+        optim: the optimiser (:class:`~mmalign.methods.base.OptimArgs`; SFT's default lr 1e-3,
+            warm-up 20 steps).
     """
 
-    def __init__(self, policy: Policy, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 20,
-                 min_lr_ratio: float = 0.1, export_dir: str | None = None, merge_lora: bool = True,
-                 loss_normalization: LossNormalization = "token"):
+    def __init__(self, policy: Policy, loss_normalization: LossNormalization = "token",
+                 optim: OptimArgs = OptimArgs(lr=1e-3, warmup_steps=20), **kwargs):  # noqa: B008
         if loss_normalization not in ("token", "example"):
             raise ValueError(f"loss_normalization must be 'token' or 'example', not {loss_normalization!r}")
-        super().__init__(policy, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         min_lr_ratio=min_lr_ratio, export_dir=export_dir, merge_lora=merge_lora)
+        super().__init__(policy, optim=optim, **kwargs)
         # PolicyModule's save_hyperparameters reads this frame's arguments: loss_normalization
         # is in self.hparams (and in checkpoints) like the other options.
 
