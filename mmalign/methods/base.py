@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 import torch
@@ -50,9 +49,16 @@ def global_denominator(local: torch.Tensor, min_total: float = 0.0) -> torch.Ten
     return total.clamp(min=min_total) / w
 
 
+#: learning-rate schedules by name: transformers' (``transformers.get_scheduler``), each with a linear
+#: warm-up from 0 to ``lr`` over ``warmup_steps``, then: "linear" to 0, "cosine" to 0,
+#: "cosine_with_min_lr" to ``lr * min_lr_ratio``, "constant_with_warmup" flat at ``lr``.
+Schedule = Literal["linear", "cosine", "cosine_with_min_lr", "constant_with_warmup"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+
+
 @dataclass(frozen=True)
 class OptimArgs:
-    """The optimiser of every method: AdamW (betas 0.9, 0.95) with linear warm-up and cosine decay
+    """The optimiser of every method: AdamW (betas 0.9, 0.95) and its learning-rate schedule
     (YAML ``model.init_args.optim``; a config may give some fields, the others keep the
     method's defaults). Frozen, so an instance is a safe default argument: each method's
     signature holds its own defaults as one (``optim: OptimArgs = OptimArgs(lr=5e-6, ...)``).
@@ -61,15 +67,21 @@ class OptimArgs:
         lr: peak learning rate.
         weight_decay: AdamW weight decay (not applied to biases and norms: 1-D parameters).
         warmup_steps: linear warm-up from 0 to ``lr`` over this many optimiser steps.
-        min_lr_ratio: cosine decay ends at ``lr * min_lr_ratio`` at the last step.
+        min_lr_ratio: "cosine_with_min_lr" ends at ``lr * min_lr_ratio`` at the last step (the
+            other schedules ignore it).
+        schedule: "cosine_with_min_lr" (warm-up, then cosine decay to the floor), "cosine" (to
+            0), "linear" (to 0) or "constant_with_warmup"; transformers' schedules of those names.
     """
 
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
+    schedule: Schedule = "cosine_with_min_lr"
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {list(SCHEDULES)}, not {self.schedule!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -100,8 +112,25 @@ def _as(cls: type, value: Any, name: str) -> Any:
     raise TypeError(f"{name} must be an {cls.__name__} (or a mapping of its fields), got {type(value).__name__}")
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimArgs,
+                total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """``optim.schedule`` over ``total_steps`` optimiser steps: transformers' schedule of that name
+    (a LambdaLR: every parameter group is scaled by the same factor of its own ``lr``).
+
+    With ``W = warmup_steps`` and ``T = total_steps``, optimiser step ``s`` runs at ``lr * s / W``
+    for ``s < W`` (step 0 at 0) and, for "cosine_with_min_lr", at
+    ``lr * (r + (1 - r) * (1 + cos(pi * (s - W) / (T - W))) / 2)`` after, ``r = min_lr_ratio``:
+    ``lr`` at step ``W``, the floor after the last step (tests/test_lr_schedule.py compares it
+    with the hand-written schedule it replaced, whose warm-up ran ``(s + 1) / (W + 1)``)."""
+    from transformers import get_scheduler
+
+    extra = {"min_lr_rate": optim.min_lr_ratio} if optim.schedule == "cosine_with_min_lr" else None
+    return get_scheduler(optim.schedule, optimizer, num_warmup_steps=optim.warmup_steps,
+                         num_training_steps=total_steps, scheduler_specific_kwargs=extra)
+
+
 class PolicyModule(L.LightningModule):
-    """Holds the policy; AdamW with linear warm-up and cosine decay; exports at the end.
+    """Holds the policy; AdamW with a warm-up + decay schedule; exports at the end.
 
     Args:
         policy: the model to train (``class_path: models.policy.HFPolicy`` in configs).
@@ -147,15 +176,7 @@ class PolicyModule(L.LightningModule):
             groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay, "lr": lr},
                        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=(0.9, 0.95))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-
-        def schedule(step: int) -> float:
-            if step < o.warmup_steps:
-                return (step + 1) / (o.warmup_steps + 1)
-            progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = lr_schedule(opt, o, max(1, int(self.trainer.estimated_stepping_batches)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def setup(self, stage: str) -> None:
