@@ -80,6 +80,31 @@ class RNGState(Callback):
             self._restore()
 
 
+def connect_data(model: LightningModule, datamodule: LightningDataModule | None) -> None:
+    """``datamodule.connect(**model.datamodule_args())``: the one way a DataModule gets what only
+    the model knows (the policy's processor; a reward model's mode, prompt or types), litgpt's
+    ``connect`` shape. The model declares what it gives, the DataModule's ``connect`` what it
+    takes; a pair that does not fit is a TypeError naming both before anything is read. Nothing
+    happens for a DataModule without ``connect`` (or no DataModule)."""
+    import inspect
+
+    connect = getattr(datamodule, "connect", None)
+    if connect is None:
+        return
+    dm, mod = type(datamodule).__name__, type(model).__name__
+    give = getattr(model, "datamodule_args", None)
+    if give is None:
+        raise TypeError(f"{dm} takes its processor from the model through connect(), but {mod} has no "
+                        "datamodule_args() (mmalign's methods derive from mmalign.methods.base.PolicyModule)")
+    args = give()
+    try:
+        inspect.signature(connect).bind(**args)
+    except TypeError as e:
+        raise TypeError(f"{dm}.connect{inspect.signature(connect)} does not fit what {mod}.datamodule_args() "
+                        f"gives ({', '.join(sorted(args))}): {e}; is this the data module for {mod}?") from None
+    connect(**args)
+
+
 class MMAlignCLI(LightningCLI):
     """LightningCLI with mmalign's run layout.
 
@@ -89,7 +114,12 @@ class MMAlignCLI(LightningCLI):
     ``<root>/logs`` plus TensorBoard logs in ``<root>/tb`` if tensorboard is installed. Every run
     gets :class:`RNGState`, so a run killed mid-epoch and resumed with ``--ckpt_path last`` trains
     exactly as if it had never stopped (the train loaders are resumable too, see mmalign.data).
+    Once model and data are built, the data module is connected to the model (:func:`connect_data`).
     """
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        connect_data(self.model, self.datamodule)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         root = config.get("default_root_dir") or os.getcwd()

@@ -197,8 +197,8 @@ class Loaders:
 
 class _RecordDataModule(Loaders, L.LightningDataModule):
     """What the record-file DataModules share: reading (malformed records skipped into a
-    rejects file or raised, per ``on_error``), the processor taken from the trained policy, and
-    the loaders. Subclasses say which record kind, dataset and collator."""
+    rejects file or raised, per ``on_error``), the processor of the trained policy (given by
+    :meth:`connect`), and the loaders. Subclasses say which record kind, dataset and collator."""
 
     kind = ""
 
@@ -209,7 +209,10 @@ class _RecordDataModule(Loaders, L.LightningDataModule):
         self.collator: Any = None
         self.processor: Any = None
 
-    def set_processor(self, processor: Any) -> None:
+    def connect(self, processor: Any) -> None:
+        """Take what the data need from the model: the policy's processor, so data and model can
+        never disagree on tokens. The mmalign CLI calls ``datamodule.connect(**model.datamodule_args())``
+        once both are built; outside it, call ``connect(policy.processor)`` before ``setup``."""
         self.processor = processor
 
     def _records(self, path: str) -> list:
@@ -231,10 +234,9 @@ class _RecordDataModule(Loaders, L.LightningDataModule):
         hp = self.hparams
         if self.collator is None:
             if self.processor is None:
-                if self.trainer is None or not hasattr(self.trainer.lightning_module, "policy"):
-                    raise ValueError(f"{type(self).__name__} needs a processor: attach it to a trainer whose module "
-                                     "has a policy, or call set_processor()")
-                self.processor = self.trainer.lightning_module.policy.processor
+                raise ValueError(f"{type(self).__name__} needs a processor: connect() was never called (the mmalign "
+                                 "CLI calls datamodule.connect(**model.datamodule_args()); outside it, call "
+                                 "connect(policy.processor) before setup)")
             self.collator = self._make_collator()
         if self.train_set is None:
             self.train_set = self._read(hp.train_file)
@@ -267,8 +269,8 @@ class SFTDataModule(_RecordDataModule):
         check_images: "exists", "decode" (find corrupt images up front) or "none".
         on_error: "raise" at the first malformed record, or "skip" it into a rejects file.
 
-    The processor is the policy's own (``trainer.lightning_module.policy.processor``), so data and
-    model can never disagree on tokens; outside a trainer, pass one with ``set_processor``.
+    The processor is the policy's own, given by :meth:`connect`, so data and model can never
+    disagree on tokens.
     """
 
     kind = "sft"

@@ -29,7 +29,7 @@ def test_needs_a_processor(world):
 
 def test_task_weights_set_each_tasks_share(world, model_dirs):
     dm = module(world, task_weights={"detailed_caption": 5.0})
-    dm.set_processor(load_processor(model_dirs["llava"]))
+    dm.connect(load_processor(model_dirs["llava"]))
     dm.setup("fit")
     sampler = dm.train_dataloader().sampler
     draws = Counter()
@@ -45,13 +45,13 @@ def test_task_weights_set_each_tasks_share(world, model_dirs):
 
 def test_task_filter_and_unknown_weights(world, model_dirs):
     dm = module(world, tasks=["count"])
-    dm.set_processor(load_processor(model_dirs["llava"]))
+    dm.connect(load_processor(model_dirs["llava"]))
     dm.setup("fit")
     assert {r.meta["task"] for r in dm.train_set.records} == {"count"}
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 8 and "labels" in batch
     bad = module(world, task_weights={"poetry": 2.0})
-    bad.set_processor(load_processor(model_dirs["llava"]))
+    bad.connect(load_processor(model_dirs["llava"]))
     bad.setup("fit")
     with pytest.raises(ValueError, match="poetry"):
         bad.train_dataloader()
@@ -81,7 +81,7 @@ def pairs_and_margins(world, tmp_path):
 
 def preference_module(world, pairs: Path, margins: Path | None, **kw) -> PreferenceDataModule:
     dm = PreferenceDataModule(str(pairs), data_root=str(world), train_margins=margins and str(margins), **kw)
-    dm.set_processor(object())  # setup only reads the records here; no batch is collated
+    dm.connect(object())  # setup only reads the records here; no batch is collated
     return dm
 
 

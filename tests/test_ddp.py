@@ -56,7 +56,7 @@ def _batches(policy, world: Path, tmp: Path, case: str) -> list[dict]:
         path = tmp / "pairs.jsonl"
         path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         dm = PreferenceDataModule(str(path), data_root=str(world), batch_size=4, layout="shared_prompt", max_length=256)
-        dm.set_processor(policy.processor)
+        dm.connect(policy.processor)
         dm.setup()
         items, collate = [dm.train_set[i] for i in range(4)], PreferenceCollator(policy.processor, max_length=256)
     else:

@@ -38,7 +38,7 @@ def write_pairs(world: Path, path: Path, n: int = 12, **extra) -> Path:
 
 def batches(policy, world, pairs, layout, batch_size=4):
     dm = PreferenceDataModule(str(pairs), data_root=str(world), batch_size=batch_size, layout=layout, max_length=256)
-    dm.set_processor(policy.processor)
+    dm.connect(policy.processor)
     dm.setup()
     return [b for b in torch.utils.data.DataLoader(dm.train_set, batch_size=batch_size, collate_fn=dm.collator)]
 
@@ -83,7 +83,7 @@ def test_a_pair_is_kept_or_dropped_whole(world, llava, tmp_path):
     pairs.write_text("".join(json.dumps(x) + "\n" for x in recs))
     for layout in ("shared_prompt", "concat"):
         dm = PreferenceDataModule(str(pairs), data_root=str(world), layout=layout, max_length=120)
-        dm.set_processor(llava.processor)
+        dm.connect(llava.processor)
         dm.setup()
         batch = dm.collator([dm.train_set[i] for i in range(4)])
         assert [m["id"] for m in batch["meta"]] == ["p0", "p1", "p2", "p3"]   # cut at the end, as SFT does

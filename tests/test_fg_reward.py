@@ -271,7 +271,7 @@ def _dm(path: Path, world: Path, types=("object",), **kw):
     from mmalign.methods.fg_reward import FGRewardDataModule
 
     dm = FGRewardDataModule(str(path), data_root=str(world), **kw)
-    dm.configure(_processor_cache["llava"], list(types))
+    dm.connect(_processor_cache["llava"], list(types))
     return dm
 
 

@@ -152,6 +152,7 @@ def test_hyperparameters_hold_plain_dicts_and_rebuild_the_module():
     assert m.hparams.export == {"dir": "out", "merge_lora": False}
     again = WithHead(StubPolicy(), **{k: v for k, v in m.hparams.items()})
     assert again.optim == m.optim and again.export_args == m.export_args and again.hparams == m.hparams
+    assert m.datamodule_args() == {"processor": "the processor"}
 
 
 def test_checkpoint_keeps_the_options_and_a_resumed_run_continues_the_schedule(tmp_path):

@@ -34,7 +34,7 @@ def write_visual_pairs(world: Path, path: Path, n: int = 8) -> Path:
 
 def batch_of(policy, world, pairs, layout, n):
     dm = PreferenceDataModule(str(pairs), data_root=str(world), layout=layout, max_length=256)
-    dm.set_processor(policy.processor)
+    dm.connect(policy.processor)
     dm.setup()
     return dm.collator([dm.train_set[i] for i in range(n)])
 

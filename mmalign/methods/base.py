@@ -179,6 +179,12 @@ class PolicyModule(L.LightningModule):
         sched = lr_schedule(opt, o, max(1, int(self.trainer.estimated_stepping_batches)))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def datamodule_args(self) -> dict[str, Any]:
+        """What this module gives its DataModule: the mmalign CLI calls
+        ``datamodule.connect(**model.datamodule_args())`` once both are built, so data and model
+        share one processor (and, for reward models, one mode / prompt / type list)."""
+        return {"processor": self.policy.processor}
+
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.export_args.dir and self._trainer is not None:
             check_export_strategy(self.trainer.strategy)

@@ -204,6 +204,10 @@ class FGRewardModule(PolicyModule):
         self.set_class_weights(balanced_class_weights(counts))
         log.info("balanced class weights (%s; columns %s): %s", self.types, CLASSES, self.class_weight.tolist())
 
+    def datamodule_args(self) -> dict[str, Any]:
+        """The processor, and the types whose labels the data must hold."""
+        return {**super().datamodule_args(), "types": list(self.types)}
+
     # -- optimisation --------------------------------------------------------------------------
 
     def extra_parameter_groups(self) -> list[tuple[list[nn.Parameter], float]]:
@@ -319,8 +323,8 @@ class FGRewardDataModule(Loaders, L.LightningDataModule):
             it (counted in ``skipped``, with a warning; read errors also go to
             ``<file>.rejects.jsonl``). Either way this happens in ``setup``, never mid-training.
 
-    The types come from the trainer's :class:`FGRewardModule` (``trainer.lightning_module``), with
-    its processor, so data and model never disagree; outside a trainer call :meth:`configure`.
+    The types and the processor are the :class:`FGRewardModule`'s, given by :meth:`connect`, so
+    data and model never disagree.
     A training file in which a type has no segment labelled "hallucinated" is an error: the head
     would learn a constant.
     """
@@ -340,8 +344,11 @@ class FGRewardDataModule(Loaders, L.LightningDataModule):
         self.train_class_counts: torch.Tensor | None = None
         self.skipped: dict[str, int] = {}
 
-    def configure(self, processor: Any, types: Sequence[str]) -> None:
-        """Set what normally comes from the trainer's FGRewardModule."""
+    def connect(self, processor: Any, types: Sequence[str]) -> None:
+        """Take what the data need from the model (:meth:`FGRewardModule.datamodule_args`): the
+        policy's processor and the hallucination types. The mmalign CLI calls
+        ``datamodule.connect(**model.datamodule_args())`` once both are built; outside it, call
+        this before ``setup``."""
         self.processor, self.types = processor, check_types(types)
 
     def _read(self, path: str, limit: int, train: bool) -> FGRewardDataset:
@@ -390,12 +397,10 @@ class FGRewardDataModule(Loaders, L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
-        if self.processor is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            if module is None or not isinstance(module, FGRewardModule):
-                raise ValueError("FGRewardDataModule needs an FGRewardModule in its trainer (for the processor and "
-                                 "the types), or a call to configure()")
-            self.configure(module.policy.processor, module.types)
+        if self.processor is None or self.types is None:
+            raise ValueError("FGRewardDataModule needs a processor and the types: connect() was never called (the "
+                             "mmalign CLI calls datamodule.connect(**model.datamodule_args()) with an FGRewardModule; "
+                             "outside it, call connect(processor, types) before setup)")
         if self.collator is None:
             self.collator = FGRewardCollator(self.processor, hp.max_response_tokens)
         if self.train_set is None:

@@ -258,6 +258,10 @@ class RewardModule(PolicyModule):
                              "of the hidden states that forward_hidden returns")
         self.head = ScoreHead(hidden, head, head_dropout)
 
+    def datamodule_args(self) -> dict[str, Any]:
+        """The processor, and the mode and critique prompt that the rows are built with."""
+        return {**super().datamodule_args(), "mode": self.hparams.mode, "critique_prompt": self.hparams.critique_prompt}
+
     # -- optimisation --------------------------------------------------------------------------
 
     def extra_parameter_groups(self) -> list[tuple[list[nn.Parameter], float]]:
@@ -354,9 +358,8 @@ class RewardDataModule(Loaders, L.LightningDataModule):
 
     Each pair gives two rows built by :func:`reward_messages`: in critique mode the record's
     reference critiques (meta ``critique_chosen`` / ``critique_rejected``) are the assistant
-    turns; in scalar mode the answers are. Mode and critique prompt are the module's
-    (``trainer.lightning_module``), so data and model never disagree; outside a trainer call
-    :meth:`configure`.
+    turns; in scalar mode the answers are. Processor, mode and critique prompt are the
+    RewardModule's, given by :meth:`connect`, so data and model never disagree.
 
     Args:
         train_file: JSONL of preference records (the prefs stage's ``train/pairs.jsonl``).
@@ -385,8 +388,13 @@ class RewardDataModule(Loaders, L.LightningDataModule):
         self.train_set: RewardPairDataset | None = None
         self.val_set: RewardPairDataset | None = None
 
-    def configure(self, processor: Any, mode: RewardMode, critique_prompt: str = CRITIQUE_PROMPT) -> None:
-        """Set what normally comes from the trainer's RewardModule."""
+    def connect(self, processor: Any, mode: RewardMode, critique_prompt: str = CRITIQUE_PROMPT) -> None:
+        """Take what the data need from the model (:meth:`RewardModule.datamodule_args`): the
+        policy's processor, the mode and the critique prompt. The mmalign CLI calls
+        ``datamodule.connect(**model.datamodule_args())`` once both are built; outside it, call
+        this before ``setup``."""
+        if mode not in ("critique", "scalar"):
+            raise ValueError(f"mode must be 'critique' or 'scalar', not {mode!r}")
         self.processor, self.mode, self.critique_prompt = processor, mode, check_critique_prompt(critique_prompt)
 
     def _read(self, path: str, limit: int) -> RewardPairDataset:
@@ -413,12 +421,10 @@ class RewardDataModule(Loaders, L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
-        if self.processor is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            if module is None or not isinstance(module, RewardModule):
-                raise ValueError("RewardDataModule needs a RewardModule in its trainer (for the processor, mode and "
-                                 "critique prompt), or a call to configure()")
-            self.configure(module.policy.processor, module.hparams.mode, module.hparams.critique_prompt)
+        if self.processor is None or self.mode is None:
+            raise ValueError("RewardDataModule needs a processor, mode and critique prompt: connect() was never "
+                             "called (the mmalign CLI calls datamodule.connect(**model.datamodule_args()) with a "
+                             "RewardModule; outside it, call connect(processor, mode, critique_prompt) before setup)")
         if self.collator is None:
             self.collator = RewardPairCollator(self.processor, max_length=hp.max_length)
         if self.train_set is None:
