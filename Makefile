@@ -190,7 +190,7 @@ $(OUT)/sft/model/config.json: $(if $(MODEL),$(OUT)/data/manifest.json,$(OUT)/tin
 	$(FIT) --config configs/sft/tiny.yaml $(call OVERLAY,sft) --seed_everything $(SEED) \
 	  --trainer.default_root_dir $(OUT)/sft \
 	  --model.init_args.policy.init_args.path $(SFT_BASE) \
-	  --model.init_args.export_dir $(OUT)/sft/model \
+	  --model.init_args.export.dir $(OUT)/sft/model \
 	  --data.init_args.train_file $(OUT)/data/train/sft.jsonl \
 	  --data.init_args.val_file $(OUT)/data/val/sft.jsonl \
 	  --data.init_args.data_root $(OUT)/data
@@ -245,7 +245,7 @@ $(OUT)/judge/model/config.json: $(OUT)/sft/model/config.json $(if $(MODEL),,$(OU
 	$(FIT) --config configs/judge/tiny.yaml $(call OVERLAY,judge) --seed_everything $(SEED) \
 	  --trainer.default_root_dir $(OUT)/judge $(if $(JUDGE_STEPS),--trainer.max_steps $(JUDGE_STEPS)) \
 	  --model.init_args.policy.init_args.path $(JUDGE_BASE) \
-	  --model.init_args.export_dir $(OUT)/judge/model \
+	  --model.init_args.export.dir $(OUT)/judge/model \
 	  --data.init_args.train_file $(OUT)/data/train/sft.jsonl \
 	  --data.init_args.val_file $(OUT)/data/val/sft.jsonl \
 	  --data.init_args.data_root $(OUT)/data
@@ -298,7 +298,7 @@ $(OUT)/rm/%/model/reward_config.json: $(OUT)/prefs/manifest.json $(OUT)/sft/mode
 	$(FIT) --config configs/rm/$*.yaml $(call OVERLAY,rm) --seed_everything $(SEED) \
 	  --trainer.default_root_dir $(OUT)/rm/$* \
 	  --model.init_args.policy.init_args.path $(OUT)/sft/model \
-	  --model.init_args.export_dir $(OUT)/rm/$*/model $(if $(RM_STEPS),--trainer.max_steps $(RM_STEPS)) \
+	  --model.init_args.export.dir $(OUT)/rm/$*/model $(if $(RM_STEPS),--trainer.max_steps $(RM_STEPS)) \
 	  --data.init_args.train_file $(OUT)/prefs/train/pairs.jsonl \
 	  --data.init_args.val_file $(OUT)/prefs/val/pairs.jsonl \
 	  --data.init_args.data_root $(OUT)/data
@@ -329,7 +329,7 @@ $(OUT)/$(1)/model/config.json: $(OUT)/sft/model/config.json $(3) $(2)
 	$$(FIT) --config $(2) $$(call OVERLAY,$(1)) --seed_everything $$(SEED) \
 	  --trainer.default_root_dir $$(OUT)/$(1) \
 	  --model.init_args.policy.init_args.path $$(OUT)/sft/model \
-	  --model.init_args.export_dir $$(OUT)/$(1)/model $$(if $$(ALIGN_STEPS),--trainer.max_steps $$(ALIGN_STEPS)) $(4)
+	  --model.init_args.export.dir $$(OUT)/$(1)/model $$(if $$(ALIGN_STEPS),--trainer.max_steps $$(ALIGN_STEPS)) $(4)
 endef
 PREF_DATA = --data.init_args.train_file $(OUT)/ref/train/pairs.jsonl --data.init_args.val_file $(OUT)/ref/val/pairs.jsonl \
   --data.init_args.data_root $(OUT)/data --model.init_args.probe_file $(OUT)/data/val/sft.jsonl
@@ -423,7 +423,7 @@ $(FG_RM)/%/model/fg_reward_config.json: $(OUT)/feedback/$(FG_SOURCE)/manifest.js
 	  --trainer.default_root_dir $(FG_RM)/$* $(if $(FG_RM_STEPS),--trainer.max_steps $(FG_RM_STEPS)) \
 	  --model.init_args.policy.init_args.path $(OUT)/sft/model \
 	  --model.init_args.types '$(if $(filter shared,$*),[object$(comma) attribute$(comma) relation],[$*])' \
-	  --model.init_args.export_dir $(FG_RM)/$*/model \
+	  --model.init_args.export.dir $(FG_RM)/$*/model \
 	  --data.init_args.train_file $(OUT)/feedback/$(FG_SOURCE)/feedback.jsonl \
 	  --data.init_args.val_file $(OUT)/feedback-val/oracle/feedback.jsonl \
 	  --data.init_args.data_root $(OUT)/data

@@ -284,7 +284,7 @@ def _mmalign_variant(spec: dict, layout: str, reference: str) -> dict[str, Any]:
     pairs = spec["ref_pairs"] if reference == "precomputed" else spec["pairs"]
     records = read_pairs(Path(pairs), spec["data_root"], spec["n"])
     policy = HFPolicy(spec["model"])
-    module = DPOModule(policy, lr=spec["lr"], beta=0.1, loss_type="sigmoid", reference=reference)
+    module = DPOModule(policy, optim=DPOModule.optim_defaults(lr=spec["lr"]), beta=0.1, loss_type="sigmoid", reference=reference)
     module.train()
     collator = PreferenceCollator(policy.processor, max_length=spec["max_length"], layout=layout, on_overlength="error")
     loader = DataLoader(PreferenceDataset(records), batch_size=spec["batch_size"], shuffle=False, num_workers=0,

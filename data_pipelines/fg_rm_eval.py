@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for d in spec.values():
         if not (d / CONFIG_FILE).is_file():
-            ap.error(f"--models {d}: no {CONFIG_FILE} there (an FGRewardModule export_dir?)")
+            ap.error(f"--models {d}: no {CONFIG_FILE} there (an FGRewardModule export.dir?)")
     feedback = args.feedback / "feedback.jsonl" if args.feedback.is_dir() else args.feedback
     if not feedback.is_file():
         ap.error(f"--feedback {args.feedback}: no feedback.jsonl")

@@ -234,7 +234,7 @@ def render_report(rep: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rm", required=True, type=Path, help="reward model export folder (RewardModule export_dir)")
+    ap.add_argument("--rm", required=True, type=Path, help="reward model export folder (RewardModule export.dir)")
     ap.add_argument("--pairs", required=True, type=Path, help="JSONL of preference records (prefs stage pairs.jsonl)")
     ap.add_argument("--data-root", type=Path, help="folder the records' image paths are relative to "
                                                    "(default: the pairs file's folder)")
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("need --batch-size >= 1, --max-new-tokens >= 1, --limit >= 0 and --n-boot >= 1")
     cfg_file = args.rm / "reward_config.json"
     if not cfg_file.is_file():
-        ap.error(f"--rm {args.rm}: no reward_config.json there (a RewardModule export_dir?)")
+        ap.error(f"--rm {args.rm}: no reward_config.json there (a RewardModule export.dir?)")
     rm_cfg = json.loads(cfg_file.read_text())
     mode = rm_cfg.get("mode")
     if mode != "critique" and (args.critique == "reference" or args.with_reference_critique):

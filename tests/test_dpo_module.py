@@ -90,7 +90,7 @@ def test_a_pair_is_kept_or_dropped_whole(world, llava, tmp_path):
         _, cm, _, rm = llava.pair_logprobs(batch)
         assert cm.shape[0] == rm.shape[0] == 4
     coll = PreferenceCollator(llava.processor, max_length=60, layout="concat", on_overlength="error")
-    with pytest.raises(ValueError, match=r"pairs.jsonl:1: the pair does not fit"):
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1 id=p0: the pair does not fit"):
         coll([dm.train_set[0]])
 
 

@@ -48,6 +48,7 @@ from mmalign.losses.dpo import (
 )
 from mmalign.methods.base import OptimArgs, PolicyModule, global_denominator
 from mmalign.policy import Policy
+from mmalign.records import where as record_where
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +141,10 @@ class DPOModule(PolicyModule):
         for m in batch["meta"]:
             missing = [k for k in keys if k not in m]
             if missing:
-                raise ValueError(f"{m.get('source', m.get('id'))}: reference 'precomputed' needs {', '.join(keys)} in "
+                raise ValueError(f"{record_where(m)}: reference 'precomputed' needs {', '.join(keys)} in "
                                  f"every record, {', '.join(missing)} missing (run data_pipelines.ref_logps on the pairs)")
             if self._ref_id and m.get("ref_model") and m["ref_model"] != self._ref_id:
-                raise ValueError(f"{m.get('source', m.get('id'))}: reference log-probs were made by {m['ref_model']}, "
+                raise ValueError(f"{record_where(m)}: reference log-probs were made by {m['ref_model']}, "
                                  f"but the policy starts from {self._ref_id}")
             for col, k in zip(cols, keys):
                 col.append(float(m[k]))
@@ -160,7 +161,7 @@ class DPOModule(PolicyModule):
         for m in batch["meta"]:
             d = m.get("reward_margin")
             if d is None or not math.isfinite(float(d)):
-                raise ValueError(f"{m.get('source', m.get('id'))}: Dynamic Reward Scaling (drs_w={hp.drs_w}) needs a "
+                raise ValueError(f"{record_where(m)}: Dynamic Reward Scaling (drs_w={hp.drs_w}) needs a "
                                  f"finite reward_margin in every record, got {d!r} (score the pairs with "
                                  "data_pipelines.score_rm)")
             margins.append(float(d))

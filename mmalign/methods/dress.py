@@ -42,6 +42,7 @@ from mmalign.methods.base import OptimArgs, export_policy, global_denominator
 from mmalign.methods.sft import SFTModule
 from mmalign.policy import Policy
 from mmalign.records import RecordError
+from mmalign.records import where as record_where
 
 KINDS = ("critique", "refinement")
 
@@ -83,7 +84,7 @@ class DRESSModule(SFTModule):
         out = []
         for m in meta:
             kind, cond = m.get("kind"), m.get("condition")
-            where = m.get("source") or m.get("id")
+            where = record_where(m)
             if kind not in KINDS:
                 raise RecordError(f"{where}: record kind {kind!r} is not one of {list(KINDS)} (make nlf writes them)")
             if cond not in self._texts:

@@ -54,7 +54,7 @@ Loss: for each type, cross-entropy over the batch's valid segments (mean over se
 labels (scikit-learn's "balanced"): relation labels are ~99 % "n/a" in the demo world, and an
 unweighted head learns to say "n/a" always.
 
-Export (``export_dir``): the policy in Hugging Face format, ``fg_reward_head.safetensors`` and
+Export (``export.dir``): the policy in Hugging Face format, ``fg_reward_head.safetensors`` and
 ``fg_reward_config.json``, in one atomic stage output;
 :func:`mmalign.rewards.fine_grained.load_fg_reward_model` reads it back.
 """
@@ -88,6 +88,7 @@ from mmalign.records import (
     load_image,
     read_records,
 )
+from mmalign.records import where as record_where
 from mmalign.rewards import CLASSES, VALUES, check_types
 from mmalign.rewards.fine_grained import (
     CONFIG_FILE,
@@ -367,7 +368,7 @@ class FGRewardDataModule(Loaders, L.LightningDataModule):
             try:
                 s, lab = check_fg_record(r, self.types)
                 # every segment must have a token of its own: found here, not mid-training
-                where = f"{r.meta.get('source', '<record>')} id={r.id}"
+                where = record_where(r.meta, r.id)
                 segment_token_ends(tok, r.response, s, where)
             except RecordError as e:
                 if hp.on_error == "raise":

@@ -20,6 +20,7 @@ from mmalign.losses.rdpo import RDPOOutput, rdpo_loss
 from mmalign.methods.base import OptimArgs
 from mmalign.methods.dpo import DPOModule, pair_sums
 from mmalign.policy import Policy
+from mmalign.records import where as record_where
 
 
 class RealignModule(DPOModule):
@@ -59,7 +60,7 @@ class RealignModule(DPOModule):
         """rDPO loss of one visual preference batch and the per-step statistics to log."""
         hp = self.hparams
         if not batch.get("visual"):
-            where = batch["meta"][0].get("source", batch["meta"][0].get("id")) if batch["meta"] else "?"
+            where = record_where(batch["meta"][0]) if batch["meta"] else "?"
             raise ValueError(f"{where}: rDPO needs rejected_images in every record (make realign-data)")
         parts = self.policy.pair_logprobs(batch)
         pc, n_c = pair_sums(parts[0], parts[1])

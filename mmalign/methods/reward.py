@@ -55,7 +55,7 @@ retrains the head on the model's own re-generated critiques), the head is traine
 critiques and used on *generated* ones, so ``val/accuracy`` here (teacher-forced reference
 critiques) is an optimistic bound; ``data_pipelines.score_rm`` measures the real thing.
 
-Export (``export_dir``): the policy in Hugging Face format as :class:`PolicyModule` writes it, plus
+Export (``export.dir``): the policy in Hugging Face format as :class:`PolicyModule` writes it, plus
 ``reward_head.safetensors`` and ``reward_config.json`` (mode, head, prompt, policy class), in one
 atomic stage output. The use-time half -- the head, the prompts, loading and scoring -- is
 :mod:`mmalign.rewards.critique` (:func:`~mmalign.rewards.critique.load_reward_model`,
@@ -94,6 +94,7 @@ from mmalign.records import (
     message_text,
     read_records,
 )
+from mmalign.records import where as record_where
 from mmalign.rewards.critique import (
     CONFIG_FILE,
     CRITIQUE_PROMPT,
@@ -129,7 +130,7 @@ def check_reward_record(rec: PreferenceRecord, mode: RewardMode) -> None:
     for side, key in CRITIQUE_KEYS.items():
         c = rec.meta.get(key)
         if not isinstance(c, str) or not c.strip():
-            raise RecordError(f"{_source(rec)} id={rec.id}: critique mode needs the reference critique '{key}' "
+            raise RecordError(f"{record_where(rec.meta, rec.id)}: critique mode needs the reference critique '{key}' "
                               f"(a non-empty string) for the {side} response; got {c!r}")
 
 
@@ -197,8 +198,8 @@ class RewardPairCollator:
                 return batch
             for i in reversed(over):
                 self.dropped += 1
-                log.warning("dropped pair (%d so far): %s id=%s is %d tokens, over max_length=%d", self.dropped,
-                            pairs[i]["meta"]["source"], pairs[i]["meta"]["id"], max(lengths[i], lengths[n + i]),
+                log.warning("dropped pair (%d so far): %s is %d tokens, over max_length=%d", self.dropped,
+                            record_where(pairs[i]["meta"]), max(lengths[i], lengths[n + i]),
                             self.max_length)
                 del pairs[i]
         return None  # every pair dropped; Lightning skips a None batch
@@ -278,7 +279,7 @@ class RewardModule(PolicyModule):
         gap = pairs["score_chosen"] - pairs["score_rejected"]                # (B,)
         bad = (~torch.isfinite(gap)).nonzero().flatten().tolist()
         if bad:
-            where = ", ".join(f"{pairs['meta'][i]['source']} id={pairs['meta'][i]['id']}" for i in bad[:5])
+            where = ", ".join(record_where(pairs['meta'][i]) for i in bad[:5])
             raise RecordError(f"margin_scale > 0 needs score_chosen and score_rejected in every record; missing in {where}")
         return scale * gap
 

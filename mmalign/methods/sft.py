@@ -1,16 +1,7 @@
-"""Supervised fine-tuning (visual instruction tuning): next-token loss on assistant turns
-(:mod:`mmalign.losses.sft`).
+"""Supervised fine-tuning (visual instruction tuning): next-token loss on the assistant turns.
 
-With ``lp[b, t] = log p(label[b, t] | tokens < t, images)``, ``m[b, t] = 1`` where ``label[b, t]``
-is scored (prompt, image and padding positions carry no loss), ``n_b = sum_t m[b, t]`` the
-scored tokens of example ``b`` and ``B`` the examples of the batch that have any (``n_b > 0``):
-
-    "token"   (LLaVA's):  loss = - (1 / N) * sum_{b, t} m[b, t] * lp[b, t],   N = sum_b n_b
-    "example":            loss = - (1 / B) * sum_b (1 / n_b) * sum_t m[b, t] * lp[b, t]
-
-"token" weighs every scored token the same, so an example weighs in proportion to its answer
-length: next to ~39-token detailed captions a one-token "Yes." gets ~1 % of the gradient.
-"example" weighs every example the same, whatever its answer length.
+The loss and its two normalisations ("token", LLaVA's; "example") are :mod:`mmalign.losses.sft`;
+this module trains with it, dividing by the all-reduced count under data parallelism.
 """
 
 from __future__ import annotations

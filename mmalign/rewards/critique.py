@@ -182,7 +182,7 @@ class RewardModel(nn.Module):
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu", policy_class: str | None = None,
                       **policy_kwargs: Any) -> RewardModel:
-    """Load an exported reward model (``RewardModule``'s ``export_dir``) in eval mode on ``device``.
+    """Load an exported reward model (``RewardModule``'s ``export.dir``) in eval mode on ``device``.
 
     The policy is built by class path (``policy_class``, default: the one recorded in
     ``reward_config.json``, e.g. ``models.policy.HFPolicy``) as ``cls(path=path, **policy_kwargs)``,
@@ -196,7 +196,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu", poli
     cfg_file, head_file = path / CONFIG_FILE, path / HEAD_FILE
     for f in (cfg_file, head_file):
         if not f.is_file():
-            raise FileNotFoundError(f"{path}: no {f.name}; is this a reward model export (RewardModule export_dir)?")
+            raise FileNotFoundError(f"{path}: no {f.name}; is this a reward model export (RewardModule export.dir)?")
     try:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:

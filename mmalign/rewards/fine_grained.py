@@ -14,7 +14,7 @@ right-padded. :func:`segment_logits` scores them through :meth:`Policy.response_
 one forward over prompt + response that the policy and the value model use too (positions follow
 the attention mask; multimodal-RoPE families compute their own there).
 
-Export format (written by ``FGRewardModule``'s ``export_dir``): the policy in Hugging Face format,
+Export format (written by ``FGRewardModule``'s ``export.dir``): the policy in Hugging Face format,
 ``fg_reward_head.safetensors`` (one ``<type>.weight`` / ``<type>.bias`` per head) and
 ``fg_reward_config.json`` (types, classes, values, hidden size, policy class, format version).
 :func:`load_fg_reward_model` reads it back; :meth:`FGRewardModel.segment_probs` /
@@ -408,7 +408,7 @@ class FGRewardModel(nn.Module):
 
 def load_fg_reward_model(path: str | Path, device: str | torch.device = "cpu", policy_class: str | None = None,
                          **policy_kwargs: Any) -> FGRewardModel:
-    """Load an exported fine-grained reward model (``FGRewardModule``'s ``export_dir``) in eval
+    """Load an exported fine-grained reward model (``FGRewardModule``'s ``export.dir``) in eval
     mode on ``device``. The policy is built by class path (``policy_class``, default: the one in
     ``fg_reward_config.json``) as ``cls(path=path, **policy_kwargs)``. The format version, the
     hidden size and every head's shape are checked; errors name the file."""
@@ -421,7 +421,7 @@ def load_fg_reward_model(path: str | Path, device: str | torch.device = "cpu", p
     for f in (cfg_file, head_file):
         if not f.is_file():
             raise FileNotFoundError(f"{path}: no {f.name}; is this a fine-grained reward model export "
-                                    "(FGRewardModule export_dir)?")
+                                    "(FGRewardModule export.dir)?")
     try:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
