@@ -113,7 +113,7 @@ DRESS_SRC   := $(SFT_SRC) mmalign/methods/dress.py $(wildcard mmalign/losses/dre
 .PHONY: help install venv deps data vision tiny-model sft eval-sft eval eval-compare sample judge feedback prefs mmrlhf-import \
   rm rm-score ref-logps dpo mmdpo sft-continued eval-mmrlhf index realign-data realign realign-text eval-realign \
   sample-val feedback-val fg-rm fg-rm-eval fgaif fgaif-seq fgaif-oracle eval-fgaif \
-  nlf dress-import dress eval-dress bench bench-dpo bench-index demo demo-full ablations report pipeline test test-slow clean
+  nlf dress-import dress eval-dress refine-compare bench bench-dpo bench-index demo demo-full ablations report pipeline test test-slow clean
 
 # `make help`: the usage line, the stage graph (`#|` lines), every target with a `## ` comment on its
 # line under its section (`# --- ` lines), then every variable with a `## ` line above its `?=`, with
