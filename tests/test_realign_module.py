@@ -117,7 +117,7 @@ def test_pairs_without_rejected_images_are_refused(world, llava, tmp_path):
         r.pop("rejected_images")
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
     b = batch_of(llava, world, tmp_path / "p.jsonl", "shared_prompt", 2)
-    with pytest.raises(ValueError, match=r"p.jsonl:1: rDPO needs rejected_images"):
+    with pytest.raises(ValueError, match=r"p.jsonl:1 id=v0: rDPO needs rejected_images"):
         RealignModule(llava).compute_loss(b)
     recs[1]["rejected_images"] = recs[0]["images"]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
