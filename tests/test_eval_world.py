@@ -56,6 +56,16 @@ def test_reference_caption_is_perfect_and_synonyms_count():
     assert B.score_caption("Two discs.", SCENE, VOCAB)["obj_hallucinated"] == 0
 
 
+def test_every_shape_word_the_parser_reads_is_a_chair_mention():
+    """CHAIR must see each shape word the caption grammar accepts, irregular plurals included:
+    "Two rhombi." in a scene without a diamond is one mention, one hallucinated ("rhombi" was
+    missing from the scoring vocabulary, so the mention went uncounted)."""
+    for word, (shape, _) in W.SHAPE_WORDS.items():
+        assert [m.category for m in VOCAB.extract(f"There are two {word} here.")] == [shape], word
+    row = B.score_caption("Two rhombi.", SCENE, VOCAB)
+    assert row["obj_mentions"] == 1 and row["obj_hallucinated"] == 1
+
+
 def _scenes(n=40, seed=3):
     rng = random.Random(seed)
     out = {}

@@ -59,11 +59,20 @@ CONFUSABLE_SHAPES: dict[str, tuple[str, ...]] = {
 
 def world_vocabulary() -> ObjectVocabulary:
     """The world's object categories with the synonyms its caption parser accepts (disc ->
-    circle, rhombus -> diamond); plurals come from the vocabulary itself."""
+    circle, rhombus -> diamond); regular plurals come from the vocabulary itself, and a plural
+    it cannot derive (rhombi) is added as a word of its own, so CHAIR sees every shape word the
+    caption parser reads."""
     syn: dict[str, list[str]] = {s: [] for s in W.SHAPES}
     for word, (shape, plural) in W.SHAPE_WORDS.items():
         if not plural and word != shape:
             syn[shape].append(word)
+    vocab = ObjectVocabulary(syn, name="world")
+    irregular = [(w, shape) for w, (shape, plural) in W.SHAPE_WORDS.items()
+                 if plural and [m.category for m in vocab.extract(w)] != [shape]]
+    if not irregular:
+        return vocab
+    for w, shape in irregular:
+        syn[shape].append(w)
     return ObjectVocabulary(syn, name="world")
 
 
