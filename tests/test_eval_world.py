@@ -66,6 +66,15 @@ def test_every_shape_word_the_parser_reads_is_a_chair_mention():
     assert row["obj_mentions"] == 1 and row["obj_hallucinated"] == 1
 
 
+def test_a_negated_shape_is_no_mention():
+    """"There is no star." claims no star (the caption checker labels it negated): CHAIR counts
+    no mention and no hallucination; the square beside it is one true mention."""
+    row = B.score_caption("There is no star.", SCENE, VOCAB)
+    assert row["obj_mentions"] == 0 and row["obj_hallucinated"] == 0 and row["any_hallucination"] == 0
+    row = B.score_caption("There is a green square. There are no stars.", SCENE, VOCAB)
+    assert row["obj_mentions"] == 1 and row["obj_hallucinated"] == 0 and row["obj_covered"] == 1
+
+
 def _scenes(n=40, seed=3):
     rng = random.Random(seed)
     out = {}

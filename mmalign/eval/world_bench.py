@@ -95,13 +95,16 @@ def score_caption(text: str, scene: W.Scene, vocab: ObjectVocabulary, reference:
     relation is the reverse of the reference one (``rel_wrong=1, rel_cog=1``).
     """
     shapes = {o.shape for o in scene.objects}
-    mentions = vocab.extract(text)
+    parsed = W.parse_caption(text)
+    # "There is no star." claims nothing: a shape word inside a negated mention is not an object
+    # mention, as the caption checker and the oracle read it
+    negated = [(m.start, m.end) for m in parsed.mentions if m.negated]
+    mentions = [m for m in vocab.extract(text) if not any(a <= m.start and m.end <= b for a, b in negated)]
     cats = [m.category for m in mentions]
     hallucinated = [c for c in cats if c not in shapes]
     distinct = set(cats)
     confusions = {c for s in shapes for c in CONFUSABLE_SHAPES.get(s, ()) if c not in shapes}
 
-    parsed = W.parse_caption(text)
     check = W.check_caption(parsed, scene)
     attr_claims = attr_wrong = 0
     colour_cov: set[int] = set()
