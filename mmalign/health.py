@@ -18,7 +18,10 @@ from mmalign.metrics import has_loop, words
 def health_row(text: str) -> dict[str, int]:
     """Per-answer columns: ``words`` (token count), ``loop`` (:func:`has_loop`: some 1-3 word
     n-gram three times back to back) and ``empty`` (no tokens)."""
-    toks = words(text)
+    return _row(words(text))
+
+
+def _row(toks: Sequence[str]) -> dict[str, int]:
     return {"words": len(toks), "loop": int(has_loop(toks)), "empty": int(not toks)}
 
 
@@ -35,12 +38,12 @@ def generation_health(texts: Sequence[str]) -> dict[str, float]:
 
     Every 0/0 (no texts, no bigrams) is 0.0.
     """
-    rows = [health_row(t) for t in texts]
+    toks = [words(t) for t in texts]   # tokenised once: the rows and distinct-n read the same tokens
+    rows = [_row(t) for t in toks]
     m = max(1, len(rows))
     out = {"mean_words": sum(r["words"] for r in rows) / m,
            "loop_rate": sum(r["loop"] for r in rows) / m,
            "empty_rate": sum(r["empty"] for r in rows) / m}
-    toks = [words(t) for t in texts]
     for n in (1, 2):
         grams = [tuple(w[i:i + n]) for w in toks for i in range(len(w) - n + 1)]
         out[f"distinct{n}"] = len(set(grams)) / len(grams) if grams else 0.0

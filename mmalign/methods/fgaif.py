@@ -137,7 +137,7 @@ class FGAIFModule(PolicyModule):
         max_grad_norm: gradient-norm clip of every optimiser step; 0 = off.
         reward_batch_size: responses per reward-model forward.
         on_collapse: what to do when the rollouts' health (length, distinct-2, loops, empties)
-            degrades against the first rollout (:func:`mmalign.methods.dpo.collapsed`): "warn"
+            degrades against the first rollout (:func:`mmalign.health.collapsed`): "warn"
             or "stop".
         optim: the optimiser (:class:`~mmalign.methods.base.OptimArgs`; default lr 1e-5, no
             warm-up, ``min_lr_ratio`` 1.0: a constant learning rate).
