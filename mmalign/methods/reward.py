@@ -95,6 +95,7 @@ from mmalign.records import (
     read_records,
 )
 from mmalign.records import where as record_where
+from mmalign.rewards import CRITIQUE_KEYS
 from mmalign.rewards.critique import (
     CONFIG_FILE,
     CRITIQUE_PROMPT,
@@ -110,9 +111,6 @@ from mmalign.rewards.critique import (
 )
 
 log = logging.getLogger(__name__)
-
-#: Record keys (PreferenceRecord meta) of the reference critiques, as the prefs stage writes them.
-CRITIQUE_KEYS = {"chosen": "critique_chosen", "rejected": "critique_rejected"}
 
 
 def _answer(messages: list[dict]) -> str:

@@ -40,7 +40,6 @@ MMRLHF_CRITIQUE_PROMPT = (
     "Multimodal Model (LMM). Given the following question and the LMM's response, please evaluate the correctness, "
     "clarity, and completeness of the answer. Provide a detailed explanation of your assessment, including specific "
     "points of strength and areas for improvement.\n\n[Question]: {question}\n[LMM Response]: {answer}\n\n[Evaluation]:")
-#: Record keys (PreferenceRecord meta) of the reference critiques, as the prefs stage writes them.
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
 FORMAT_VERSION = 1
