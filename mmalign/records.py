@@ -68,7 +68,7 @@ def where(meta: Any, record_id: Any = None, default: str = "<record>") -> str:
     rid = record_id if record_id is not None else meta.get("id")
     if src and rid is not None and str(rid) not in str(src):
         return f"{src} id={rid}"
-    return str(src or (rid if rid is not None else None) or default)
+    return str(src or rid or default)
 
 
 def _check_content(content: Any, where: str) -> int:
