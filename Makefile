@@ -21,7 +21,7 @@
 #|              |                                          \-> fgaif, fgaif-seq
 #|              +-> fgaif-oracle                (the oracle's labels as rewards: no reward model)
 #| DRESS        +-> feedback/oracle -> nlf -> dress
-#| evaluation   \-> eval/<run> for sft and every trained run (+ refine/<run>: sft, sft-continued, dress)
+#| evaluation   \-> eval/<run> for sft and every trained run (+ refine/<run>: sft, sft-continued, dress -> refine/compare)
 #|                  -> eval-mmrlhf, eval-realign, eval-fgaif, eval-dress (side by side) -> report
 
 SHELL := /bin/bash
