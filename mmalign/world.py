@@ -880,6 +880,8 @@ class ParsedCaption:
 
 
 _TOKEN = re.compile(r"[a-z]+|\d+")
+#: Words that open a relative clause about the mention just before them ("B, which is above C").
+_RELATIVE_PRONOUNS = {"which", "that", "who"}
 _SENTENCE_END = re.compile(r"[.!?;]")
 
 
@@ -891,7 +893,8 @@ def parse_caption(text: str) -> ParsedCaption:
     phrasings ("to the left of", "on top of", "under"). A mention is a shape word plus the
     size/colour/number/determiner words directly before it. A relation claim links the last
     mention before the relation phrase to the first one after it, within one sentence; in
-    "A is above B and left of C" the second claim's subject is A again, not B.
+    "A is above B and left of C" the second claim's subject is A again, not B, while in a relative
+    clause ("A is right of B, which is above C"; also "that") it is B.
     """
     low = text.lower()
     toks = [(m.group(), m.start(), m.end()) for m in _TOKEN.finditer(low)]
@@ -963,7 +966,11 @@ def parse_caption(text: str) -> ParsedCaption:
             subject = before[-1]
             prev = relations[-1] if relations else None
             if prev is not None and prev.object is subject and sentence_of(prev.start) == sent:
-                subject = prev.subject  # "A is above B and left of C": A is left of C
+                # "A is above B and left of C": A is left of C. But a relative clause attaches to
+                # B: in "A is right of B, which is above C" it is B that is above C.
+                clause = {t[0] for t in toks if subject.end <= t[1] < p_start}
+                if not clause & _RELATIVE_PRONOUNS:
+                    subject = prev.subject
             # negation between the subject and the phrase: "is not above", "isn't left of"
             between = [t[0] for t in toks if subject.end <= t[1] < p_start]
             negated = "not" in between or "isn" in between or "aren" in between

@@ -75,6 +75,28 @@ def test_a_negated_shape_is_no_mention():
     assert row["obj_mentions"] == 1 and row["obj_hallucinated"] == 0 and row["obj_covered"] == 1
 
 
+def test_a_which_clause_is_about_the_object_before_it():
+    """"The circle is right of the rhombus, which is above the square": the second relation is the
+    rhombus's, not the circle's. Diamond at (0.2, 0.2) above the square at (0.2, 0.7); the circle
+    at (0.7, 0.7) is right of the diamond and level with the square. Both claims are true; read
+    with the circle as the clause's subject (the old attachment) "circle above square" was false."""
+    diamond = W.SceneObject("diamond", "blue", "small", 0.2, 0.2)
+    square = W.SceneObject("square", "green", "small", 0.2, 0.7)
+    circle = W.SceneObject("circle", "red", "large", 0.7, 0.7)  # level with the square: not above it
+    scene = W.Scene((diamond, square, circle), "which")
+    text = "The red circle is right of the blue rhombus, which is above the green square."
+    parsed = W.parse_caption(text)
+    assert [(r.subject.shape, r.relation, r.object.shape) for r in parsed.relations] == [
+        ("circle", "right of", "diamond"), ("diamond", "above", "square")]
+    row = B.score_caption(text, scene, VOCAB)
+    assert row["rel_claims"] == 2 and row["rel_wrong"] == 0
+    # "that" opens the same clause; without a relative pronoun the first subject carries on.
+    that = W.parse_caption("The red circle is right of the blue rhombus that is above the green square.")
+    assert [r.subject.shape for r in that.relations] == ["circle", "diamond"]
+    chained = W.parse_caption("The red circle is right of the blue rhombus and below the green square.")
+    assert [r.subject.shape for r in chained.relations] == ["circle", "circle"]
+
+
 def _scenes(n=40, seed=3):
     rng = random.Random(seed)
     out = {}
