@@ -135,6 +135,16 @@ def test_chair_toilet_seat_rules(coco):
     assert cats(coco, "a man in a bow tie") == ["person", "tie"]
 
 
+def test_reference_script_quirks_are_fixed_and_negation_is_ignored(coco):
+    """The reference CHAIR never counts these (pattern's singularize: bus -> "bu", ties -> "ty";
+    synonyms.txt's " motor bike" and " cheesecake" keep a leading space); here each is a mention.
+    Negation is not read on COCO, as in the reference: "no dog" is a dog mention."""
+    assert cats(coco, "Two buses and a bus.") == ["bus", "bus"]
+    assert cats(coco, "Three ties.") == ["tie"]
+    assert cats(coco, "A motor bike beside a cheesecake.") == ["motorcycle", "cake"]
+    assert cats(coco, "There is no dog.") == ["dog"]
+
+
 def test_possessive_and_hyphen(coco):
     """An apostrophe ends a word ("man's" holds "man"); "hot-dog" is the hot dog form with a
     hyphen between its words."""

@@ -48,6 +48,17 @@ identical with, the reference script's):
   "phones", which the plural rules handle) and its duplicate entries. Added: "hair dryer"
   (the common spelling; CHAIR has only "hair drier" and "hairdryer"), "hotdog", "aeroplane".
   "home plate" (a CHAIR double word) is left out: neither word is a COCO object here either.
+* Reference-script quirks fixed here, silently changing counts against it: ``pattern.en``'s
+  ``singularize`` turns "bus" into "bu" and "ties" into "ty", so the reference never counts a
+  bus or a plural tie (here both are mentions); and ``synonyms.txt`` writes two forms after a
+  double space ("motorcycle, scooter,  motor bike" and "cake,  cheesecake"), which its
+  ``split(', ')`` reads as " motor bike" and " cheesecake" with a leading space that no token can
+  equal (here "motor bike" is a motorcycle and "cheesecake" a cake). The LisaAnne/Hallucination
+  forks that lemmatise with WordNet instead of ``pattern`` (OPERA's ``chair.py``) keep the
+  leading-space forms but not the bus/ty ones.
+* Negation is ignored on COCO, as in the reference script: "there is no dog" is a dog mention (a
+  hallucination if the image has none). The world's CHAIR skips negated mentions because its
+  caption grammar marks them (``mmalign.eval.world_bench``); free text has no such parse here.
 * Known CHAIR limits kept as they are: "orange" the colour is an orange, "bow" is a tie,
   "pitcher"/"player" are people, "ball" is a sports ball, "mouse" is the COCO (computer) mouse.
 
