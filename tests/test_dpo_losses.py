@@ -208,6 +208,32 @@ def test_dynamic_beta_feeds_dpo():
 # all_pairs by hand
 
 
+def test_released_batch_beta_by_hand():
+    from mmalign.losses.dpo import released_batch_beta
+
+    # h = [0, 0, 0, 0, 10]: mean 2; 4 of the 5 pairs are drawn (int(0.8 * 5)), so exactly one is
+    # left out. Left out the 10: mean(drawn) = 0 -> 0.1 * (1 + 0.1 * (0 - 2)) = 0.08; left out a 0:
+    # mean(drawn) = 10 / 4 = 2.5 -> 0.1 * (1 + 0.1 * 0.5) = 0.105. Std (unbiased) = sqrt(80 / 4):
+    # weights exp(-0.5 * (2 / sqrt(20))^2) = e^-0.1 for a 0 and exp(-0.5 * (8 / sqrt(20))^2) = e^-1.6
+    # for the 10, so the 10 is the likelier one to be left out.
+    h = torch.tensor([0.0, 0.0, 0.0, 0.0, 10.0])
+    g = torch.Generator().manual_seed(0)
+    got = [released_batch_beta(h, 0.1, 0.1, generator=g).item() for _ in range(400)]
+    assert set(round(b, 6) for b in got) == {0.08, 0.105}
+    assert sum(round(b, 6) == 0.08 for b in got) > 200
+    # the floor: w = 10 -> 0.1 * (1 + 10 * (0 - 2)) < 0 -> 1e-3 (when the 10 is left out)
+    assert min(released_batch_beta(h, 0.1, 10.0, generator=g).item() for _ in range(50)) == pytest.approx(1e-3)
+    # equal logits: every draw has the batch mean -> beta unchanged
+    assert released_batch_beta(torch.full((6,), 3.0), 0.1, 0.1).item() == pytest.approx(0.1)
+    # one pair: int(0.8 * 1) = 0 draws (the release's std is NaN there and multinomial raises) -> beta
+    assert released_batch_beta(torch.tensor([5.0]), 0.1, 0.1).item() == pytest.approx(0.1)
+    assert not released_batch_beta(h.requires_grad_(), 0.1, 0.1).requires_grad  # a constant, as in the release
+    with pytest.raises(ValueError, match="keep"):
+        released_batch_beta(h, 0.1, 0.1, keep=0.0)
+    with pytest.raises(ValueError, match="non-empty"):
+        released_batch_beta(torch.zeros(0), 0.1, 0.1)
+
+
 def test_all_pairs_by_hand():
     """scores [3, 1, 2, 2]: i = 0 (3) beats 1, 2, 3; i = 1 (1) beats nobody; i = 2 (2) beats 1
     only (2 vs 2 is a tie); i = 3 (2) beats 1 only. -> (0,1), (0,2), (0,3), (2,1), (3,1)."""

@@ -154,6 +154,34 @@ def test_dynamic_reward_scaling_beta_per_pair(world, llava, tmp_path):
         m.pair_beta(b)
 
 
+def test_released_beta_mode_is_one_batch_beta(world, llava, tmp_path):
+    from mmalign.losses.dpo import released_batch_beta
+
+    pairs = write_pairs(world, tmp_path / "pairs.jsonl", n=5)  # no reward_margin: the released rule needs none
+    (b,) = batches(llava, world, pairs, "shared_prompt", batch_size=5)
+    m = DPOModule(llava, beta=0.1, drs_w=0.1, beta_mode="released")
+    h = torch.tensor([0.0, 0.0, 0.0, 0.0, 10.0])
+    torch.manual_seed(3)
+    got = m.pair_beta(b, h)
+    torch.manual_seed(3)
+    assert got.ndim == 0 and got.item() == pytest.approx(released_batch_beta(h, 0.1, 0.1).item())
+    assert round(got.item(), 6) in (0.08, 0.105)  # see test_released_batch_beta_by_hand
+    out, stats = m.compute_loss(b)
+    assert torch.isfinite(out.loss) and stats["beta"].ndim == 0
+    with pytest.raises(ValueError, match="beta_mode"):
+        DPOModule(llava, beta_mode="batch")
+
+
+def test_tied_pairs_are_refused(world, llava, tmp_path):
+    pairs = write_pairs(world, tmp_path / "pairs.jsonl", n=2)
+    rows = [json.loads(x) for x in pairs.read_text().splitlines()]
+    rows[1]["is_tie"] = True
+    pairs.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    (b,) = batches(llava, world, pairs, "shared_prompt")
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:2 .*tied pair"):
+        DPOModule(llava).compute_loss(b)
+
+
 def test_precomputed_reference_refuses_missing_or_foreign_logps(world, llava, tmp_path):
     pairs = write_pairs(world, tmp_path / "pairs.jsonl", n=2, ref_chosen_logp=-1.0, ref_rejected_logp=-2.0,
                         ref_model="other@123")
@@ -204,4 +232,23 @@ def test_mmdpo_trains_through_the_cli_and_logs_the_probe(world, model_dirs, tmp_
     assert [int(r["step"]) for r in probes] == [0, 2, 4]
     betas = {round(float(r["train/beta"]), 6) for r in rows if r["train/beta"]}
     cfg = cli.model.hparams
+    assert cfg.beta_mode == "paper"
     assert betas == {round(cfg.beta * (1 + cfg.drs_w * (1 - math.exp(-cfg.drs_k * 1.5))), 6)}
+
+
+def test_mmdpo_cli_accepts_the_released_beta_mode(world, model_dirs, tmp_path):
+    pairs = write_pairs(world, tmp_path / "pairs.jsonl", n=8)  # no reward_margin: the released rule needs none
+    cli = cli_main(["fit", "--config", str(ROOT / "configs/dpo/mmdpo.yaml"),
+                    "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "2",
+                    "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+                    "--trainer.log_every_n_steps", "1",
+                    "--model.init_args.policy.init_args.path", str(model_dirs["llava"]),
+                    "--model.init_args.export.dir", str(tmp_path / "model"),
+                    "--model.init_args.probe_file", "null", "--model.init_args.reference", "on_the_fly",
+                    "--model.init_args.beta_mode", "released", "--model.init_args.drs_w", "0.1",
+                    "--data.init_args.train_file", str(pairs), "--data.init_args.val_file", "null",
+                    "--data.init_args.data_root", str(world), "--data.init_args.batch_size", "4"])
+    assert cli.trainer.global_step == 2 and cli.model.hparams.beta_mode == "released"
+    with open(tmp_path / "run/logs/metrics.csv") as f:
+        betas = [float(r["train/beta"]) for r in csv.DictReader(f) if r.get("train/beta")]
+    assert betas and all(b >= 1e-3 and math.isfinite(b) for b in betas)

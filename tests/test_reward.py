@@ -18,6 +18,7 @@ from mmalign.losses.reward import (
     gather_at,
     last_label_index,
     reward_centering,
+    tie_loss,
 )
 from mmalign.ops import IGNORE_INDEX
 from mmalign.records import RecordError
@@ -63,6 +64,19 @@ def test_bradley_terry_is_stable_and_checks_shapes():
         bradley_terry_loss(torch.zeros(0), torch.zeros(0))
     with pytest.raises(ValueError, match="margin"):
         bradley_terry_loss(torch.zeros(2), torch.zeros(2), margin=torch.zeros(3))
+
+
+def test_tie_loss_by_hand():
+    # c - r = 1.5 and 0.5 -> squares 2.25 and 0.25 -> mean 1.25; d/dc_b = 2 (c_b - r_b) / B = [1.5, 0.5]
+    c = torch.tensor([2.0, 0.5], requires_grad=True)
+    r = torch.tensor([0.5, 0.0])
+    loss = tie_loss(c, r)
+    assert loss.item() == pytest.approx(1.25)
+    loss.backward()
+    assert c.grad.tolist() == pytest.approx([1.5, 0.5])
+    assert tie_loss(r, c.detach()).item() == pytest.approx(1.25)  # symmetric: "chosen" means nothing in a tie
+    with pytest.raises(ValueError, match="empty"):
+        tie_loss(torch.zeros(0), torch.zeros(0))
 
 
 def test_reward_centering_by_hand():
@@ -266,6 +280,64 @@ def test_module_options_are_checked(model_dirs):
         RewardModule(policy, bt_weight=float("nan"))
     m = RewardModule(policy, mode="scalar", head="mlp")
     assert m.lm_weight == 0.0 and m.head(torch.zeros(3, policy.hidden_size)).shape == (3,)
+
+
+def _tie_rows(pairs: Path) -> list[dict]:
+    """Three pairs of the test file; the second marked as a tie (MM-RLHF's ``is_tie``)."""
+    rows = [json.loads(x) for x in pairs.read_text().splitlines()[:3]]
+    rows[1]["is_tie"] = True
+    return rows
+
+
+def test_tie_loss_in_the_module_step_by_hand(world, model_dirs, pairs):
+    """The module's loss on a batch of 2 untied pairs and 1 tie, from the scores it reads:
+    bt_weight * (mean_{0,2} softplus(-(c - r)) + tie_weight * (c_1 - r_1)^2)."""
+    from mmalign.methods.reward import RewardModule, RewardPairCollator, RewardPairDataset
+    from mmalign.records import read_records
+    from mmalign.rewards.critique import score_rows
+    from models.policy import HFPolicy
+
+    f = pairs.parent / "with-tie.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in _tie_rows(pairs)))
+    recs = read_records(f, "preference", data_root=world)
+    torch.manual_seed(0)
+    module = RewardModule(HFPolicy(str(model_dirs["llava"])), mode="scalar", bt_weight=2.0, tie_weight=0.5).eval()
+    ds = RewardPairDataset(recs, "scalar")
+    batch = RewardPairCollator(module.policy.processor, max_length=4096)([ds[i] for i in range(3)])
+    assert batch["pairs"]["is_tie"].tolist() == [False, True, False]
+    with torch.no_grad():
+        _, s = score_rows(module.policy, module.head, batch)
+        c, r = s[:3].tolist(), s[3:].tolist()
+        bt = (math.log1p(math.exp(-(c[0] - r[0]))) + math.log1p(math.exp(-(c[2] - r[2])))) / 2
+        want = 2.0 * (bt + 0.5 * (c[1] - r[1]) ** 2)
+        got = module._step(batch, "train").item()
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_ties_file_and_bad_tie_flags(world, model_dirs, pairs, tmp_path):
+    from mmalign.methods.reward import RewardDataModule, RewardPairDataset
+    from mmalign.records import read_records
+
+    rows = _tie_rows(pairs)
+    ties = tmp_path / "ties.jsonl"
+    ties.write_text(json.dumps(rows[1]) + "\n")
+    plain = tmp_path / "pairs.jsonl"
+    plain.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[2]) + "\n")
+    dm = RewardDataModule(train_file=str(plain), ties_file=str(ties), data_root=str(world))
+    dm.connect(_processor(model_dirs["llava"]), "critique")
+    dm.setup("fit")
+    assert [dm.train_set[i]["is_tie"] for i in range(len(dm.train_set))] == [False, False, True]
+    # a pairs file given as the ties file: an error naming the record
+    dm = RewardDataModule(train_file=str(plain), ties_file=str(plain), data_root=str(world))
+    dm.connect(_processor(model_dirs["llava"]), "critique")
+    with pytest.raises(RecordError, match=r"pairs\.jsonl:1 .*'is_tie': true"):
+        dm.setup("fit")
+    # is_tie must be a JSON boolean
+    rows[1]["is_tie"] = "yes"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RecordError, match=r"bad\.jsonl:2 .*is_tie"):
+        RewardPairDataset(read_records(bad, "preference", data_root=world), "scalar")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,31 @@ Definitions and sources
   ``loss = DPO + alpha * NLL(chosen)``, the NLL a mean over the chosen completion's tokens.
 * Dynamic Reward Scaling (Zhang et al. 2025, "MM-RLHF: The Next Step Forward in Multimodal LLM
   Alignment", MM-DPO): ``beta(delta) = beta_ori * (1 + w * (1 - exp(-k * delta)))`` with
-  ``delta = r_RM(y_w) - r_RM(y_l)`` the reward model's margin for the pair.
+  ``delta = r_RM(y_w) - r_RM(y_l)`` the reward model's margin for the pair
+  (:func:`dynamic_beta`). This per-pair beta from the *reward model's* margin is the paper's
+  method and what mmalign trains with by default.
+
+What the released MM-DPO trainer does instead
+---------------------------------------------
+Read in github.com/Kwai-YuanQi/MM-RLHF at commit 7c8af1d (files named below):
+
+* ``trl/trainer/dpo_trainer.py``, ``DPOTrainer.dpo_loss(..., ls_factor=1.0, vision=False,
+  implicit_beta=True)``: the ``sigmoid`` branch first sets a per-pair
+  ``beta_used = beta * (1 + ls_factor_weight * ls_factor)`` floored at 1e-3, then, because
+  ``implicit_beta`` is True by default and no caller passes it (``get_batch_loss_metrics`` calls
+  ``self.dpo_loss(..., batch['ls_factor'], vision=vision)``), *overwrites* it with one beta for
+  the whole batch, beta-DPO style (Wu et al. 2024, "beta-DPO: Direct Preference Optimization with
+  Dynamic beta"): the detached DPO logits ``h`` of all pairs (gathered over the ranks) give
+  ``mean``, ``std``, Gaussian weights ``exp(-0.5 ((h - mean) / (std + 1e-7))^2)``; 80 % of the
+  pairs (``int(0.8 N)``) are drawn without replacement with those weights, and
+  ``beta_used = beta * (1 + ls_factor_weight * (mean(h[drawn]) - mean))``, floored at 1e-3
+  (:func:`released_batch_beta`). It reads the policy's own log-ratio margins against the
+  reference, not the reward model.
+* Nothing in the release computes ``ls_factor``: ``llava/train/train_dpo.py``
+  (``DPODataset._get_item``) takes it from the record when present and defaults it to 1.0, and
+  no script or data-preparation code writes it.
+* ``scripts/train/dpo_ov7b.sh`` runs with ``--beta 0.1 --ls_factor_weight 0.1`` (w = 0.1),
+  ``--gamma 0.25`` (the chosen answer's SFT loss) and ``--dpo_alpha 1.0``.
 """
 
 from __future__ import annotations
@@ -43,7 +67,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["DPOOutput", "all_pairs", "dpo_sigmoid_loss", "dynamic_beta", "ipo_loss",
-           "nll_anchored_dpo_loss"]
+           "nll_anchored_dpo_loss", "released_batch_beta"]
 
 
 class DPOOutput(NamedTuple):
@@ -261,19 +285,21 @@ def dynamic_beta(
     with ``delta`` (for ``w, k > 0``) and saturates at ``beta_ori * (1 + w)``, so pairs the
     reward model is confident about get a larger beta (a sharper, more heavily weighted loss).
 
-    ``delta < 0`` (the reward model disagrees with the label) is *not* clipped at 0, following
-    the released trainer, which scales beta linearly in a precomputed per-pair factor and only
-    floors the result (``beta_used.clamp(min=1e-3)``): such pairs get ``beta < beta_ori``, and
-    since ``1 - exp(-k delta)`` is unbounded below, a large negative ``delta`` drives beta to 0
-    and then negative, which would *reverse* the preference. Pass ``clip`` to bound the result
-    (e.g. ``(1e-3, math.inf)`` reproduces the trainer's floor); clip ``reward_margin`` at 0
-    yourself to treat disagreeing pairs as plain DPO pairs (``beta_ori``) instead.
+    ``delta < 0`` (the reward model disagrees with the label) is *not* clipped at 0: the paper
+    does not say, and such pairs get ``beta < beta_ori``. Since ``1 - exp(-k delta)`` is
+    unbounded below, a large negative ``delta`` drives beta to 0 and then negative, which would
+    *reverse* the preference. Pass ``clip`` to bound the result: ``(1e-3, math.inf)`` is the
+    floor the released trainer puts on every beta it uses (its per-pair beta is overwritten by
+    a batch-level one by default, see the module docstring and :func:`released_batch_beta`);
+    clip ``reward_margin`` at 0 yourself to treat disagreeing pairs as plain DPO pairs
+    (``beta_ori``) instead.
 
     Args:
         reward_margin: ``(B,)`` ``delta``, reward-model score of the chosen minus the rejected
             response (detached here: the reward model gets no gradient).
         beta_ori: > 0, the base DPO beta (0.1 in the MM-RLHF scripts).
-        w: weight of the dynamic part (``ls_factor_weight``; 0.1 in the MM-RLHF 7B script).
+        w: weight of the dynamic part (the paper's w; the release's ``ls_factor_weight``, 0.1 in
+            its 7B script).
         k: rate at which the scaling saturates in ``delta`` (scale it to the reward model's
             score range: ``k * delta`` of a few means saturated).
         clip: ``(low, high)`` bounds on the returned beta, or None for none.
@@ -291,6 +317,60 @@ def dynamic_beta(
             raise ValueError(f"clip must be (low, high) with low <= high, got {clip}")
         beta = beta.clamp(min=low, max=high)
     return beta
+
+
+def released_batch_beta(
+    logits: torch.Tensor,
+    beta: float,
+    w: float,
+    keep: float = 0.8,
+    floor: float = 1e-3,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The one beta the released MM-DPO trainer uses for a whole batch (``implicit_beta=True``,
+    its default; ``trl/trainer/dpo_trainer.py`` ``DPOTrainer.dpo_loss`` in Kwai-YuanQi/MM-RLHF).
+
+    With ``h`` the detached DPO logits of the batch's ``N`` pairs (gathered over the ranks by
+    the caller), ``m = mean(h)`` and ``s = std(h)`` (unbiased, as ``torch.std``):
+
+        weights_b = exp(-0.5 * ((h_b - m) / (s + 1e-7))^2)
+        D         = int(keep * N) indices drawn without replacement with these weights
+        beta_used = max(floor, beta * (1 + w * (mean(h[D]) - m)))
+
+    The draw favours pairs near the batch mean, so ``mean(h[D]) - m`` is positive when the
+    outlying pairs lie below the mean (beta grows) and negative when they lie above it. It is
+    random: pass ``generator`` for a reproducible draw (the trainer uses the global RNG).
+
+    Where the release would fail, this returns ``beta`` (floored): with fewer pairs than make
+    one draw (``int(keep * N) == 0``, e.g. one pair per global batch) the release's ``std`` is
+    NaN and ``torch.multinomial`` raises.
+
+    Args:
+        logits: ``(N,)`` ``h = (pc - rc) - (pr - rr)`` of each pair, unscaled by beta (detached here).
+        beta: > 0, the base beta (0.1 in the release's script).
+        w: the release's ``ls_factor_weight`` (0.1 in its script).
+        keep: share of the pairs drawn (0.8 in the release).
+        floor: lower bound on the result (1e-3 in the release).
+        generator: random source of the draw; None = torch's global RNG.
+
+    Returns:
+        A 0-d tensor: the batch's beta.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    if logits.ndim != 1 or logits.numel() == 0:
+        raise ValueError(f"expected a non-empty (N,) tensor of DPO logits, got shape {tuple(logits.shape)}")
+    a = logits.detach().float()
+    n_draw = int(a.numel() * keep)
+    if n_draw == 0:
+        return torch.tensor(max(beta, floor), dtype=a.dtype, device=a.device)
+    mean = a.mean()
+    std = a.std() if a.numel() > 1 else torch.zeros((), dtype=a.dtype, device=a.device)
+    weights = torch.exp(-0.5 * ((a - mean) / (std + 1e-7)) ** 2)
+    drawn = torch.multinomial(weights, n_draw, replacement=False, generator=generator)
+    return (beta * (1.0 + w * (a[drawn].mean() - mean))).clamp(min=floor)
 
 
 def all_pairs(scores: Sequence[float]) -> list[tuple[int, int]]:

@@ -1,4 +1,5 @@
-"""Reward-model losses over scores: Bradley-Terry ranking, reward centring, and where a score is read.
+"""Reward-model losses over scores: Bradley-Terry ranking, the tie loss, reward centring, and where a
+score is read.
 
 A reward model maps one (image, prompt, response) row to a scalar score. A preference pair ``b``
 gives two scores, ``c = chosen_scores[b]`` for the preferred response and ``r = rejected_scores[b]``
@@ -12,12 +13,26 @@ with ``m_b = 0`` for the plain model, or a per-pair margin ``m_b >= 0`` that ask
 to lead by at least that much (Llama 2, Touvron et al. 2023, sec. 3.2.2: the margin grows with how
 clearly the annotators preferred the chosen response).
 
+Tied pairs (two responses the annotators ranked equal) carry no preference, so Bradley-Terry has
+nothing to fit; MM-RLHF's reward trainer asks their scores to be *equal* instead, with the squared
+difference ``mean over tied pairs of (c - r)^2`` (:func:`tie_loss`), weighted by ``tie_weight``
+and added to the Bradley-Terry mean over the untied pairs.
+
 Reward centring (Eisenstein et al. 2023, "Helping or Herding? Reward Model Ensembles Mitigate but
 do not Eliminate Reward Hacking") penalises ``mean((c + r)^2)`` so that scores stay near zero; the
 Bradley-Terry loss only sees differences and leaves the offset free. The MM-RLHF reward trainer
-(``trl/trainer/reward_trainer.py`` in github.com/yfzhang114/MM-RLHF) uses the same three terms:
-``-logsigmoid(c - r [- margin])``, ``center_rewards_coefficient * mean((c + r)^2)`` (0.01 in its
-``scripts/train/critic_reward_7b.sh``) and the critique LM loss.
+(``trl/trainer/reward_trainer.py``, ``RewardTrainer.compute_loss``, in github.com/Kwai-YuanQi/MM-RLHF
+at commit 7c8af1d) uses the same terms::
+
+    loss_reward = mean_{untied} -logsigmoid(c - r [- margin]) + tie_weight * mean_{tied} (c - r)^2
+    loss_reward = float_rewards_weight * loss_reward
+                  + center_rewards_coefficient * mean_{all pairs} (c + r)^2
+    loss        = loss_reward + critic_rewards_weight * (LM_chosen + LM_rejected)
+
+(``center_rewards_coefficient`` 0.01 in its ``scripts/train/critic_reward_7b.sh``). Its tied pairs
+are the records with ``is_tie`` true (``llava/train/train_dpo.py`` passes the flag through);
+``tie_weight`` is read from the training arguments but the released ``TrainingArguments`` does not
+define it, so the release gives no value for it.
 """
 
 from __future__ import annotations
@@ -27,7 +42,7 @@ import torch.nn.functional as F
 
 from mmalign.ops import IGNORE_INDEX
 
-__all__ = ["bradley_terry_loss", "gather_at", "last_label_index", "reward_centering"]
+__all__ = ["bradley_terry_loss", "gather_at", "last_label_index", "reward_centering", "tie_loss"]
 
 
 def _check_pair_scores(chosen: torch.Tensor, rejected: torch.Tensor) -> None:
@@ -67,6 +82,22 @@ def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tenso
     loss = F.softplus(-diff_m).mean()                                       # -log sigma(x) = softplus(-x)
     accuracy = (diff > 0).float().mean().detach()
     return loss, accuracy
+
+
+def tie_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """MM-RLHF's loss for tied pairs: ``mean over pairs of (c - r)^2``, minimised when the reward
+    model scores the two responses alike (``tie_rewards_diff.mean()`` in the released
+    ``RewardTrainer.compute_loss``). Which side is called "chosen" does not matter: the loss is
+    symmetric.
+
+    Args:
+        chosen_scores, rejected_scores: ``(B,)`` scores of the two responses of each tied pair.
+
+    Returns:
+        A scalar, with gradient.
+    """
+    _check_pair_scores(chosen_scores, rejected_scores)
+    return ((chosen_scores.float() - rejected_scores.float()) ** 2).mean()
 
 
 def reward_centering(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:

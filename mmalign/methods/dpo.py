@@ -13,7 +13,15 @@ MM-DPO (Zhang et al. 2025, "MM-RLHF: The Next Step Forward in Multimodal LLM Ali
 over *every* ranked pair of a prompt (the ``prefs`` stage writes all of them) with Dynamic
 Reward Scaling: a per-pair ``beta = beta * (1 + drs_w * (1 - exp(-drs_k * delta)))``,
 ``delta = r(y_w) - r(y_l)`` the reward model's margin for the pair (``reward_margin`` in each
-record, written by ``data_pipelines.score_rm``). ``drs_w = 0`` is plain DPO.
+record, written by ``data_pipelines.score_rm``). ``drs_w = 0`` is plain DPO. That is the paper's
+rule and the default (``beta_mode: paper``). ``beta_mode: released`` reproduces what the
+released trainer actually runs (its default ``implicit_beta=True``; see
+:mod:`mmalign.losses.dpo`): one beta per batch from the policy's own DPO logits,
+``beta * (1 + drs_w * (mean(h[drawn]) - mean(h)))`` floored at ``drs_beta_min``
+(:func:`~mmalign.losses.dpo.released_batch_beta`), which needs no reward model.
+
+A record with ``is_tie: true`` (a tied pair, which ``data_pipelines.import_mmrlhf`` keeps for
+the reward model's tie loss) has no preferred side and is refused with an error naming it.
 
 Reference log-probs come from the reference model on the fly (``reference: on_the_fly``: the
 policy with its LoRA adapter disabled, or a frozen copy of the starting weights) or from the
@@ -45,6 +53,7 @@ from mmalign.losses.dpo import (
     dynamic_beta,
     ipo_loss,
     nll_anchored_dpo_loss,
+    released_batch_beta,
 )
 from mmalign.methods.base import OptimArgs, PolicyModule, global_denominator
 from mmalign.policy import Policy
@@ -57,6 +66,7 @@ LossType = Literal["sigmoid", "ipo", "nll"]
 #: the chosen answer under the rejected images (visual pairs)
 REF_KEYS = ("ref_chosen_logp", "ref_rejected_logp", "ref_chosen_rejimg_logp")
 ReferenceMode = Literal["on_the_fly", "precomputed"]
+BetaMode = Literal["paper", "released"]
 
 
 def pair_sums(logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,11 +83,18 @@ class DPOModule(PolicyModule):
         beta: DPO's beta (beta_ori of MM-DPO); IPO's tau.
         label_smoothing: cDPO's assumed label-flip probability in [0, 0.5] (0 = plain DPO).
         nll_alpha: weight of the chosen answer's NLL for loss_type "nll".
-        drs_w: Dynamic Reward Scaling weight w (MM-DPO); 0 = off (plain DPO). Needs
-            ``reward_margin`` in every record.
-        drs_k: Dynamic Reward Scaling rate k: beta saturates once k * delta is a few.
-        drs_beta_min: floor on the per-pair beta (the released trainer's 1e-3), so a pair the
-            reward model disagrees with can never get a beta <= 0 (a reversed preference).
+        drs_w: Dynamic Reward Scaling weight w (MM-DPO); 0 = off (plain DPO). With
+            ``beta_mode: paper`` it needs ``reward_margin`` in every record. (The release's
+            ``ls_factor_weight``: 0.1 in its 7B script.)
+        drs_k: Dynamic Reward Scaling rate k: beta saturates once k * delta is a few
+            (``beta_mode: paper`` only).
+        drs_beta_min: floor on the beta (the released trainer's 1e-3), so a pair the reward
+            model disagrees with can never get a beta <= 0 (a reversed preference).
+        beta_mode: "paper" (default): per-pair beta from the reward model's margin, the paper's
+            Dynamic Reward Scaling. "released": the released trainer's batch-level beta from the
+            policy's DPO logits (:func:`~mmalign.losses.dpo.released_batch_beta`; under data
+            parallelism the logits are gathered over the ranks, which needs equal per-rank
+            batch sizes, as the release's ``all_gather`` does).
         reference: "on_the_fly" (reference model forward each step) or "precomputed"
             (``ref_chosen_logp`` / ``ref_rejected_logp`` in the records).
         probe_file: SFT-format JSONL whose prompts are the generation-health probe (None = no probe).
@@ -92,7 +109,7 @@ class DPOModule(PolicyModule):
 
     def __init__(self, policy: Policy, loss_type: LossType = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
                  nll_alpha: float = 1.0, drs_w: float = 0.0, drs_k: float = 1.0, drs_beta_min: float = 1e-3,
-                 reference: ReferenceMode = "on_the_fly", probe_file: str | None = None,
+                 beta_mode: BetaMode = "paper", reference: ReferenceMode = "on_the_fly", probe_file: str | None = None,
                  probe_task: str | None = "detailed_caption", probe_size: int = 16, probe_every: int = 50,
                  probe_max_new_tokens: int = 96, on_collapse: Literal["warn", "stop"] = "warn",
                  optim: OptimArgs = OptimArgs(lr=5e-6, warmup_steps=10), **kwargs):  # noqa: B008
@@ -102,8 +119,12 @@ class DPOModule(PolicyModule):
             raise ValueError(f"reference must be 'on_the_fly' or 'precomputed', not {reference!r}")
         if beta <= 0:
             raise ValueError(f"beta must be > 0, got {beta}")
+        if beta_mode not in ("paper", "released"):
+            raise ValueError(f"beta_mode must be 'paper' or 'released', not {beta_mode!r}")
         if drs_w and loss_type == "ipo":
             raise ValueError("Dynamic Reward Scaling scales DPO's beta; it is not defined for IPO (set drs_w: 0)")
+        if not drs_beta_min > 0:
+            raise ValueError(f"drs_beta_min must be > 0, got {drs_beta_min}")
         super().__init__(policy, optim=optim, **kwargs)
         self._probe_batches: list[dict] | None = None
         self._probe_start: dict[str, float] | None = None
@@ -152,11 +173,20 @@ class DPOModule(PolicyModule):
 
     # -- loss -----------------------------------------------------------------------------------
 
-    def pair_beta(self, batch: dict) -> torch.Tensor | float:
-        """The beta of each pair: per-pair under Dynamic Reward Scaling, else ``beta``."""
+    def pair_beta(self, batch: dict, logits: torch.Tensor | None = None) -> torch.Tensor | float:
+        """The beta of each pair: per-pair under Dynamic Reward Scaling (``beta_mode: paper``),
+        one for the batch from ``logits`` (the ``(B,)`` DPO logits ``h``) under ``beta_mode:
+        released``, else ``beta``."""
         hp = self.hparams
         if not hp.drs_w:
             return hp.beta
+        if hp.beta_mode == "released":
+            if logits is None:
+                raise ValueError("beta_mode 'released' needs the batch's DPO logits")
+            h = logits.detach()
+            if self._trainer is not None and self.trainer.world_size > 1:
+                h = self.all_gather(h).reshape(-1)   # the release gathers h over the ranks
+            return released_batch_beta(h, hp.beta, hp.drs_w, floor=hp.drs_beta_min)
         margins = []
         for m in batch["meta"]:
             d = m.get("reward_margin")
@@ -171,11 +201,16 @@ class DPOModule(PolicyModule):
     def compute_loss(self, batch: dict) -> tuple[DPOOutput, dict[str, torch.Tensor]]:
         """The loss of one preference batch and the per-step statistics to log."""
         hp = self.hparams
+        ties = [m for m in batch["meta"] if m.get("is_tie") is True]
+        if ties:
+            raise ValueError(f"{record_where(ties[0])}: a tied pair (is_tie: true) has no preferred response, so DPO "
+                             f"cannot train on it ({len(ties)} in this batch); give DPO the pairs file and the ties "
+                             "file to the reward model (import_mmrlhf writes them apart)")
         pc_tok, pc_mask, pr_tok, pr_mask = self.policy.pair_logprobs(batch)[:4]
         pc, n_c = pair_sums(pc_tok, pc_mask)
         pr, n_r = pair_sums(pr_tok, pr_mask)
         rc, rr = self._reference_logps(batch)[:2]
-        beta = self.pair_beta(batch)
+        beta = self.pair_beta(batch, ((pc - rc) - (pr - rr)).detach())
         nll = -pc / n_c.clamp(min=1)                                   # (B,) mean NLL of each chosen answer
         if hp.loss_type == "sigmoid":
             out = dpo_sigmoid_loss(pc, pr, rc, rr, beta, hp.label_smoothing)

@@ -10,12 +10,18 @@ and a score head reads the last layer's hidden state at the *end of the critique
 labelled token of the row: the critique's last token, or the chat template's end-of-turn token
 after it). Training teacher-forces the reference critique of each response and adds
 
-    loss = lm_weight * LM + bt_weight * BT + center_weight * mean((s_c + s_r)^2)
+    loss = lm_weight * LM + bt_weight * (BT + tie_weight * TIE) + center_weight * mean((s_c + s_r)^2)
 
-    LM = NLL_example(chosen critique) + NLL_example(rejected critique)
-    BT = mean_b -log sigma(s_c - s_r - m_b)        (m_b = margin_scale * (score_chosen - score_rejected))
+    LM  = NLL_example(chosen critique) + NLL_example(rejected critique)
+    BT  = mean over untied pairs b of -log sigma(s_c - s_r - m_b)
+          (m_b = margin_scale * (score_chosen - score_rejected))
+    TIE = mean over tied pairs of (s_c - s_r)^2
 
-with ``NLL_example`` the mean over pairs of each critique's mean token NLL. At inference the model
+with ``NLL_example`` the mean over pairs of each critique's mean token NLL. A pair is tied when
+its record has ``is_tie: true`` (the annotators ranked the two responses equal;
+``data_pipelines.import_mmrlhf`` writes them to ``ties.jsonl``, and the release's
+``dpo_pairs.jsonl`` may mix them into its pairs): Bradley-Terry has no preference to fit there,
+so the two scores are pulled together instead; their critiques still get the LM loss. At inference the model
 writes its own critique (greedy), then one forward over prompt + critique gives the score.
 
 Scalar (``mode="scalar"``): the classic Bradley-Terry reward model (Ouyang et al. 2022,
@@ -39,8 +45,12 @@ corpus under julyanghar/MM-RLHF):
   Linear(H, 1) (``head="mlp"`` here; ``head="linear"`` is one Linear(H, 1)).
 * ``trl/trainer/reward_trainer.py`` (``compute_loss``): ``float_rewards_weight * -logsigmoid(c - r
   [- margin]) + center_rewards_coefficient * mean((c + r)^2) + critic_rewards_weight *
-  (LM_chosen + LM_rejected)``; ties (``is_tie``) get a squared-difference loss instead, not done
-  here (the prefs stage makes no tied pairs). ``scripts/train/critic_reward_7b.sh``: lr 1e-6,
+  (LM_chosen + LM_rejected)``, the Bradley-Terry mean over the untied pairs only and
+  ``tie_weight * mean((c - r)^2)`` over the tied ones (``is_tie``) added before the
+  ``float_rewards_weight`` factor, as ``bt_weight * (BT + tie_weight * TIE)`` here. The release
+  reads ``self.args.tie_weight`` but its ``TrainingArguments`` (``train_dpo.py``) defines no such
+  field, so it gives no value: ``tie_weight`` defaults to 1.0 here (our choice: the two losses
+  on one footing). ``scripts/train/critic_reward_7b.sh``: lr 1e-6,
   cosine, warm-up ratio 0.1, 1 epoch, batch 1 x 24 accumulation, ``critic_rewards_weight 1.0``,
   ``float_rewards_weight 1.0``, ``center_rewards_coefficient 0.01``. With one pair per device
   step, ``outputs.loss`` is one critique's token mean, so the LM term is the per-example mean
@@ -48,7 +58,8 @@ corpus under julyanghar/MM-RLHF):
 * ``llava/eval/eval_mm_reward_bench.py``: inference generates the critique (greedy by default,
   ``temperature 0``), re-renders the conversation with it as the assistant turn and reads the
   reward with ``rm_forward``; options score with the reference critique instead
-  (``use_gt_critic``; ``score_rm --critique reference`` here) or average several sampled critiques.
+  (``use_gt_critic``; ``score_rm --critique reference`` here) or average the rewards read after
+  ``num_critic`` critiques (default 1; ``score_rm --num-critic`` here).
 
 Like MM-RLHF (and unlike CLoud, Ankner et al. 2024, "Critique-out-Loud Reward Models", which
 retrains the head on the model's own re-generated critiques), the head is trained on *reference*
@@ -76,7 +87,7 @@ from torch.utils.data import Dataset
 
 from mmalign.collators import VisionChatCollator
 from mmalign.data import Loaders
-from mmalign.losses.reward import bradley_terry_loss, reward_centering
+from mmalign.losses.reward import bradley_terry_loss, reward_centering, tie_loss
 from mmalign.losses.sft import sft_loss_terms
 from mmalign.methods.base import (
     OptimArgs,
@@ -121,8 +132,19 @@ def _source(rec: PreferenceRecord) -> str:
     return str(rec.meta.get("source", rec.id))
 
 
+def is_tie(rec: PreferenceRecord) -> bool:
+    """Whether the record is a tied pair (``is_tie: true``, MM-RLHF's field); anything but a JSON
+    boolean there is a :class:`RecordError` naming the record."""
+    v = rec.meta.get("is_tie", False)
+    if not isinstance(v, bool):
+        raise RecordError(f"{record_where(rec.meta, rec.id)}: 'is_tie' must be true or false, got {v!r}")
+    return v
+
+
 def check_reward_record(rec: PreferenceRecord, mode: RewardMode) -> None:
-    """A :class:`RecordError` naming the record when critique mode lacks its reference critiques."""
+    """A :class:`RecordError` naming the record when critique mode lacks its reference critiques,
+    or when ``is_tie`` is not a boolean."""
+    is_tie(rec)
     if mode != "critique":
         return
     for side, key in CRITIQUE_KEYS.items():
@@ -156,7 +178,7 @@ class RewardPairDataset(Dataset):
                            "messages": reward_messages(r.prompt, _answer(completion), self.mode, critique,
                                                        self.critique_prompt)}
         nan = float("nan")
-        return {**sides, "meta": meta,
+        return {**sides, "meta": meta, "is_tie": is_tie(r),
                 "score_chosen": nan if r.score_chosen is None else r.score_chosen,
                 "score_rejected": nan if r.score_rejected is None else r.score_rejected}
 
@@ -169,7 +191,8 @@ class RewardPairCollator:
     mode). A pair either fits ``max_length`` whole or is dropped whole, with a warning and a count:
     cutting a row would move its score position off the end of the critique, and dropping one row
     would break the pairing. ``batch["pairs"]`` holds ``n`` (= B), the records' ``score_chosen`` /
-    ``score_rejected`` ``(B,)`` (NaN where absent) and their meta; no model input.
+    ``score_rejected`` ``(B,)`` (NaN where absent), ``is_tie`` ``(B,)`` bool and their meta; no
+    model input.
     """
 
     processor: Any
@@ -191,6 +214,7 @@ class RewardPairCollator:
                     "n": n,
                     "score_chosen": torch.tensor([p["score_chosen"] for p in pairs], dtype=torch.float32),
                     "score_rejected": torch.tensor([p["score_rejected"] for p in pairs], dtype=torch.float32),
+                    "is_tie": torch.tensor([bool(p.get("is_tie", False)) for p in pairs], dtype=torch.bool),
                     "meta": [p["meta"] for p in pairs],
                 }
                 return batch
@@ -215,7 +239,11 @@ class RewardModule(PolicyModule):
             "scalar" (score at the answer's end; BT loss only).
         lm_weight: weight of the critique LM loss (MM-RLHF's ``critic_rewards_weight``, 1.0);
             None = 1.0 in critique mode and 0 in scalar mode, which has no critique to model.
-        bt_weight: weight of the Bradley-Terry loss (MM-RLHF's ``float_rewards_weight``, 1.0).
+        bt_weight: weight of the Bradley-Terry loss (MM-RLHF's ``float_rewards_weight``, 1.0); it
+            multiplies the tie loss too, as in the release.
+        tie_weight: weight of the tie loss ``mean((s_c - s_r)^2)`` over tied pairs (``is_tie``)
+            inside ``bt_weight``'s bracket (MM-RLHF's ``tie_weight``, which the release leaves
+            undefined; 1.0 here). Without tied pairs in the data it does nothing.
         center_weight: weight of ``mean((s_chosen + s_rejected)^2)``, which keeps the scores near
             0 (MM-RLHF's ``center_rewards_coefficient``: 0.01 in its 7B script; 0 = off).
         margin_scale: Bradley-Terry margin ``m = margin_scale * (score_chosen - score_rejected)``
@@ -235,7 +263,8 @@ class RewardModule(PolicyModule):
     """
 
     def __init__(self, policy: Policy, mode: RewardMode = "critique", lm_weight: float | None = None,
-                 bt_weight: float = 1.0, center_weight: float = 0.0, margin_scale: float = 0.0,
+                 bt_weight: float = 1.0, tie_weight: float = 1.0, center_weight: float = 0.0,
+                 margin_scale: float = 0.0,
                  head: HeadKind = "linear", head_dropout: float = 0.0, head_lr: float | None = None,
                  critique_prompt: str = CRITIQUE_PROMPT,
                  optim: OptimArgs = OptimArgs(lr=1e-3, warmup_steps=20), **kwargs):  # noqa: B008
@@ -244,8 +273,8 @@ class RewardModule(PolicyModule):
         if mode == "scalar" and lm_weight:
             raise ValueError("lm_weight must be 0 (or unset) in scalar mode: the scalar reward model writes no "
                              "critique, and an LM loss on its answers would be SFT on rejected responses")
-        for name, v in (("bt_weight", bt_weight), ("center_weight", center_weight), ("margin_scale", margin_scale),
-                        ("lm_weight", lm_weight or 0.0)):
+        for name, v in (("bt_weight", bt_weight), ("tie_weight", tie_weight), ("center_weight", center_weight),
+                        ("margin_scale", margin_scale), ("lm_weight", lm_weight or 0.0)):
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         check_critique_prompt(critique_prompt)
@@ -270,36 +299,47 @@ class RewardModule(PolicyModule):
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _margin(self, pairs: dict) -> torch.Tensor | None:
+    def _margin(self, pairs: dict, untied: torch.Tensor) -> torch.Tensor | None:
+        """``(U,)`` margins of the untied pairs (``untied`` a ``(B,)`` bool mask), or None."""
         scale = self.hparams.margin_scale
         if not scale:
             return None
-        gap = pairs["score_chosen"] - pairs["score_rejected"]                # (B,)
-        bad = (~torch.isfinite(gap)).nonzero().flatten().tolist()
+        gap = (pairs["score_chosen"] - pairs["score_rejected"])[untied.cpu()]   # (U,)
+        idx = untied.cpu().nonzero().flatten().tolist()
+        bad = [idx[i] for i in (~torch.isfinite(gap)).nonzero().flatten().tolist()]
         if bad:
             where = ", ".join(record_where(pairs['meta'][i]) for i in bad[:5])
             raise RecordError(f"margin_scale > 0 needs score_chosen and score_rejected in every record; missing in {where}")
-        return scale * gap
+        return (scale * gap).to(self.device)
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         pairs = batch["pairs"]
         n = pairs["n"]
         logits, scores = score_rows(self.policy, self.head, batch)           # (2B, T, V), (2B,)
         chosen, rejected = scores[:n], scores[n:]                            # (B,) each
-        bt, acc = bradley_terry_loss(chosen, rejected, self._margin(pairs))
+        tied = pairs.get("is_tie", torch.zeros(n, dtype=torch.bool)).to(scores.device)   # (B,)
+        untied = ~tied
+        n_u, n_t = int(untied.sum()), int(tied.sum())
+        zero = scores.sum() * 0.0                                            # keeps the graph when a part is empty
+        if n_u:
+            bt, acc = bradley_terry_loss(chosen[untied], rejected[untied], self._margin(pairs, untied))
+        else:
+            bt, acc = zero, None
+        tie = tie_loss(chosen[tied], rejected[tied]) if n_t else zero
         if self.lm_weight:
             logps, mask = token_logprobs(logits, batch["labels"])            # (2B, T-1)
             (lm_c, k_c), (lm_r, k_r) = (sft_loss_terms(logps[:n], mask[:n], "example"),
                                         sft_loss_terms(logps[n:], mask[n:], "example"))
         else:
             lm_c = lm_r = k_c = k_r = torch.zeros((), device=scores.device)
-        # Every term is a mean over this rank's pairs or answers: rescaled to its share of the
-        # global batch's mean (global_denominator; one all-reduce of the three counts), so the
-        # ranks' gradient average is the one-process gradient however the items fall.
-        d_pairs, d_c, d_r = global_denominator(torch.stack([torch.tensor(float(n), device=scores.device),
-                                                            k_c.detach(), k_r.detach()]), min_total=1.0)
+        # Every term is a mean over this rank's pairs (all, untied or tied) or answers: rescaled to
+        # its share of the global batch's mean (global_denominator; one all-reduce of the five
+        # counts), so the ranks' gradient average is the one-process gradient however the items fall.
+        counts = torch.tensor([float(n), float(n_u), float(n_t)], device=scores.device)
+        d_pairs, d_u, d_t, d_c, d_r = global_denominator(torch.cat([counts, torch.stack([k_c.detach(), k_r.detach()]).float()]),
+                                                         min_total=1.0)
         share = n / d_pairs                                                  # 1 on one process
-        loss = self.hparams.bt_weight * bt * share
+        loss = self.hparams.bt_weight * (bt * (n_u / d_u) + self.hparams.tie_weight * tie * (n_t / d_t))
         if self.lm_weight:
             lm = lm_c / d_c + lm_r / d_r
             loss = loss + self.lm_weight * lm
@@ -309,10 +349,15 @@ class RewardModule(PolicyModule):
             loss = loss + self.hparams.center_weight * center * share
             self.log(f"{stage}/center_loss", center, batch_size=n)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
-        self.log(f"{stage}/bt_loss", bt, batch_size=n)
-        self.log(f"{stage}/accuracy", acc, prog_bar=True, batch_size=n)
+        if n_u:
+            self.log(f"{stage}/bt_loss", bt, batch_size=n_u)
+            self.log(f"{stage}/accuracy", acc, prog_bar=True, batch_size=n_u)
         with torch.no_grad():
-            self.log(f"{stage}/margin", (chosen - rejected).mean(), batch_size=n)
+            if n_t:   # the release logs loss/tie and rewards/tie_margin (mean |c - r| of tied pairs)
+                self.log(f"{stage}/tie_loss", tie, batch_size=n_t)
+                self.log(f"{stage}/tie_margin", (chosen[tied] - rejected[tied]).abs().mean(), batch_size=n_t)
+            if n_u:
+                self.log(f"{stage}/margin", (chosen[untied] - rejected[untied]).mean(), batch_size=n_u)
             self.log(f"{stage}/score_mean", scores.mean(), batch_size=n)
         return loss
 
@@ -355,6 +400,12 @@ def export_reward_model(policy: Policy, head: ScoreHead, config: dict, out_dir: 
 class RewardDataModule(Loaders, L.LightningDataModule):
     """Preference pairs for reward-model training, from JSONL files of PreferenceRecords.
 
+    Tied pairs (``is_tie: true``) train the tie loss: they may sit in ``train_file`` among the
+    preferences (the release's ``dpo_pairs.jsonl`` layout) or in ``ties_file`` /
+    ``val_ties_file`` (``data_pipelines.import_mmrlhf`` writes ``<split>/ties.jsonl``, apart from
+    the pairs, so a DPO run can never read a tie as a preference); a record in a ties file without
+    ``is_tie: true`` is an error naming it.
+
     Each pair gives two rows built by :func:`reward_messages`: in critique mode the record's
     reference critiques (meta ``critique_chosen`` / ``critique_rejected``) are the assistant
     turns; in scalar mode the answers are. Processor, mode and critique prompt are the
@@ -363,6 +414,8 @@ class RewardDataModule(Loaders, L.LightningDataModule):
     Args:
         train_file: JSONL of preference records (the prefs stage's ``train/pairs.jsonl``).
         val_file: optional held-out JSONL (``val/pairs.jsonl``).
+        ties_file: optional JSONL of tied pairs added to the training set (``train/ties.jsonl``).
+        val_ties_file: optional JSONL of tied pairs added to the validation set (``val/ties.jsonl``).
         data_root: folder that image paths are relative to (default: each file's folder).
         limit: use at most this many training pairs (0 = all).
         val_limit: use at most this many validation pairs (0 = all).
@@ -374,7 +427,8 @@ class RewardDataModule(Loaders, L.LightningDataModule):
         on_error: "raise" at the first malformed record, or "skip" it into a rejects file.
     """
 
-    def __init__(self, train_file: str, val_file: str | None = None, data_root: str | None = None, limit: int = 0,
+    def __init__(self, train_file: str, val_file: str | None = None, ties_file: str | None = None,
+                 val_ties_file: str | None = None, data_root: str | None = None, limit: int = 0,
                  val_limit: int = 0, batch_size: int = 8, num_workers: int = 0, max_length: int = 512,
                  check_images: Literal["none", "exists", "decode"] = "exists",
                  on_error: Literal["raise", "skip"] = "raise"):
@@ -396,7 +450,20 @@ class RewardDataModule(Loaders, L.LightningDataModule):
             raise ValueError(f"mode must be 'critique' or 'scalar', not {mode!r}")
         self.processor, self.mode, self.critique_prompt = processor, mode, check_critique_prompt(critique_prompt)
 
-    def _read(self, path: str, limit: int) -> RewardPairDataset:
+    def _read(self, path: str, limit: int, ties_path: str | None = None) -> RewardPairDataset:
+        recs = self._records(path, limit)
+        if ties_path:
+            ties = self._records(ties_path, 0)
+            for r in ties:
+                if not is_tie(r):
+                    raise RecordError(f"{record_where(r.meta, r.id)}: a record of the ties file {ties_path} "
+                                      "must have 'is_tie': true (is this a pairs file?)")
+            recs = recs + ties
+        if not recs:
+            raise ValueError(f"{path}: no usable preference records")
+        return RewardPairDataset(recs, self.mode, self.critique_prompt)
+
+    def _records(self, path: str, limit: int) -> list[PreferenceRecord]:
         hp = self.hparams
         rep = ReadReport(path)
         recs = read_records(path, "preference", data_root=hp.data_root, check_images=hp.check_images,
@@ -405,7 +472,7 @@ class RewardDataModule(Loaders, L.LightningDataModule):
             log.warning("%s: %d malformed record(s) skipped, see %s", path, rep.rejected, rep.rejects_path)
         if limit:
             recs = recs[:limit]
-        if self.mode == "critique" and hp.on_error == "skip":
+        if hp.on_error == "skip":   # critique mode's missing critiques, a non-boolean is_tie
             kept = []
             for r in recs:
                 try:
@@ -414,9 +481,7 @@ class RewardDataModule(Loaders, L.LightningDataModule):
                 except RecordError as e:
                     log.warning("skipped: %s", e)
             recs = kept
-        if not recs:
-            raise ValueError(f"{path}: no usable preference records")
-        return RewardPairDataset(recs, self.mode, self.critique_prompt)
+        return recs
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -427,6 +492,6 @@ class RewardDataModule(Loaders, L.LightningDataModule):
         if self.collator is None:
             self.collator = RewardPairCollator(self.processor, max_length=hp.max_length)
         if self.train_set is None:
-            self.train_set = self._read(hp.train_file, hp.limit)
+            self.train_set = self._read(hp.train_file, hp.limit, hp.ties_file)
         if self.val_set is None and hp.val_file:
-            self.val_set = self._read(hp.val_file, hp.val_limit)
+            self.val_set = self._read(hp.val_file, hp.val_limit, hp.val_ties_file)
