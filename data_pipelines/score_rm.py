@@ -7,7 +7,12 @@ For each pair the reward model scores the chosen and the rejected response. A cr
 (``mode: critique``, MM-RLHF) first writes its own critique of each response (greedy), then reads
 its score at the critique's end; ``--critique reference`` scores with the record's reference
 (oracle) critique instead (MM-RLHF's ``use_gt_critic``), and ``--with-reference-critique`` does
-both, to separate the head's errors from the critic's. A scalar model scores in one forward pass.
+both, to separate the head's errors from the critic's. ``--num-critic k`` samples ``k`` critiques
+per response (``--temperature`` > 0, ``--top-p``, ``--sample-seed``) and averages the scores read
+after each, MM-RLHF's ``--num_critic`` (``llava/eval/eval_mm_reward_bench.py`` in
+github.com/Kwai-YuanQi/MM-RLHF: default 1 with temperature 0, i.e. one greedy critique, which is
+the default here too: ``k`` critiques cost ``k`` times the generation). A scalar model scores in
+one forward pass.
 
 Pairs share responses (every ranked pair of a prompt), so each distinct (images, prompt,
 response) is critiqued and scored once, in length-sorted batches; this is what makes the stage
@@ -17,7 +22,10 @@ Output (atomic, with ``manifest.json``; an unchanged re-run is skipped):
 
 * ``pairs.jsonl``: the input records as they were, plus ``reward_chosen``, ``reward_rejected``,
   ``reward_margin`` (= chosen - rejected) and, for a critique model, ``rm_critique_chosen`` /
-  ``rm_critique_rejected`` (the critiques the scores were read after);
+  ``rm_critique_rejected`` (the critique the score was read after; the first of them with
+  ``--num-critic`` > 1, when ``rm_critiques_chosen`` / ``rm_critiques_rejected`` list all of
+  them and ``rm_critique_scores_chosen`` / ``rm_critique_scores_rejected`` the score after
+  each, whose mean is ``reward_chosen`` / ``reward_rejected``);
 * ``report.json`` / ``report.md``: ranking accuracy (share of pairs with reward_chosen >
   reward_rejected; a tie is wrong) with a 95% bootstrap interval that resamples *prompts*
   (``prompt_id``; the pairs of one prompt share responses, so they are not independent), by
@@ -203,6 +211,12 @@ def render_report(rep: dict[str, Any]) -> str:
              f"responses scored ({rep['seconds']['total']:.1f} s, {rep['items_per_second']:.1f} responses/s)."), "",
              (f"**Ranking accuracy** (reward_chosen > reward_rejected; ties {acc['ties']} count as wrong; 95% "
              f"interval resampling prompts): **{_pct(acc['accuracy'])}**"), ""]
+    smp = rep.get("sampling")
+    if smp:
+        how = ("one greedy critique per response" if smp["temperature"] == 0 else
+               f"{smp['num_critic']} critique(s) per response sampled at temperature {smp['temperature']:g}, "
+               f"top-p {smp['top_p']:g}, seed {smp['sample_seed']}, scores averaged")
+        lines += [f"Critiques: {how}.", ""]
     if "ranking_reference_critique" in rep:
         lines += [(f"With the reference (oracle) critique instead of its own: "
                   f"{_pct(rep['ranking_reference_critique']['accuracy'])}"), ""]
@@ -249,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="responses per generate / forward call (5,856 demo train pairs = 2,574 responses: 67 s on 2 "
                          "CPU cores at 64, 125 s at 32; both while other jobs shared the cores)")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="longest critique generated")
+    ap.add_argument("--num-critic", type=int, default=1,
+                    help="critique model, --critique generate: critiques sampled per response, their scores averaged "
+                         "(MM-RLHF's --num_critic; default 1; > 1 needs --temperature > 0)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="critique sampling temperature; 0 (default, as MM-RLHF's scorer) = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when sampling critiques")
+    ap.add_argument("--sample-seed", type=int, default=0, help="seed of the critique sampling")
     ap.add_argument("--limit", type=int, default=0, help="score only the first N pairs (0 = all)")
     ap.add_argument("--policy-class", help="override the policy class path recorded in reward_config.json")
     ap.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, ...")
@@ -259,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.limit < 0 or args.n_boot < 1:
         ap.error("need --batch-size >= 1, --max-new-tokens >= 1, --limit >= 0 and --n-boot >= 1")
+    if args.num_critic < 1 or not args.temperature >= 0 or not 0 < args.top_p <= 1:
+        ap.error("need --num-critic >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+    if args.num_critic > 1 and args.temperature == 0:
+        ap.error(f"--num-critic {args.num_critic} with --temperature 0: greedy critiques are identical; "
+                 "sample them (--temperature > 0) or use --num-critic 1")
     cfg_file = args.rm / "reward_config.json"
     if not cfg_file.is_file():
         ap.error(f"--rm {args.rm}: no reward_config.json there (a RewardModule export.dir?)")
@@ -268,10 +294,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--critique reference / --with-reference-critique need a critique reward model; {args.rm} is {mode!r}")
     critique = (args.critique if mode == "critique" else None)
     with_ref = bool(critique == "generate" and args.with_reference_critique)
+    if args.num_critic > 1 and critique != "generate":
+        ap.error(f"--num-critic {args.num_critic} averages generated critiques: it needs a critique model "
+                 f"({args.rm} is {mode!r}) and --critique generate")
+    sampling = {"num_critic": args.num_critic, "temperature": args.temperature, "top_p": args.top_p,
+                "sample_seed": args.sample_seed} if critique == "generate" else None
 
     config = {"data_root": str(args.data_root) if args.data_root else None, "critique": critique,
               "with_reference_critique": with_ref, "max_new_tokens": args.max_new_tokens if critique == "generate" else None,
-              "limit": args.limit, "policy_class": args.policy_class, "n_boot": args.n_boot, "seed": args.seed}
+              "limit": args.limit, "policy_class": args.policy_class, "n_boot": args.n_boot, "seed": args.seed,
+              "sampling": sampling}
     inputs = [args.pairs, cfg_file, *sorted(args.rm.glob("*.safetensors"))]
     if not args.force and is_up_to_date(args.out, config, inputs):
         print(f"{STAGE}: {args.out} up to date, skipping (--force to redo)")
@@ -299,21 +331,25 @@ def main(argv: list[str] | None = None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = load_reward_model(args.rm, device=device, policy_class=args.policy_class)
     scorer = RewardScorer(model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, num_critic=args.num_critic, temperature=args.temperature,
+                          top_p=args.top_p, seed=args.sample_seed)
     ritems = [RewardItem(images=it["images"], prompt=it["prompt"], answer=it["answer"], critique=it["reference"],
                          id=it["where"]) for it in items]
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     critiques: list[str | None]
+    samples: list[list[str]] | None = None
     if critique == "generate":
-        critiques = list(scorer.critiques(ritems))
+        samples = scorer.critique_samples(ritems)
+        critiques = [c[0] for c in samples]   # the first: what rm_critique_* and the critique quality use
         seconds["generate"] = time.perf_counter() - t
         t = time.perf_counter()
     elif critique == "reference":
         critiques = [it["reference"] for it in items]
     else:
         critiques = [None] * len(items)
-    scores = scorer.scores(ritems, critiques if critique else None)  # type: ignore[arg-type]
+    per_critique = scorer.critique_scores(ritems, (samples or critiques) if critique else None)  # type: ignore[arg-type]
+    scores = [sum(v) / len(v) for v in per_critique]   # the mean over an item's critiques
     seconds["score"] = time.perf_counter() - t
     ref_scores = None
     if with_ref:
@@ -329,9 +365,13 @@ def main(argv: list[str] | None = None) -> int:
         row = {**obj, "reward_chosen": c, "reward_rejected": r, "reward_margin": c - r}
         if critique:
             row.update(rm_critique_chosen=critiques[ci], rm_critique_rejected=critiques[ri])
+        if samples is not None and args.num_critic > 1:
+            row.update(rm_critiques_chosen=samples[ci], rm_critiques_rejected=samples[ri],
+                       rm_critique_scores_chosen=per_critique[ci], rm_critique_scores_rejected=per_critique[ri])
         out_records.append(row)
 
-    report: dict[str, Any] = {"rm": str(args.rm), "mode": mode, "critique": critique, "pairs": str(args.pairs),
+    report: dict[str, Any] = {"rm": str(args.rm), "mode": mode, "critique": critique, "sampling": sampling,
+                              "pairs": str(args.pairs),
                               "items": len(items), "ranking": ranking_accuracy(chosen, rejected, clusters, args.n_boot,
                                                                                 args.seed),
                               "margin": _quantiles([c - r for c, r in zip(chosen, rejected)])}

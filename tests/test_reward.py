@@ -419,6 +419,35 @@ def test_nan_scores_are_refused(critique_rm, world, pairs):
         RewardScorer(model).scores([item])
 
 
+def test_num_critic_averages_the_scores_after_sampled_critiques(critique_rm, world, pairs):
+    """MM-RLHF's --num_critic: k sampled critiques per item, the item's score = their mean score."""
+    from mmalign.records import read_records
+    from mmalign.rewards.critique import RewardItem, RewardScorer, load_reward_model
+
+    _, root = critique_rm
+    model = load_reward_model(root / "model")
+    recs = read_records(pairs, "preference", data_root=world)[:2]
+    items = [RewardItem(r.images, r.prompt, r.chosen[0]["content"][0]["text"], id=r.id) for r in recs]
+    scorer = RewardScorer(model, batch_size=2, max_new_tokens=10, num_critic=3, temperature=1.0, seed=5)
+    got = scorer(items)
+    for it, s in zip(items, got):
+        assert len(s.critiques) == 3 and len(s.critique_scores) == 3 and s.critique == s.critiques[0]
+        assert s.score == pytest.approx(sum(s.critique_scores) / 3, abs=1e-6)
+        # each score is the one read after that critique alone
+        alone = RewardScorer(model).scores([RewardItem(it.images, it.prompt, it.answer, c, it.id)
+                                            for c in s.critiques])
+        assert alone == pytest.approx(s.critique_scores, abs=1e-5)
+    again = RewardScorer(model, batch_size=2, max_new_tokens=10, num_critic=3, temperature=1.0, seed=5)(items)
+    assert [s.critiques for s in again] == [s.critiques for s in got]  # seeded: repeatable
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    scorer.critique_samples(items)
+    assert torch.rand(1) == before  # sampling ran in a forked RNG: the caller's stream is untouched
+    with pytest.raises(ValueError, match="greedy critiques are identical"):
+        RewardScorer(model, num_critic=2)
+
+
 # ---------------------------------------------------------------------------------------------
 # the score_rm stage
 
@@ -449,6 +478,28 @@ def test_score_rm_writes_scores_and_report(critique_rm, world, pairs, tmp_path, 
     assert manifest["counts"] == {"pairs": len(src), "responses": 2 * len(src)}
     capsys.readouterr()
     assert main(args) == 0 and "up to date" in capsys.readouterr().out
+
+
+def test_score_rm_num_critic(critique_rm, world, pairs, tmp_path):
+    from data_pipelines.score_rm import main
+
+    _, root = critique_rm
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(pairs.read_text().splitlines(keepends=True)[:2]))
+    base = ["--rm", str(root / "model"), "--pairs", str(small), "--data-root", str(world), "--max-new-tokens", "8",
+            "--n-boot", "20", "--no-progress"]
+    with pytest.raises(SystemExit):  # greedy copies are refused
+        main([*base, "--out", str(tmp_path / "o0"), "--num-critic", "2"])
+    out = tmp_path / "o1"
+    assert main([*base, "--out", str(out), "--num-critic", "2", "--temperature", "1.0", "--sample-seed", "3"]) == 0
+    for row in (json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()):
+        for side in ("chosen", "rejected"):
+            cs, sc = row[f"rm_critiques_{side}"], row[f"rm_critique_scores_{side}"]
+            assert len(cs) == len(sc) == 2 and row[f"rm_critique_{side}"] == cs[0]
+            assert row[f"reward_{side}"] == pytest.approx((sc[0] + sc[1]) / 2)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["sampling"] == {"num_critic": 2, "temperature": 1.0, "top_p": 1.0, "sample_seed": 3}
+    assert "2 critique(s) per response" in (out / "report.md").read_text()
 
 
 def test_score_rm_scores_shared_responses_once(critique_rm, world, pairs, tmp_path):

@@ -3,8 +3,10 @@
 The score head, the conversation a reward model reads (:func:`reward_messages`), the export format
 (``reward_head.safetensors`` + ``reward_config.json`` beside the policy in Hugging Face format),
 loading it back (:func:`load_reward_model`) and scoring (:class:`RewardScorer`: a critique model
-first writes its critique greedily, then one forward over prompt + critique reads the score at the
-critique's end). Training, the objective and what was checked in MM-RLHF's released code are in
+first writes its critique, greedily by default, then one forward over prompt + critique reads the
+score at the critique's end; with ``num_critic > 1`` it samples that many critiques and averages
+the scores read after each, as MM-RLHF's ``llava/eval/eval_mm_reward_bench.py`` does with its
+``--num_critic`` option, default 1, temperature 0). Training, the objective and what was checked in MM-RLHF's released code are in
 :mod:`mmalign.methods.reward`.
 """
 
@@ -242,33 +244,56 @@ class RewardItem:
 
 @dataclass
 class Scored:
-    """A :class:`RewardScorer` result: the score and, for a critique model, the critique it read."""
+    """A :class:`RewardScorer` result: the score and, for a critique model, the critique it read
+    (the first one, when several were sampled), every critique and the score read after each
+    (``score`` is their mean)."""
 
     score: float
     critique: str | None = None
+    critiques: list[str] | None = None
+    critique_scores: list[float] | None = None
 
 
 class RewardScorer:
     """Scores items with a :class:`RewardModel`, in batches.
 
-    critique mode: the critiques are generated greedily in left-padded batches
-    (:class:`VisionChatCollator` in generate mode), then one forward over prompt + critique
-    (right-padded, labels on the critique) reads each score at the critique's end. scalar mode:
-    one forward over prompt + answer. Items are batched in order of their text length (less
+    critique mode: the critiques are generated in left-padded batches (:class:`VisionChatCollator`
+    in generate mode), then one forward over prompt + critique (right-padded, labels on the
+    critique) reads each score at the critique's end. With ``num_critic = k > 1`` each item gets
+    ``k`` sampled critiques (one ``generate`` call with ``num_return_sequences = k`` per batch) and
+    its score is the mean of the ``k`` scores, MM-RLHF's ``--num_critic`` in
+    ``llava/eval/eval_mm_reward_bench.py`` (``rewards.append(np.mean(critic_reward))``). scalar
+    mode: one forward over prompt + answer. Items are batched in order of their text length (less
     padding, and generation stops sooner) and returned in input order. A non-finite score is an
     error naming the item.
 
     Args:
         model: the reward model (its device is where batches go).
-        batch_size: rows per generate / forward call.
+        batch_size: items per generate call, rows per forward call.
         max_new_tokens: longest critique generated.
         progress: show tqdm progress bars (on stderr).
+        num_critic: critiques per item, their scores averaged (1 = the release's default).
+        temperature: 0 (default, the release's too) = greedy; > 0 samples with this temperature
+            and ``top_p``. ``num_critic > 1`` needs ``temperature > 0``: greedy critiques are all
+            the same, and averaging copies only costs time.
+        top_p: nucleus sampling threshold in (0, 1] when sampling.
+        seed: sampling seed; batch ``j`` of a call samples under ``seed + j`` in a forked RNG, so
+            scores repeat for the same items and batch size, and the caller's RNG is untouched.
     """
 
-    def __init__(self, model: RewardModel, batch_size: int = 16, max_new_tokens: int = 256, progress: bool = False):
+    def __init__(self, model: RewardModel, batch_size: int = 16, max_new_tokens: int = 256, progress: bool = False,
+                 num_critic: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be >= 1")
+        if num_critic < 1:
+            raise ValueError(f"num_critic must be >= 1, got {num_critic}")
+        if not (math.isfinite(temperature) and temperature >= 0) or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+        if num_critic > 1 and temperature == 0:
+            raise ValueError(f"num_critic={num_critic} with temperature 0: greedy critiques are identical, so their "
+                             "scores are too; sample them (temperature > 0) or use num_critic 1")
         self.model, self.batch_size, self.max_new_tokens, self.progress = model, batch_size, max_new_tokens, progress
+        self.num_critic, self.temperature, self.top_p, self.seed = num_critic, temperature, top_p, seed
         self.generate_collator = VisionChatCollator(model.processor, max_length=NO_LIMIT, mode="generate",
                                                     on_overlength="error")
         self.score_collator = VisionChatCollator(model.processor, max_length=NO_LIMIT, mode="train", train_on="last",
@@ -294,66 +319,97 @@ class RewardScorer:
     def _images(it: RewardItem) -> list[Image.Image]:
         return [im if isinstance(im, Image.Image) else load_image(im, it.id) for im in it.images]
 
-    @torch.no_grad()
-    def critiques(self, items: Sequence[RewardItem]) -> list[str]:
-        """Greedy critiques of ``items`` (critique mode only), in input order."""
-        if self.model.mode != "critique":
-            raise ValueError("a scalar reward model writes no critique")
-        out: list[str | None] = [None] * len(items)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for idx in self._batches(items, "critiques"):
-                exs = [{"images": self._images(items[i]), "meta": {"id": items[i].id},
-                        "messages": self.model.messages(items[i].messages_prompt(), items[i].answer)} for i in idx]
-                texts = self.model.policy.generate(to_device(self.generate_collator(exs), self.device),
-                                                   max_new_tokens=self.max_new_tokens)
-                for i, t in zip(idx, texts):
-                    out[i] = t
-        finally:
-            self.model.train(was_training)
-        return out  # type: ignore[return-value]
+    def _generation_kwargs(self) -> dict[str, Any]:
+        if self.temperature == 0:
+            return {"max_new_tokens": self.max_new_tokens}
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
+                "top_p": self.top_p, "num_return_sequences": self.num_critic}
 
     @torch.no_grad()
-    def scores(self, items: Sequence[RewardItem], critiques: Sequence[str] | None = None) -> list[float]:
-        """The score of each item, in input order. Critique mode reads ``critiques[i]`` (or
-        ``items[i].critique`` when ``critiques`` is None); both missing is an error."""
+    def critique_samples(self, items: Sequence[RewardItem]) -> list[list[str]]:
+        """``num_critic`` critiques of each item (critique mode only), in input order."""
+        if self.model.mode != "critique":
+            raise ValueError("a scalar reward model writes no critique")
+        k = self.num_critic
+        out: list[list[str]] = [[] for _ in items]
+        was_training = self.model.training
+        self.model.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            for j, idx in enumerate(self._batches(items, "critiques")):
+                exs = [{"images": self._images(items[i]), "meta": {"id": items[i].id},
+                        "messages": self.model.messages(items[i].messages_prompt(), items[i].answer)} for i in idx]
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(self.seed + j)
+                    texts = self.model.policy.generate(to_device(self.generate_collator(exs), self.device),
+                                                       **self._generation_kwargs())
+                # one greedy text per item, or k sampled ones per item, item-major (generate's order)
+                per = 1 if self.temperature == 0 else k
+                if len(texts) != per * len(idx):
+                    raise RuntimeError(f"{type(self.model.policy).__name__}.generate returned {len(texts)} texts for "
+                                       f"{len(idx)} prompts x {per}")
+                for n, i in enumerate(idx):
+                    out[i] = list(texts[n * per:(n + 1) * per])
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def critiques(self, items: Sequence[RewardItem]) -> list[str]:
+        """One critique of each item (the first of :meth:`critique_samples`), in input order."""
+        return [c[0] for c in self.critique_samples(items)]
+
+    @torch.no_grad()
+    def critique_scores(self, items: Sequence[RewardItem],
+                        critiques: Sequence[str | Sequence[str]] | None = None) -> list[list[float]]:
+        """The score read after each critique of each item, in input order: ``critiques[i]`` is
+        one critique or a list of them (or, when ``critiques`` is None, ``items[i].critique``);
+        both missing is an error. A scalar model gives one score per item."""
         if self.model.mode == "critique":
             crit = list(critiques) if critiques is not None else [it.critique for it in items]
             if len(crit) != len(items):
                 raise ValueError(f"{len(crit)} critiques for {len(items)} items")
-            missing = [items[i].id for i, c in enumerate(crit) if c is None]
+            lists = [[c] if isinstance(c, str) else (list(c) if c is not None else []) for c in crit]
+            missing = [items[i].id or str(i) for i, cs in enumerate(lists)
+                       if not cs or not all(isinstance(c, str) for c in cs)]
             if missing:
                 raise ValueError(f"no critique to score for item(s) {missing[:5]}: generate them with critiques()")
         else:
-            crit = [None] * len(items)
-        out: list[float] = [math.nan] * len(items)
+            lists = [[None] for _ in items]  # type: ignore[list-item]
+        # one row per (item, critique); rows are batched and scored like items
+        rows = [(i, c) for i, cs in enumerate(lists) for c in cs]
+        keyed = [RewardItem(items[i].images, items[i].prompt, items[i].answer, c, items[i].id) for i, c in rows]
+        flat: list[float] = [math.nan] * len(rows)
         was_training = self.model.training
         self.model.eval()
         try:
-            for idx in self._batches(items, "scores", key=lambda it: len(it.answer) + len(it.critique or "")):
-                exs = [{"images": self._images(items[i]), "meta": {"id": items[i].id},
-                        "messages": self.model.messages(items[i].messages_prompt(), items[i].answer, crit[i])}
-                       for i in idx]
+            for idx in self._batches(keyed, "scores", key=lambda it: len(it.answer) + len(it.critique or "")):
+                exs = [{"images": self._images(keyed[r]), "meta": {"id": keyed[r].id},
+                        "messages": self.model.messages(keyed[r].messages_prompt(), keyed[r].answer, keyed[r].critique)}
+                       for r in idx]
                 s = self.model(to_device(self.score_collator(exs), self.device)).float().cpu().tolist()
-                for i, v in zip(idx, s):
-                    out[i] = v
+                for r, v in zip(idx, s):
+                    flat[r] = v
         finally:
             self.model.train(was_training)
-        bad = [items[i].id or str(i) for i, v in enumerate(out) if not math.isfinite(v)]
+        bad = sorted({keyed[r].id or str(rows[r][0]) for r, v in enumerate(flat) if not math.isfinite(v)})
         if bad:
             raise ValueError(f"the reward model gave non-finite scores (NaN/inf) for {len(bad)} item(s), e.g. {bad[:5]}; "
                              "refusing to pass them on (a broken export, or overflow in low precision?)")
+        out: list[list[float]] = [[] for _ in items]
+        for (i, _), v in zip(rows, flat):
+            out[i].append(v)
         return out
 
+    def scores(self, items: Sequence[RewardItem], critiques: Sequence[str | Sequence[str]] | None = None) -> list[float]:
+        """The score of each item, in input order: the mean of the scores read after its
+        critique(s) (:meth:`critique_scores`; one critique, or several averaged)."""
+        return [sum(v) / len(v) for v in self.critique_scores(items, critiques)]
+
     def __call__(self, items: Sequence[RewardItem], generate: bool = True) -> list[Scored]:
-        """Score ``items``; a critique model first writes its critiques (``generate=True``) or uses
-        the items' own (``generate=False``)."""
-        crit: list[str | None]
-        if self.model.mode == "critique":
-            crit = list(self.critiques(items)) if generate else [it.critique for it in items]
-            scores = self.scores(items, crit)  # type: ignore[arg-type]
-        else:
-            crit = [None] * len(items)
-            scores = self.scores(items)
-        return [Scored(s, c) for s, c in zip(scores, crit)]
+        """Score ``items``; a critique model first writes its ``num_critic`` critiques
+        (``generate=True``) or uses the items' own (``generate=False``)."""
+        if self.model.mode != "critique":
+            return [Scored(v[0]) for v in self.critique_scores(items)]
+        crit = self.critique_samples(items) if generate else [[it.critique] for it in items]
+        per = self.critique_scores(items, crit)  # type: ignore[arg-type]
+        return [Scored(sum(v) / len(v), cs[0], list(cs), v) for cs, v in zip(crit, per)]
