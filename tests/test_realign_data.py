@@ -96,7 +96,9 @@ def world(tmp_path) -> tuple[Path, Path]:
 
 
 def run(data: Path, index: Path, out: Path, *extra: str) -> int:
-    return R.main(["--data", str(data), "--index", str(index), "--out", str(out), "--no-progress", *extra])
+    """The stage in its injection mode (the refill mode, the default, is tests/test_realign_refill.py)."""
+    mode = [] if "--rejected" in extra else ["--rejected", "injection"]
+    return R.main(["--data", str(data), "--index", str(index), "--out", str(out), "--no-progress", *mode, *extra])
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -147,12 +149,14 @@ def test_first_different_picks_the_highest_ranked_qualifying_neighbour(world, tm
     assert pairs["s1-detailed_caption"]["retrieval"]["rank"] == 1
     assert pairs["s2-detailed_caption"]["rejected_images"] == [image_of("s2diff")]
     assert p0["images"] == [image_of("s0")] and p0["scene_id"] == "s0" and p0["task"] == "detailed_caption"
+    assert p0["rejected_source"] == "injection" and p0["retrieval"]["select"] == "first-different"
     assert text(p0["chosen"]) == W.detailed_caption(SCENES["s0"])
     # the records read back as preference records, with both images resolved under the data root
     recs = read_records(out / "train" / "pairs.jsonl", kind="preference", data_root=data)
     assert all(isinstance(x, PreferenceRecord) for x in recs) and len(recs) == 3
 
     rep = json.loads((out / "report.json").read_text())
+    assert rep["rejected"] == "injection"
     assert rep["records"]["items"] == 3 and rep["records"]["duplicates"] == 1 and rep["records"]["other_task"] == 1
     t1 = rep["retrieval"]["raw_top1"]
     # raw top-1: s0 -> s0same (same scene), s1 -> s0super, s2 -> s2diff
@@ -267,3 +271,13 @@ def test_an_image_missing_from_the_index_is_an_error(tmp_path):
     index = write_index(tmp_path, sids=("s0", "s0same", "s0super", "s2", "s2diff"))
     with pytest.raises(RecordError, match=r"sft\.jsonl:2: image 'images/train/s1.png' is not in the index"):
         run(data, index, tmp_path / "realign")
+
+
+def test_injection_mode_needs_a_scene_graph_for_every_record(tmp_path):
+    no_scene = {**sft("s1"), "id": "lost", "images": [image_of("s1")], "scene_id": "nowhere"}
+    data = write_data(tmp_path, [sft("s0"), no_scene])
+    # s1's scene graph is in scenes.jsonl under its image; drop it so the record has none
+    scenes = data / "train" / "scenes.jsonl"
+    scenes.write_text("".join(x + "\n" for x in scenes.read_text().splitlines() if '"s1"' not in x))
+    with pytest.raises(RecordError, match=r"sft\.jsonl:2: no scene graph for image 'images/train/s1.png'"):
+        run(data, write_index(tmp_path), tmp_path / "realign")

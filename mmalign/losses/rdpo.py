@@ -4,8 +4,11 @@ that prefers the original image over a retrieved, similar-looking one for the sa
 Re-Align (Xing et al. 2025, "Re-Align: Aligning Vision Language Models via Retrieval-Augmented
 Direct Preference Optimization", EMNLP 2025, arXiv 2502.13146; code github.com/taco-group/Re-Align).
 Its pairs come from image retrieval: the rejected answer ``y_l`` is the chosen answer ``y_w`` with
-masked spans re-filled by the VLM while it looks at a *retrieved* image ``m_r`` (a near neighbour
-of the original image ``m``), so ``m_r`` is the natural "rejected image" for ``y_w``.
+its object / attribute / relation words masked and re-filled by the VLM while it looks at a
+*retrieved* image ``m_r`` (one of the top-k nearest training images by the VLM's own vision
+features, tried in rank order; the first re-fill whose sentence-embedding cosine to ``y_w`` is below
+0.95 is kept, with its image), so ``m_r`` is the natural "rejected image" for ``y_w``
+(``data_pipelines/realign_data.py``, ``--rejected refill``; :mod:`mmalign.refill`).
 
 Inputs, every one a ``(B,)`` tensor of summed completion log-probs (as in :mod:`mmalign.losses.dpo`):
 
@@ -25,6 +28,14 @@ One policy ``pi`` and one frozen reference ``ref`` score all six. Per pair ``b``
 the rejected slot, and the function computes it exactly that way. The Re-Align defaults are
 ``text_weight = visual_weight = 1``, ``anchor_weight = nll_weight = 0``: a plain, unweighted sum
 of two DPO losses with one beta.
+
+Paper vs released trainer: all six terms above are *label* log-probs, the log-probability of the
+actual sequence (``y_w`` or ``y_l``) under ``m`` or ``m_r``, as in the paper's rDPO equation
+(the released repository's ``asset/pics/rDPO.png``). mmalign follows the paper. The released
+trainer differs in two places (details below): it scores the rejected answer and the
+retrieved-image chosen answer with the best *non-label* token at each position ("noisy" log-probs,
+``_get_noisy_batch_logps``), and it adds ``sft_weight * CE(chosen)`` with an ``sft_weight`` that is
+never set (so 0). Neither is reproduced.
 
 Sources (what was checked, and where)
 -------------------------------------
@@ -52,10 +63,9 @@ Sources (what was checked, and where)
   sigma(beta * (pc - rc) - delta)`` and its code uses ``delta = 0``. Re-Align replaces the
   corrupted image with the retrieved one and drops the anchor.
 * The paper (abstract; project page ``index.html``): rDPO is "an extension of DPO that integrates
-  an additional visual preference optimization objective". Its equation is an image
-  (``asset/pics/rDPO.png``) and the paper's method section could not be read as text here, so
-  the formula above is the released code's; the paper's exact notation, and whether it writes a
-  weight on the visual term, are *not* confirmed.
+  an additional visual preference optimization objective"; its equation (``asset/pics/rDPO.png``)
+  is the sum of the textual DPO term and the visual term over sequence (label) likelihoods, which
+  is what this module computes.
 
 What the released code does that this module leaves to the caller
 -----------------------------------------------------------------
@@ -65,9 +75,9 @@ What the released code does that this module leaves to the caller
   highest-scoring token *other than the label* (top-1 unless top-1 is the label, then top-2),
   not of the label. ``pc``/``rc`` use the ordinary label log-prob. That is a choice of what
   sequence score goes in, not of the loss: this function takes whatever ``(B,)`` scores it is
-  given. Feeding it ordinary label log-probs for all six (the DPO/mDPO reading, and what the
-  variable names in the code describe) gives the objective above; reproducing the released
-  numbers would need that token-level scoring upstream.
+  given. mmalign feeds it ordinary label log-probs for all six (the paper's equation, the DPO/mDPO
+  reading, and what the variable names in the code describe); reproducing the released numbers
+  would need that token-level scoring upstream.
 * An SFT term: ``loss = sft_weight * CrossEntropy(chosen) + loss`` is in ``rDPOTrainer``, but
   ``sft_weight`` (a ``TrainingArguments`` field, default 0.0, in the later ``train_rdpo.py``) is
   never handed to the trainer, so in the released runs it is off. ``nll_weight`` here is that
