@@ -1,7 +1,8 @@
 """Import DRESS's released natural-language-feedback data as conditioned SFT records.
 
     python -m data_pipelines.import_dress --input DRESS/LVLM_NLF --images coco/train2017 \\
-        --out runs/dress/import [--max-rating 5] [--val-fraction 0.05] [--thresholds 0.75] \\
+        --out runs/dress/import [--max-rating 5] [--val-fraction 0.05] [--condition feedback|rating] \\
+        [--feedback-template "Feedback: {feedback}"] [--good-feedback TEXT] [--thresholds 0.75] \\
         [--names bad good] [--template "Answer quality: {name}."] [--on-error raise|skip]
 
 DRESS (Chen et al. CVPR 2024, "DRESS: Instructing Large Vision-Language Models to Align and
@@ -41,14 +42,26 @@ paper's prompts and the card do not state it in anything we could read): ``--max
 ``report.json``). Whether ``caption`` is a string or a list varies between descriptions: both are
 accepted. A ``<image>`` token in a user text is dropped (the image is its own part).
 
+Condition (``--condition``, as in :mod:`data_pipelines.nlf`): ``feedback`` (default) puts the
+turn's own critique NLF before the question (turn 0) or before the refinement feedback (turn k),
+``--feedback-template`` with ``{feedback}``; a turn without a critique then has nothing to be
+conditioned on and makes no record (counted in ``report.json``: ``skipped_without_critique``; the
+conversation it belongs to still goes on, so later turns keep it as history). The good-feedback
+text inference asks with is derived from the train split's critique examples
+(:func:`mmalign.conditions.derive_good_feedback`: the sentences more than half of the top-rated
+critiques share, else the most frequent top-rated critique) unless ``--good-feedback`` gives it;
+with free-form human critiques this is rarely a useful text, so look at ``report.md`` and give
+one. ``rating`` puts the level of the turn's rating instead (``--thresholds`` / ``--names`` /
+``--template``).
+
 Output (atomic, with ``manifest.json``; image paths stay relative to ``--images``, which the
 manifest records; read with ``read_records(path, "sft", data_root=<--images>)``):
 
 * ``train/sft.jsonl``, ``val/sft.jsonl``: turn 0 of every line -> a **critique example**
-  ``[user: image + "<condition of rating 0> <question>", assistant: answer 0]`` (meta ``kind:
+  ``[user: image + "<condition of turn 0> <question>", assistant: answer 0]`` (meta ``kind:
   "critique"``, ``score``, ``rating``, ``level``, ``condition``, ``critique``); every later turn
-  k -> a **refinement episode** of the conversation up to k, the condition of turn k's rating in
-  the last user turn (before the refinement feedback), answer k the assistant turn that carries
+  k -> a **refinement episode** of the conversation up to k, the condition of turn k (its
+  critique, or the level of its rating) in the last user turn (before the refinement feedback), answer k the assistant turn that carries
   the loss (meta ``kind: "refinement"``, ``round`` = k, ``score_before`` / ``score_after`` =
   turns k-1 / k, ``rating_before`` / ``rating_after``, ``success`` = score after > before,
   ``fixed`` = null (the release has no hallucination counts), ``level``, ``condition``,
@@ -57,7 +70,8 @@ manifest records; read with ``read_records(path, "sft", data_root=<--images>)``)
   ``caption``, ``turn``. Ids: ``dress-<dimension>-<line>-critique`` / ``...-refine<k>``.
   Split by image: ``val`` when sha256 of the image id, as a fraction of 2^64, is below
   ``--val-fraction``, so every record of an image (over all files) is in one split.
-* ``condition.json``: the condition scheme used; ``report.json`` / ``report.md``: records per
+* ``condition.json``: the condition scheme used (with the good-feedback text in feedback mode);
+  ``report.json`` / ``report.md``: records per
   kind, split and condition level, rating distributions per file, the rating scale, how often a
   revision is rated higher than the answer it revises (95% bootstrap interval), rejects by kind.
 * ``rejects.jsonl``: every line not imported, with ``where``, ``kind`` and ``error``.
@@ -81,8 +95,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmalign.conditions import ConditionScheme
+from mmalign.conditions import ConditionScheme, FeedbackCondition, derive_good_feedback
 from mmalign.nlf_records import (
+    add_feedback_arguments,
     add_scheme_arguments,
     critique_record,
     refinement_record,
@@ -299,8 +314,11 @@ def read_input(path: Path, images: Path, check_images: str, on_error: str, rejec
 # records
 
 
-def records_of(it: Interaction, lo: float, hi: float, scheme: ConditionScheme) -> list[dict]:
-    """Turn 0 -> a critique example; turn k > 0 -> a refinement episode up to k (module docstring)."""
+def records_of(it: Interaction, lo: float, hi: float, scheme: ConditionScheme,
+               feedback: FeedbackCondition | None = None) -> list[dict]:
+    """Turn 0 -> a critique example; turn k > 0 -> a refinement episode up to k (module docstring).
+    With ``feedback``, each is conditioned on its turn's critique, and a turn without one makes
+    no record."""
     scores = []
     for k, t in enumerate(it.turns):
         if not lo <= t.rating <= hi:
@@ -312,16 +330,22 @@ def records_of(it: Interaction, lo: float, hi: float, scheme: ConditionScheme) -
     images = [it.image_id]
     t0 = it.turns[0]
     prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t0.user}]}]
-    out = [critique_record(f"{base}-critique", images, prompt, t0.model, scores[0], scheme,
-                           {"rating": t0.rating, "critique": t0.critique, "turn": 0, **common})]
+    def usable(t: Turn) -> bool:
+        return feedback is None or bool((t.critique or "").strip())
+
+    out = []
+    if usable(t0):
+        out.append(critique_record(f"{base}-critique", images, prompt, t0.model, scores[0], scheme,
+                                   {"rating": t0.rating, "critique": t0.critique, "turn": 0, **common}, feedback))
     conv = prompt + [text_turn("assistant", t0.model)]
     for k in range(1, len(it.turns)):
         t = it.turns[k]
         conv = conv + [text_turn("user", t.user)]
-        out.append(refinement_record(
-            f"{base}-refine{k}", images, conv, t.model, scores[k - 1], scores[k], k, scheme,
-            {"rating_before": it.turns[k - 1].rating, "rating_after": t.rating, "fixed": None, "refinement": t.user,
-             "critique": t.critique, "turn": k, **common}))
+        if usable(t):
+            out.append(refinement_record(
+                f"{base}-refine{k}", images, conv, t.model, scores[k - 1], scores[k], k, scheme,
+                {"rating_before": it.turns[k - 1].rating, "rating_after": t.rating, "fixed": None,
+                 "refinement": t.user, "critique": t.critique, "turn": k, **common}, feedback))
         conv = conv + [text_turn("assistant", t.model)]
     return out
 
@@ -343,6 +367,14 @@ def report_md(rep: dict, scheme: ConditionScheme) -> str:
         mx = f["ratings"].get("max")
         lines.append(f"| {name} | {f['lines']} | {f['imported']} | {f['turns']} | "
                      f"{'' if mx is None else f'{mx:g}'} | {hist} |")
+    cond = rep["condition"]
+    if cond.get("mode") == "feedback":
+        g = rep["good_feedback"]
+        how = (f"derived: {g['rule']} of the {g['top_examples']} top-rated (score {g['top_score']:g}) critiques"
+               if g.get("rule") else "given with --good-feedback")
+        lines += ["", (f"Condition: the turn's critique ({cond['template']!r}); {rep['skipped_without_critique']} "
+                       f"turn(s) without a critique made no record. Inference asks with the good feedback "
+                       f"{cond['good_feedback']!r} ({how}). Rating levels below are for the report only.")]
     lines += ["", *summary_md(rep, scheme), ""]
     keys = ", ".join(f"{k!r}: {v}" for k, v in rep["critique_keys"].items()) or "none"
     lines += [f"Critique key spellings: {keys}; turns without a critique: {rep['turns_without_critique']}.",
@@ -357,8 +389,13 @@ def report_md(rep: dict, scheme: ConditionScheme) -> str:
 
 def run(inputs: list[Path], images: Path, out: Path, scheme: ConditionScheme | None = None,
         max_rating: float | None = None, min_rating: float = 0.0, val_fraction: float = 0.05,
-        on_error: str = "raise", check_images: str = "decode", force: bool = False) -> dict[str, Any] | None:
+        on_error: str = "raise", check_images: str = "decode", force: bool = False,
+        feedback: FeedbackCondition | None = None) -> dict[str, Any] | None:
     """Import ``inputs`` into ``out``; the report, or None when ``out`` was up to date.
+
+    ``feedback`` conditions on the critiques (module docstring); None (the default of this
+    function; the command line's default is ``--condition feedback``) on the rating levels of
+    ``scheme``.
 
     Raises :class:`RecordError` at the first bad line (``on_error="raise"``) and whenever no line
     at all could be imported; ``out`` is then left as it was.
@@ -374,6 +411,8 @@ def run(inputs: list[Path], images: Path, out: Path, scheme: ConditionScheme | N
     config = {"inputs": [str(p) for p in files], "images": str(images.resolve()), "scheme": scheme.to_dict(),
               "max_rating": max_rating, "min_rating": min_rating, "val_fraction": val_fraction,
               "on_error": on_error, "check_images": check_images}
+    if feedback is not None:  # rating imports keep the config (and so the up-to-date check) they had
+        config["condition"] = feedback.to_dict()
     if not force and is_up_to_date(out, config, files):
         print(f"{STAGE}: {out} up to date, skipping (--force to redo)")
         return None
@@ -400,9 +439,10 @@ def run(inputs: list[Path], images: Path, out: Path, scheme: ConditionScheme | N
 
     splits: dict[str, list[dict]] = {"train": [], "val": []}
     imported = Counter()
+    skipped = 0  # turns without a critique under a feedback condition: no record
     for it in interactions:
         try:
-            rows = records_of(it, min_rating, max_rating, scheme)
+            rows = records_of(it, min_rating, max_rating, scheme, feedback)
         except RecordError as e:
             if on_error == "raise":
                 raise
@@ -410,6 +450,7 @@ def run(inputs: list[Path], images: Path, out: Path, scheme: ConditionScheme | N
                             "record": None})
             continue
         splits[split_of(it.image_id, val_fraction)] += rows
+        skipped += len(it.turns) - len(rows)
         imported[it.source_id.rsplit(":", 1)[0]] += 1
     n_ok = sum(imported.values())
     if not n_ok:
@@ -420,7 +461,21 @@ def run(inputs: list[Path], images: Path, out: Path, scheme: ConditionScheme | N
         f["imported"] = imported[name]
     keys = Counter(t.critique_key or "(none)" for i in interactions for t in i.turns)
     kinds = Counter(r["kind"] for r in rejects)
+    condition: dict[str, Any] = {"mode": "rating", **scheme.to_dict()}
+    extra: dict[str, Any] = {}
+    if feedback is not None:
+        if feedback.good_feedback is None:
+            src = "train" if any(r["kind"] == "critique" for r in splits["train"]) else "all"
+            good, how = derive_good_feedback((r["score"], r["critique"]) for k, v in splits.items() for r in v
+                                             if r["kind"] == "critique" and (src == "all" or k == "train"))
+            how["from"] = src
+            feedback = FeedbackCondition(feedback.template, good)
+        else:
+            how = {"rule": None, "given": True}
+        condition = feedback.to_dict()
+        extra = {"good_feedback": how, "skipped_without_critique": skipped}
     rep = {"inputs": config["inputs"], "images": config["images"], "scheme": scheme.to_dict(),
+           "condition": condition, **extra,
            "val_fraction": val_fraction, "files": per_file,
            "rating_scale": {"min": min_rating, "max": max_rating, "max_from": max_from},
            "lines": {"total": sum(f["lines"] for f in per_file.values()), "imported": n_ok},
@@ -434,12 +489,14 @@ def run(inputs: list[Path], images: Path, out: Path, scheme: ConditionScheme | N
             for k in ("critique", "refinement"):
                 st.count(f"{s}/{k}", sum(r["kind"] == k for r in rows))
         atomic_write_jsonl(st.path / "rejects.jsonl", rejects)
-        atomic_write_text(st.path / "condition.json", json.dumps(scheme.to_dict(), indent=2) + "\n")
+        file = condition if feedback is not None else scheme.to_dict()
+        atomic_write_text(st.path / "condition.json", json.dumps(file, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(st.path / "report.json", json.dumps(rep, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(st.path / "report.md", report_md(rep, scheme))
         st.count("lines", rep["lines"]["total"])
         st.count("rejected", len(rejects))
-        st.info.update(image_root=config["images"], rating_scale=rep["rating_scale"], scheme=scheme.to_dict())
+        st.info.update(image_root=config["images"], rating_scale=rep["rating_scale"], scheme=scheme.to_dict(),
+                       condition=condition)
     return rep
 
 
@@ -458,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the bottom of the rating scale: score = (rating - min) / (max - min) (default 0)")
     ap.add_argument("--val-fraction", type=float, default=0.05,
                     help="share of images (by a hash of the image id) whose records go to val (default 0.05)")
+    add_feedback_arguments(ap)
     add_scheme_arguments(ap)
     ap.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                     help="raise: stop at the first bad line, write nothing; skip: put it in rejects.jsonl with its "
@@ -468,12 +526,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         scheme = scheme_from(args.thresholds, args.names, args.template)
+        feedback = (FeedbackCondition(args.feedback_template, args.good_feedback) if args.condition == "feedback"
+                    else None)
     except ValueError as e:
         ap.error(str(e))
     try:
         rep = run(args.input, args.images, args.out, scheme=scheme, max_rating=args.max_rating,
                   min_rating=args.min_rating, val_fraction=args.val_fraction, on_error=args.on_error,
-                  check_images=args.check_images, force=args.force)
+                  check_images=args.check_images, force=args.force, feedback=feedback)
     except (RecordError, FileNotFoundError, ValueError) as e:
         print(f"{STAGE}: error: {e}", file=sys.stderr)
         return 1

@@ -2,20 +2,35 @@
 
     python -m data_pipelines.nlf --feedback runs/demo/feedback/oracle --data runs/demo/data \\
         --model runs/demo/sft/model --out runs/demo/nlf [--val-fraction 0.05] \\
-        [--score-weights faithfulness=1] [--thresholds 0.75] [--names bad good] \\
-        [--template "Answer quality: {name}."] [--revisions 1] [--max-new-tokens 96] \\
+        [--score-weights faithfulness=1] [--condition feedback|rating] \\
+        [--feedback-template "Feedback: {feedback}"] [--good-feedback TEXT] [--thresholds 0.75] \\
+        [--names bad good] [--template "Answer quality: {name}."] [--revisions 1] [--max-new-tokens 96] \\
         [--batch-size 32] [--seed 0] [--limit 0]
 
 DRESS (Chen et al. CVPR 2024, "DRESS: Instructing Large Vision-Language Models to Align and
 Interact with Humans via Natural Language Feedback") trains with "generalized conditional RL": a
 language-modelling loss on responses conditioned on their feedback. Its feedback comes in two
-kinds, and this stage makes one kind of record from each:
+kinds, and this stage makes one kind of record from each.
 
-* **critique examples** (critique NLF with a rating aligns responses): one per feedback record.
-  ``score`` = the weighted mean (``--score-weights``, :func:`mmalign.ranking.overall`) of the
-  feedback's scores; the condition is :meth:`ConditionScheme.for_score` of it, put before the
-  question (first user turn):
-  ``[user: image + "<condition> <question>", assistant: response]``.
+The condition (``--condition``, :mod:`mmalign.conditions`):
+
+* ``feedback`` (default; the paper's "conditioned on the NLF"): the critique text itself,
+  ``--feedback-template`` with ``{feedback}`` (default ``"Feedback: {feedback}"``); a feedback
+  record without a critique cannot be conditioned (an error naming it, or a reject with
+  ``--on-error skip``). The *good-feedback text* that inference asks with is derived from the
+  train split's critique examples (:func:`mmalign.conditions.derive_good_feedback`: the
+  sentences most top-rated critiques share; with the world oracle "There is no hallucination in
+  the answer."; every split's when train has none) unless ``--good-feedback`` gives it; it is written in ``condition.json``, and
+  the trainer derives the same from the same records and saves it beside the model.
+* ``rating``: the level of the record's score (:class:`ConditionScheme`, ``--thresholds`` /
+  ``--names`` / ``--template``), e.g. "Answer quality: good.".
+
+Records:
+
+* **critique examples** (critique NLF aligns responses): one per feedback record. ``score`` =
+  the weighted mean (``--score-weights``, :func:`mmalign.ranking.overall`) of the feedback's
+  scores; the condition (its critique, or the level of its score) is put before the question
+  (first user turn): ``[user: image + "<condition> <question>", assistant: response]``.
 * **refinement episodes** (refinement NLF teaches revising across turns): for every feedback
   record whose refinement says something to fix, the policy (``--model``) is asked to revise:
   ``[user: image + question, assistant: response, user: refinement]`` (generate mode; sampled
@@ -23,10 +38,12 @@ kinds, and this stage makes one kind of record from each:
   index``, so round 1 draws as the sample stage does). The world oracle
   (:class:`mmalign.oracle.WorldOracle`, scenes of ``--data``) judges the revision: ``score_after``
   (same weights), hallucinated claims, a new critique and refinement. *Every* revision is kept,
-  better or not, as ``[user: image + question, assistant: response, user: "<condition of
-  score_after> <refinement>", assistant: revision]`` (the condition in the *last* user turn,
+  better or not, as ``[user: image + question, assistant: response, user: "<condition of the
+  revision> <refinement>", assistant: revision]`` (the condition in the *last* user turn,
   :func:`mmalign.conditions.with_condition` ``turn="last"``): hindsight relabelling, the revision
-  is what a model asked with that condition should write. With ``--revisions N`` round k+1
+  is what a model asked with that condition should write. The condition of the revision is the
+  oracle's critique of it (``feedback``) or the level of ``score_after`` (``rating``); the
+  refinement feedback that drives the revision is the turn's text either way. With ``--revisions N`` round k+1
   refines round k's revision with the oracle's new refinement, and each round is one record
   holding the whole conversation so far (earlier user turns as the policy saw them, without a
   condition; only the last assistant turn is meant to carry loss: train with ``train_on: last``,
@@ -56,22 +73,25 @@ Output (atomic, with ``manifest.json``; an unchanged re-run is skipped, ``--forc
   Split by scene: ``val`` when sha256 of the scene id, as a fraction of 2^64, is below
   ``--val-fraction`` (:func:`mmalign.ranking.split_of`), so every record of a scene (all its
   responses, critique and refinement) lands in one split, whatever the seed or file order.
-  Meta of a critique example: ``kind: "critique"``, ``score``, ``scores``, ``level``,
-  ``condition``, ``critique``, ``refinement``, ``source_id`` (the feedback record), ``prompt_id``,
+  Meta of a critique example: ``kind: "critique"``, ``score``, ``scores``, ``level`` (the
+  rating level of the score, in both modes: the report counts it), ``condition`` (the text in
+  the messages), ``critique``, ``refinement``, ``source_id`` (the feedback record), ``prompt_id``,
   ``scene_id``, ``task``, ``feedback_source``. Of a refinement episode: ``kind: "refinement"``,
   ``round``, ``score_before``, ``score_after``, ``scores_after``, ``success``, ``fixed``,
   ``hallucinated_before`` / ``hallucinated_after`` (per type), ``level``, ``condition``,
   ``refinement`` (the feedback the revision answers), ``critique`` (the oracle's critique of the
   revision), ``checkable_claims_after``, ``judged_by: "oracle"``, ``policy`` and the ids above.
-* ``condition.json``: the condition scheme (:meth:`ConditionScheme.to_dict`); the DRESS
-  trainer must be given the same (``condition_thresholds`` / ``condition_names`` /
-  ``condition_template``).
-* ``report.json`` / ``report.md``: records per kind and split, per condition level, per round the
+* ``condition.json``: the condition scheme (``to_dict()``: ``{"mode": "feedback", "template",
+  "good_feedback"}``, or the rating scheme); the DRESS trainer must be given the same mode and
+  template (``condition``, ``feedback_template``, or ``condition_thresholds`` /
+  ``condition_names`` / ``condition_template``); it checks every record's condition.
+* ``report.json`` / ``report.md``: the condition mode (and the good-feedback text with how it
+  was derived: ``good_feedback``), records per kind and split, per rating level, per round the
   revisions' success and fix rates with 95% bootstrap intervals (over revisions), mean score
   before / after; feedback records without a refinement; why episodes stopped; rejects.
 * ``rejects.jsonl``: feedback lines that could not be used (``--on-error skip``; otherwise the
-  first one stops the stage with ``file:line: what is wrong``) and empty revisions, each with its
-  ``reason``.
+  first one stops the stage with ``file:line: what is wrong``), feedback records without a
+  critique (``--condition feedback``) and empty revisions, each with its ``reason``.
 
 ``--revisions 0`` makes critique examples only; ``--model`` and scene graphs are then not needed.
 """
@@ -86,11 +106,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmalign.conditions import ConditionScheme
+from mmalign.conditions import ConditionScheme, FeedbackCondition, derive_good_feedback
 from mmalign.feedback import HALLUCINATION_TYPES, FeedbackItem, prompt_text
 from mmalign.feedback_io import Prompt, Response, read_feedback, weighted_scores
 from mmalign.nlf_records import (
     KINDS,
+    add_feedback_arguments,
     add_scheme_arguments,
     critique_record,
     refinement_record,
@@ -199,10 +220,19 @@ def build_report(summary: dict, stats: Counter, rejects: list[dict], seconds: fl
 def report_md(rep: dict, scheme: ConditionScheme) -> str:
     w = ", ".join(f"{d}={v:g}" for d, v in rep["weights"].items())
     fb = rep["feedback"]
+    cond = rep.get("condition", {})
+    if cond.get("mode") == "feedback":
+        g = rep["good_feedback"]
+        how = (f"derived: {g['rule']} of the {g['top_examples']} top-rated (score {g['top_score']:g}) train critiques"
+               if g.get("rule") else "given with --good-feedback")
+        cond_line = (f"Condition: the critique text ({cond['template']!r}); inference asks with the good feedback "
+                     f"{cond['good_feedback']!r} ({how}). Rating levels below are for the report only.")
+    else:
+        cond_line = f"Condition: the rating level ({scheme.template!r})."
     lines = ["# DRESS natural-language-feedback data", "",
              (f"{fb['records']} feedback records ({fb['without_refinement']} with nothing to fix), "
               f"{fb['episodes']} refinement episodes, up to {rep['revisions_asked']} round(s); "
-              f"score = weighted mean ({w}); revisions judged by the world oracle."), "",
+              f"score = weighted mean ({w}); revisions judged by the world oracle."), "", cond_line, "",
              *summary_md(rep, scheme), ""]
     stopped = ", ".join(f"{k}: {v}" for k, v in rep["episodes_stopped"].items()) or "none"
     lines += [f"Episodes stopped before the last round: {stopped}.",
@@ -229,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--score-weights", default=DEFAULT_WEIGHTS,
                     help=f"feedback score dimensions and weights of the score that picks the condition "
                          f"(default {DEFAULT_WEIGHTS}; the oracle also gives helpfulness)")
+    add_feedback_arguments(ap)
     add_scheme_arguments(ap)
     ap.add_argument("--revisions", type=int, default=1,
                     help="refinement rounds per episode (0 = critique examples only; default 1)")
@@ -248,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         weights = parse_weights(args.score_weights)
         scheme = scheme_from(args.thresholds, args.names, args.template)
+        fcond = (FeedbackCondition(args.feedback_template, args.good_feedback) if args.condition == "feedback"
+                 else None)
     except ValueError as e:
         ap.error(str(e).replace("--weights", "--score-weights"))
     if args.revisions < 0 or args.limit < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
@@ -267,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
               "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "seed": args.seed,
               "limit": args.limit, "on_error": args.on_error,
               "policy_class": args.policy_class if args.revisions else None}
+    if fcond is not None:  # rating mode keeps the config (and so the up-to-date check) it always had
+        config["condition"] = fcond.to_dict()
     inputs = [feedback, args.data]
     if args.revisions:
         inputs += [args.model / "config.json", *sorted(args.model.glob("*.safetensors"))]
@@ -303,9 +338,15 @@ def main(argv: list[str] | None = None) -> int:
         split = split_of(str(key), args.val_fraction)
         ids = {"source_id": s.sample_id, "prompt_id": p.id, "scene_id": p.scene_id, "task": p.task,
                "feedback_source": s.scored_by}
+        if fcond is not None and not (s.critique or "").strip():
+            msg = f"{p.where} (response {s.sample_id!r}): no critique text, and --condition feedback conditions on it"
+            if args.on_error == "raise":
+                raise RecordError(msg + " (--condition rating does not need one; --on-error skip drops it)")
+            rejects.append({"id": s.sample_id, "reason": "no critique", "where": msg})
+            continue
         splits[split].append(critique_record(
             f"{s.sample_id}-critique", p.images, p.prompt, s.text, s.overall, scheme,
-            {"scores": s.scores, "critique": s.critique, "refinement": s.refinement, **ids}))
+            {"scores": s.scores, "critique": s.critique, "refinement": s.refinement, **ids}, fcond))
         if nothing_to_fix(s.refinement):
             stats["without_refinement"] += 1
             continue
@@ -353,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                         "source_id": ep.sample.sample_id, "prompt_id": ep.prompt.id, "scene_id": ep.prompt.scene_id,
                         "task": ep.prompt.task, "feedback_source": ep.sample.scored_by}
                 splits[ep.split].append(refinement_record(rid, ep.prompt.images, conv, text, ep.score, score, rnd,
-                                                          scheme, meta))
+                                                          scheme, meta, fcond))
                 ep.conversation, ep.score, ep.hallucinated = conv + [text_turn("assistant", text)], score, hal
                 if rnd == args.revisions:
                     continue
@@ -364,10 +405,26 @@ def main(argv: list[str] | None = None) -> int:
                 nxt.append(ep)
             active = nxt
 
+    extra = {"feedback": str(feedback), "weights": weights, "scheme": scheme.to_dict(),
+             "revisions_asked": args.revisions, "policy": pid, "val_fraction": args.val_fraction}
+    condition = scheme.to_dict()
+    if fcond is not None:
+        if fcond.good_feedback is None:
+            # The train split's critique examples: the trainer derives its text from the same
+            # records. A train split without any (a tiny input) falls back to every split's.
+            src = "train" if any(r["kind"] == "critique" for r in splits["train"]) else "all"
+            good, how = derive_good_feedback((r["score"], r["critique"]) for k, v in splits.items() for r in v
+                                             if r["kind"] == "critique" and (src == "all" or k == "train"))
+            how["from"] = src
+            fcond = FeedbackCondition(fcond.template, good)
+        else:
+            how = {"rule": None, "given": True}
+        condition = fcond.to_dict()
+        extra.update(condition=condition, good_feedback=how)
+    else:
+        extra.update(condition={"mode": "rating", **condition})
     seconds = time.perf_counter() - t0
-    rep = build_report(summarize(splits, scheme), stats, rejects, seconds,
-                       {"feedback": str(feedback), "weights": weights, "scheme": scheme.to_dict(),
-                        "revisions_asked": args.revisions, "policy": pid, "val_fraction": args.val_fraction})
+    rep = build_report(summarize(splits, scheme), stats, rejects, seconds, extra)
     md = report_md(rep, scheme)
     with StageOutput(args.out, stage=STAGE, config=config, inputs=inputs) as st:
         for split, rows in splits.items():
@@ -375,13 +432,13 @@ def main(argv: list[str] | None = None) -> int:
             for k in KINDS:
                 st.count(f"{split}/{k}", sum(r["kind"] == k for r in rows))
         atomic_write_jsonl(st.path / "rejects.jsonl", rejects)
-        atomic_write_text(st.path / "condition.json", json.dumps(scheme.to_dict(), indent=2) + "\n")
+        atomic_write_text(st.path / "condition.json", json.dumps(condition, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(st.path / "report.json", json.dumps(rep, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(st.path / "report.md", md)
         st.count("feedback_records", stats["feedback_records"])
         st.count("without_refinement", stats["without_refinement"])
         st.count("rejected", len(rejects))
-        st.info.update(scheme=scheme.to_dict(), policy=pid)
+        st.info.update(scheme=scheme.to_dict(), condition=condition, policy=pid)
     print(md)
     print(f"{STAGE}: {rep['records']['total']['total']} records ({rep['records']['total']['train']} train, "
           f"{rep['records']['total']['val']} val) in {seconds:.1f} s -> {args.out}", file=sys.stderr)

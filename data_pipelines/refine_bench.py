@@ -22,8 +22,10 @@ false claim and, by default, no scene object left unmentioned) is not asked agai
 and judgement are carried unchanged to the next turn, and counted.
 
 Condition (DRESS's conditional training, :mod:`mmalign.conditions`): ``--condition TEXT``; by
-default the best level of the scheme saved beside the model (``dress_condition.json``) when it
-has one, else none; ``--no-condition`` turns that off. The condition goes before the text of
+default the best condition of the scheme saved beside the model (``dress_condition.json``) when
+it has one -- for a feedback-conditioned model its good-feedback text ("Feedback: There is no
+hallucination in the answer."), for a rating-conditioned one its best level -- else none;
+``--no-condition`` turns that off. The condition goes before the text of
 the user turn being answered only -- the caption prompt at turn 0 (as at inference and in
 ``mmalign eval``), the latest refinement at turn k (``with_condition(turn="last")``, the
 refinement turn, as DRESS's refinement episodes are trained); earlier turns are plain history.
@@ -437,8 +439,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code")
     c = m.add_mutually_exclusive_group()
     c.add_argument("--condition", metavar="TEXT",
-                   help=f"DRESS condition, before the text of {CONDITION_PLACEMENT} (default: the best level "
-                        f"of the model folder's {CONDITION_FILE} when it has one, else none)")
+                   help=f"DRESS condition, before the text of {CONDITION_PLACEMENT} (default: the best condition "
+                        f"of the model folder's {CONDITION_FILE} -- its good-feedback text or best rating level -- "
+                        "when it has one, else none)")
     c.add_argument("--no-condition", action="store_true", help=f"no condition even when the model has {CONDITION_FILE}")
     b = ap.add_argument_group("benchmark")
     b.add_argument("--data", required=True, type=Path, help="the data stage's folder (uses <data>/<split>/scenes.jsonl)")

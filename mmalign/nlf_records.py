@@ -5,10 +5,14 @@ either: ``data_pipelines.nlf`` (made from the feedback stage's critiques and ref
 policy's own samples) and ``data_pipelines.import_dress`` (DRESS's released LVLM_NLF data). Both
 build them here:
 
-* :func:`critique_record`: a critique example, the condition of its score before the question;
-* :func:`refinement_record`: a refinement episode, the condition of the revision's score in the
-  last user turn (hindsight relabelling);
-* :func:`add_scheme_arguments` / :func:`scheme_from`: the condition scheme's command line;
+* :func:`critique_record`: a critique example, its condition before the question: the critique
+  text itself (``feedback`` given, :class:`~mmalign.conditions.FeedbackCondition`) or the
+  level of its score (:class:`~mmalign.conditions.ConditionScheme`);
+* :func:`refinement_record`: a refinement episode, the revision's condition in the last user
+  turn, before the refinement feedback (hindsight relabelling): the oracle's critique of the
+  revision, or the level of the revision's score;
+* :func:`add_scheme_arguments` / :func:`scheme_from`: the rating scheme's command line;
+  :func:`add_feedback_arguments`: the condition mode and the feedback condition's;
 * :func:`summarize` / :func:`summary_md`: the part of the report both stages share (records per
   kind, split and condition level; the revisions' success and fix rates with 95% bootstrap
   intervals over revisions).
@@ -20,7 +24,12 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from mmalign.conditions import ConditionScheme, with_condition
+from mmalign.conditions import (
+    CONDITION_MODES,
+    ConditionScheme,
+    FeedbackCondition,
+    with_condition,
+)
 from mmalign.records import SFTRecord
 from mmalign.tables import num_ci, pct_ci
 
@@ -54,11 +63,28 @@ def add_scheme_arguments(ap: argparse.ArgumentParser) -> None:
                     help=f"the condition text, with {{name}} (default {d.template!r})")
 
 
+def add_feedback_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--condition feedback|rating`` (default feedback), ``--feedback-template``,
+    ``--good-feedback``: which condition the records carry (:mod:`mmalign.conditions`)."""
+    d = FeedbackCondition()
+    ap.add_argument("--condition", choices=CONDITION_MODES, default="feedback",
+                    help="what conditions a response: its critique text (feedback, DRESS's 'conditioned on the NLF'; "
+                         "default) or its rating level (rating: --thresholds / --names / --template)")
+    ap.add_argument("--feedback-template", default=d.template,
+                    help=f"--condition feedback: the condition text, with {{feedback}} (default {d.template!r})")
+    ap.add_argument("--good-feedback", metavar="TEXT",
+                    help="--condition feedback: the feedback text inference asks with (default: derived from the "
+                         "train split's top-rated critiques, mmalign.conditions.derive_good_feedback)")
+
+
 def critique_record(rid: str, images: list[str], prompt: list[dict], response: str, score: float,
-                    scheme: ConditionScheme, meta: dict[str, Any]) -> dict[str, Any]:
-    """A critique example: the condition of ``score`` before the first user turn's text, then the
-    response as the (loss-bearing) assistant turn."""
-    cond = scheme.for_score(score)
+                    scheme: ConditionScheme, meta: dict[str, Any],
+                    feedback: FeedbackCondition | None = None) -> dict[str, Any]:
+    """A critique example: its condition before the first user turn's text, then the response as
+    the (loss-bearing) assistant turn. The condition is ``feedback.text(meta["critique"])`` when
+    ``feedback`` is given (a missing critique is a ValueError), else the level of ``score``;
+    ``level`` is the rating level of ``score`` either way (the reports count it)."""
+    cond = feedback.text(meta.get("critique")) if feedback is not None else scheme.for_score(score)
     row = {"id": rid, "images": list(images), "messages": with_condition(prompt, cond, "first") + [
         text_turn("assistant", response)], "kind": "critique", "score": score, "level": scheme.name(score),
         "condition": cond, **meta}
@@ -66,10 +92,13 @@ def critique_record(rid: str, images: list[str], prompt: list[dict], response: s
 
 
 def refinement_record(rid: str, images: list[str], conversation: list[dict], revision: str, score_before: float,
-                      score_after: float, rnd: int, scheme: ConditionScheme, meta: dict[str, Any]) -> dict[str, Any]:
+                      score_after: float, rnd: int, scheme: ConditionScheme, meta: dict[str, Any],
+                      feedback: FeedbackCondition | None = None) -> dict[str, Any]:
     """A refinement episode: ``conversation`` (ending with the user turn holding the refinement
-    feedback) with the condition of ``score_after`` in that last user turn, then the revision."""
-    cond = scheme.for_score(score_after)
+    feedback) with the revision's condition before that last user turn's text, then the
+    revision. The condition is ``feedback.text(meta["critique"])`` (the critique *of the
+    revision*) when ``feedback`` is given, else the level of ``score_after``."""
+    cond = feedback.text(meta.get("critique")) if feedback is not None else scheme.for_score(score_after)
     row = {"id": rid, "images": list(images), "messages": with_condition(conversation, cond, "last") + [
         text_turn("assistant", revision)], "kind": "refinement", "round": rnd, "score_before": score_before,
         "score_after": score_after, "success": score_after > score_before, "level": scheme.name(score_after),

@@ -1,4 +1,6 @@
-"""DRESS's NLF data: the ``nlf`` stage on the small world with the tiny LLaVA, and the LVLM_NLF importer.
+"""DRESS's NLF data: the ``nlf`` stage on the small world with the tiny LLaVA (conditioned on the
+rating level with ``--condition rating``, and on the critique text, the default), and the LVLM_NLF
+importer (rating conditions).
 
 The importer's fixture (tests/fixtures/real/dress/LVLM_NLF/hallucination_nlf.jsonl), with
 ``--max-rating 5`` (score = rating / 5) and the default scheme (threshold 0.75: bad < 0.75 <= good):
@@ -141,9 +143,10 @@ def fb(world, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def nlf_out(world, model_dirs, fb, tmp_path_factory) -> Path:
-    """The stage end to end with the tiny LLaVA: 8 feedback records, 2 refinement rounds."""
+    """The stage end to end with the tiny LLaVA: 8 feedback records, 2 refinement rounds, rating conditions."""
     out = tmp_path_factory.mktemp("nlf") / "nlf"
-    assert N.main(_args(fb, world, model_dirs["llava"], out, "--limit", "8", "--revisions", "2")) == 0
+    assert N.main(_args(fb, world, model_dirs["llava"], out, "--limit", "8", "--revisions", "2",
+                        "--condition", "rating")) == 0
     return out
 
 
@@ -261,7 +264,8 @@ def test_split_by_scene_manifest_condition_and_skip(nlf_out, fb, world, model_di
     s = rep["revisions"]["all"]["success_rate"]
     assert s["low"] <= s["value"] <= s["high"]
     capsys.readouterr()
-    assert N.main(_args(fb, world, model_dirs["llava"], nlf_out, "--limit", "8", "--revisions", "2")) == 0
+    assert N.main(_args(fb, world, model_dirs["llava"], nlf_out, "--limit", "8", "--revisions", "2",
+                        "--condition", "rating")) == 0
     assert "up to date" in capsys.readouterr().out
 
 
@@ -284,7 +288,7 @@ def test_scripted_revisions_empty_stop_and_fix(world, model_dirs, fb, tmp_path):
     out = tmp_path / "nlf"
     keep = tmp_path / "fb.jsonl"
     keep.write_text("".join(json.dumps(r) + "\n" for r in (ref, obj, attr, _ref2, obj2)))
-    assert N.main(_args(keep, world, model_dirs["llava"], out, "--revisions", "2",
+    assert N.main(_args(keep, world, model_dirs["llava"], out, "--revisions", "2", "--condition", "rating",
                         "--policy-class", "tests.test_nlf.ScriptedReviser")) == 0
     recs = {r["id"]: r for v in _all(out).values() for r in v if r["kind"] == "refinement"}
     rejects = _rows(out / "rejects.jsonl")
@@ -310,7 +314,7 @@ def test_scripted_revisions_empty_stop_and_fix(world, model_dirs, fb, tmp_path):
 def test_critique_only_and_bad_feedback_lines(world, fb, tmp_path, capsys):
     out = tmp_path / "c"
     assert N.main(["--feedback", str(fb), "--data", str(world), "--out", str(out), "--revisions", "0",
-                   "--thresholds", "0.3", "0.9", "--names", "poor", "fair", "great", "--template", "Rated {name}:",
+                   "--condition", "rating", "--thresholds", "0.3", "0.9", "--names", "poor", "fair", "great", "--template", "Rated {name}:",
                    "--no-progress"]) == 0
     rows = [r for v in _all(out).values() for r in v]
     assert rows and all(r["kind"] == "critique" for r in rows)
@@ -341,6 +345,82 @@ def test_critique_only_and_bad_feedback_lines(world, fb, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# the nlf stage conditioned on the critique text (the default)
+
+
+def test_feedback_condition_records_and_good_feedback(world, model_dirs, fb, tmp_path):
+    """Scripted revisions (one hallucinating, one perfect), default --condition feedback: every
+    condition is the critique text -- the feedback record's for a critique example, the oracle's
+    critique of the revision for a refinement episode -- and condition.json holds the good
+    feedback derived from the train split's top-rated critiques."""
+    rows = _rows(fb)
+    by_src: dict[str, list[dict]] = {}
+    for r in rows:
+        by_src.setdefault(r["source_id"], []).append(r)
+    (ref, obj, attr) = next(iter(by_src.values()))
+    scene = _scenes(world)[str((world / obj["images"][0]).resolve())]
+    absent = next(s for s in W.SHAPES if s not in {o.shape for o in scene.objects})
+    wrong = f"There is {W.article(absent)} {absent}."
+    SCRIPT.clear()
+    SCRIPT.update({f"{obj['id']}-refine1": wrong, f"{attr['id']}-refine1": ref["response"]})
+    keep = tmp_path / "fb.jsonl"
+    keep.write_text("".join(json.dumps(r) + "\n" for r in (ref, obj, attr)))
+    out = tmp_path / "nlf3"
+    assert N.main(_args(keep, world, model_dirs["llava"], out, "--revisions", "1",
+                        "--policy-class", "tests.test_nlf.ScriptedReviser")) == 0
+    recs = {r["id"]: r for v in _all(out).values() for r in v}
+    for src in (ref, obj, attr):
+        c = recs[f"{src['id']}-critique"]
+        crit = src["annotations"]["critique"]
+        assert c["condition"] == f"Feedback: {crit}" and c["critique"] == crit
+        assert _text(c["messages"][0]) == f"Feedback: {crit} {_text(src['prompt'][0])}"
+        assert c["level"] == ("good" if c["score"] >= 0.75 else "bad")  # the rating level, for the report
+    bad = recs[f"{obj['id']}-refine1"]
+    bad_crit = _oracle_fb(world, obj["images"][0], wrong).critique
+    assert bad["critique"] == bad_crit and bad["condition"] == f"Feedback: {bad_crit}"
+    assert _text(bad["messages"][-2]) == f"Feedback: {bad_crit} {obj['annotations']['refinement']}"
+    assert _text(bad["messages"][0]) == _text(ref["prompt"][0])  # the first turn: no condition
+    assert _text(bad["messages"][-1]) == wrong
+    good = recs[f"{attr['id']}-refine1"]
+    assert good["condition"] == f"Feedback: {_oracle_fb(world, attr['images'][0], ref['response']).critique}"
+    # by hand: the reference is the only top-rated (faithfulness 1.0) critique example -- from the
+    # train split, or from all when the scene is in val and train has none -- so every sentence of
+    # its critique is said by all top-rated critiques; the oracle ends it with the verdict
+    cond = json.loads((out / "condition.json").read_text())
+    rep = json.loads((out / "report.json").read_text())
+    assert ref["annotations"]["critique"].endswith("There is no hallucination in the answer.")
+    assert cond == {"mode": "feedback", "template": "Feedback: {feedback}", "good_feedback": ref["annotations"]["critique"]}
+    assert rep["good_feedback"]["top_examples"] == 1 and rep["good_feedback"]["rule"] == "shared sentences"
+    assert rep["good_feedback"]["from"] == ("train" if split_of(ref["scene_id"], VAL_FRACTION) == "train" else "all")
+    assert rep["condition"] == cond and "inference asks with the good feedback" in (out / "report.md").read_text()
+    assert json.loads((out / "manifest.json").read_text())["config"]["condition"]["mode"] == "feedback"
+    # --good-feedback gives the text; the trainer's config must then give the same
+    out2 = tmp_path / "given"
+    assert N.main(["--feedback", str(keep), "--data", str(world), "--out", str(out2), "--revisions", "0",
+                   "--good-feedback", "All correct."]) == 0
+    assert json.loads((out2 / "condition.json").read_text())["good_feedback"] == "All correct."
+    assert json.loads((out2 / "report.json").read_text())["good_feedback"] == {"rule": None, "given": True}
+
+
+def test_feedback_condition_needs_critique_text(world, fb, tmp_path):
+    rows = _rows(fb)
+    rows[1]["annotations"]["critique"] = ""
+    path = tmp_path / "fb.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["--feedback", str(path), "--data", str(world), "--revisions", "0", "--no-progress"]
+    with pytest.raises(RecordError, match=rf"{re.escape(rows[1]['id'])}.*no critique text"):
+        N.main([*base, "--out", str(tmp_path / "a")])
+    assert not (tmp_path / "a").exists()
+    assert N.main([*base, "--out", str(tmp_path / "b"), "--on-error", "skip"]) == 0
+    rejects = _rows(tmp_path / "b" / "rejects.jsonl")
+    assert [(x["id"], x["reason"]) for x in rejects] == [(rows[1]["id"], "no critique")]
+    assert len([r for v in _all(tmp_path / "b").values() for r in v]) == len(rows) - 1
+    assert N.main([*base, "--out", str(tmp_path / "c"), "--condition", "rating"]) == 0  # rating needs none
+    with pytest.raises(SystemExit):
+        N.main([*base, "--out", str(tmp_path / "d"), "--feedback-template", "no field"])
+
+
+# ---------------------------------------------------------------------------------------------
 # the LVLM_NLF importer
 
 
@@ -348,7 +428,7 @@ def test_critique_only_and_bad_feedback_lines(world, fb, tmp_path, capsys):
 def imported(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dress") / "import"
     assert D.main(["--input", str(FIXTURE), "--images", str(IMAGES), "--out", str(out), "--max-rating", "5",
-                   "--val-fraction", str(VAL_FRACTION)]) == 0
+                   "--val-fraction", str(VAL_FRACTION), "--condition", "rating"]) == 0
     return out
 
 
@@ -414,8 +494,38 @@ def test_import_split_report_manifest_and_skip(imported, capsys):
     assert manifest["info"]["rating_scale"]["max"] == 5.0
     capsys.readouterr()
     assert D.main(["--input", str(FIXTURE), "--images", str(IMAGES), "--out", str(imported), "--max-rating", "5",
-                   "--val-fraction", str(VAL_FRACTION)]) == 0
+                   "--val-fraction", str(VAL_FRACTION), "--condition", "rating"]) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+def test_import_feedback_condition_by_hand(tmp_path):
+    """The default --condition feedback: each record conditioned on its own turn's critique; line
+    4's second turn has none and makes no record (its conversation is not needed by any other)."""
+    out = tmp_path / "f"
+    assert D.main(["--input", str(FIXTURE), "--images", str(IMAGES), "--out", str(out), "--max-rating", "5",
+                   "--val-fraction", str(VAL_FRACTION)]) == 0
+    rows = {r["id"]: r for v in _all(out).values() for r in v}
+    assert len(rows) == 7 and "dress-hallucination-4-refine1" not in rows
+    crit = "The skier and the slope are correct, but there are no dogs and no car in the image."
+    c1 = rows["dress-hallucination-1-critique"]
+    assert c1["condition"] == f"Feedback: {crit}" and c1["level"] == "bad"
+    assert _text(c1["messages"][0]) == f"Feedback: {crit} Describe the image in detail."
+    r12 = rows["dress-hallucination-1-refine2"]
+    assert [_text(m) for m in r12["messages"][2:5]] == [
+        "Remove the dogs and the car: they are not in the image. Describe only what is there.",  # history
+        "A man skis down a snowy slope. A red car is parked at the bottom of the hill.",
+        "Feedback: Accurate and free of hallucination. There is no car either. Describe the skier and the slope only."]
+    c2 = rows["dress-hallucination-2-critique"]
+    assert _text(c2["messages"][0]) == ("Feedback: Correct; it could mention the surroundings. "
+                                        "What is the vehicle in the picture doing?")
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["skipped_without_critique"] == 1
+    # by hand: with --val-fraction 0.5, train holds 000000051977.jpg only (lines 1 and 4: critique
+    # scores 0.4 and 0.2); the top-rated is line 1's, one critique, so all its one sentence is kept
+    cond = json.loads((out / "condition.json").read_text())
+    assert cond == {"mode": "feedback", "template": "Feedback: {feedback}", "good_feedback": crit}
+    assert rep["good_feedback"]["top_score"] == 0.4 and rep["good_feedback"]["from"] == "train"
+    assert "Inference asks with the good feedback" in (out / "report.md").read_text()
 
 
 def test_import_default_max_rating_warns(tmp_path, capsys):

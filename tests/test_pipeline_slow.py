@@ -97,7 +97,10 @@ def test_make_demo_end_to_end():
     # a critique example per kept sample; a refinement episode per sample with something to fix
     assert nlf["records"]["critique"]["total"] == sampled["responses"] and nlf["records"]["refinement"]["total"] > 300
     dress = json.loads((out / "eval/dress/metrics.json").read_text())
-    assert dress["settings"]["condition"] == "Answer quality: good."
+    # conditioned on the feedback text (the default): asked with the good feedback derived from the
+    # oracle's top-rated critiques, its verdict for an answer without a false claim
+    assert nlf["condition"]["mode"] == "feedback"
+    assert dress["settings"]["condition"] == "Feedback: There is no hallucination in the answer."
     refine = json.loads((out / "refine/dress/metrics.json").read_text())
     assert len(refine["turns"]) == 3 and refine["scenes"] == 50
     # Unchanged inputs: a second `make demo` redoes nothing.

@@ -9,8 +9,9 @@
     mmalign eval --model PATH --images AMBER/image --amber-queries query_all.json \\
         --amber-annotations annotations.json --out runs/llava/eval-amber
 
-    # a DRESS model is asked with the best condition saved beside it (dress_condition.json);
-    # --condition TEXT asks with another, --no-condition with none
+    # a DRESS model is asked with the best condition saved beside it (dress_condition.json: the
+    # good-feedback text of a feedback-conditioned model, the best level of a rating-conditioned
+    # one); --condition TEXT asks with another, --no-condition with none
     mmalign eval --model runs/demo/dress/model --data runs/demo/data --out runs/demo/eval/dress
 
     # on N ranks (processes or GPUs): batch b runs on rank b % N, rank 0 merges and writes; the
@@ -73,7 +74,8 @@ def _run_parser() -> argparse.ArgumentParser:
     c = g.add_mutually_exclusive_group()
     c.add_argument("--condition", metavar="TEXT",
                    help="DRESS condition put before the first user text of every prompt, captions and yes/no alike "
-                        f"(default: the best level of the model folder's {CONDITION_FILE} when it has one, else none)")
+                        f"(default: the best condition of the model folder's {CONDITION_FILE} when it has one -- its "
+                        "good-feedback text, or its best rating level -- else none)")
     c.add_argument("--no-condition", action="store_true",
                    help=f"ask without a condition even when the model folder has {CONDITION_FILE}")
     j = ap.add_argument_group("optional judge (MMHal-Bench style: a model rates each caption 0-6 against the reference)")
@@ -177,8 +179,9 @@ def run_main(argv: list[str]) -> int:
 
 def resolve_condition(model: Path, condition: str | None, no_condition: bool) -> tuple[str, str]:
     """(condition text, where it came from) for a model: ``--condition`` when given, nothing with
-    ``--no-condition``, else the best level of the scheme saved beside the model
-    (:func:`mmalign.conditions.load_scheme`), else nothing. The source is "" when there is no
+    ``--no-condition``, else the best condition of the scheme saved beside the model
+    (:func:`mmalign.conditions.load_scheme`; ``best()``: a feedback scheme's good-feedback text in
+    its template, a rating scheme's best level), else nothing. The source is "" when there is no
     condition to speak of (no flag, no scheme). A malformed scheme file is a ValueError."""
     from mmalign.conditions import load_scheme
 
