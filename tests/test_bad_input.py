@@ -299,7 +299,8 @@ def _run_realign(tmp: Path, root: Path, f: Path, mode: str) -> Outcome:
 
 def _mmrlhf(i: int, img: str) -> dict:
     return {"id": f"m{i}", "image": img, "question": f"What is shown {i}?", "video": None,
-            "models_output": ["A red circle.", "A blue square."], "faithfulness": [3, 1], "helpfulness": [2, 1]}
+            "models_output": ["A red circle.", "A blue square."], "faithfulness": [3, 1], "helpfulness": [2, 1],
+            "final_ranking": [1, 2]}
 
 
 def _run_mmrlhf(tmp: Path, root: Path, f: Path, mode: str) -> Outcome:

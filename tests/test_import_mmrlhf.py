@@ -1,19 +1,25 @@
-"""The MM-RLHF importer on a fixture in the published ``data.jsonl`` layout.
+"""The MM-RLHF importer on fixtures in the published ``data.jsonl`` and ``dpo_pairs.jsonl`` layouts.
 
-The fixture (tests/fixtures/real/mmrlhf/data.jsonl), with the default equal weights, so
-overall = mean of the dimension scores a response has:
+data.jsonl (tests/fixtures/real/mmrlhf/data.jsonl): pairs follow the human ``final_ranking``;
+with the default equal weights overall = mean of the dimension scores a response has, kept but
+deciding nothing:
 
-* ``short_000123``: F = [2, 3, 1, 0], H = [2, 3, 2, 1], E = [3, 3, 3, 3]
-  -> overall = [7/3, 3, 2, 4/3]; ranked by input index: 1, 0, 2, 3 (the human final_ranking
-  [2, 1, 3, 4] agrees); 4 distinct scores -> 4*3/2 = 6 pairs.
-* ``long_000457``: F = [3, 2, 1], H = [2, 3, 1], E = [3, 3, 3] -> overall = [8/3, 8/3, 5/3];
-  responses 0 and 1 tie (the human rank [1, 2, 3] puts 0 first); 3 pairs of responses, 1 tied
-  -> 2 pairs: ranked positions (0, 2) and (1, 2).
-* ``mcq_000789``: F = [3, 0, 1], H = [3, 0, 2], E = [3, 3, null] -> overall = [3, 1, 3/2]
-  (response 2 averages only F and H); ranked by input index: 0, 2, 1 -> 3 pairs.
+* ``short_000123``: ranks [2, 1, 3, 4] -> ranked input order 1, 0, 2, 3; 4 distinct ranks ->
+  4*3/2 = 6 pairs. F = [2, 3, 1, 0], H = [2, 3, 2, 1], E = [3, 3, 3, 3] -> overall =
+  [7/3, 3, 2, 4/3], which agrees with the ranks on all 6 pairs.
+* ``long_000457``: ranks [1, 1, 3] -> ranked 0, 1, 2; responses 0 and 1 tie -> 2 pairs (ranked
+  positions (0, 2) and (1, 2)) and 1 tie record (0, 1). overall = [8/3, 8/3, 5/3]: both pairs agree.
+* ``mcq_000789``: ranks [1, 3, 2] -> ranked 0, 2, 1 -> 3 pairs. F = [3, 0, 3], H = [2, 0, 3],
+  E = [3, 3, null] -> overall = [8/3, 1, 3] (response 2 averages only F and H): the pair
+  (position 0 = response 0) over (position 1 = response 2) has the lower overall score (8/3 < 3),
+  so 1 pair disagrees with the scores and 2 agree.
 * ``video_000042``: a video record: skipped, listed in rejects.jsonl, counted.
 
-Total: 3 prompts, 4 + 3 + 3 = 10 responses, 6 + 2 + 3 = 11 pairs, 1 tied response pair.
+Total: 3 prompts, 4 + 3 + 3 = 10 responses, 6 + 2 + 3 = 11 pairs (10 agree, 1 disagrees), 1 tie.
+
+dpo_pairs.jsonl: lines 1-2 two pairs of one (image, prompt) with critiques, line 3 a tie, line 4
+a pair without critiques (is_tie false, ls_factor 0.5), line 5 a video pair -> 3 prompts, 3 pairs,
+1 tie, 3 records with critiques, 1 skipped video.
 """
 
 from __future__ import annotations
@@ -71,14 +77,14 @@ def test_fixture_ranked_order_and_pair_count(imported):
     overall = [resp["overall"] for resp in ranked["short_000123"]["responses"]]
     assert overall == pytest.approx([3, 7 / 3, 2, 4 / 3])
     mcq = ranked["mcq_000789"]["responses"]
-    assert mcq[1]["scores"] == {"faithfulness": 1.0, "helpfulness": 2.0}  # the null ethical score drops out
-    assert mcq[1]["overall"] == pytest.approx(1.5)
+    assert mcq[1]["scores"] == {"faithfulness": 3.0, "helpfulness": 3.0}  # the null ethical score drops out
+    assert [r["overall"] for r in mcq] == pytest.approx([8 / 3, 3.0, 1.0])  # not sorted: the ranks decide
     for r in ranked.values():
         assert r["split"] == "train"
         assert r["prompt"][0]["content"][0] == {"type": "image"}
         assert all(resp["source"] == "mmrlhf" and resp["critique"] for resp in r["responses"])
-        assert [resp["overall"] for resp in r["responses"]] == sorted((resp["overall"] for resp in r["responses"]),
-                                                                      reverse=True)
+        ranks = [resp["human_rank"] for resp in r["responses"]]
+        assert ranks == sorted(ranks)
     # The LLaVA "<image>" token is dropped from the text: the image is its own part.
     assert ranked["long_000457"]["prompt"][0]["content"][1]["text"] == "Describe the painting in detail."
     assert ranked["mcq_000789"]["reference"] == "C"
@@ -89,17 +95,21 @@ def test_fixture_ranked_order_and_pair_count(imported):
     per_prompt = {pid: sum(p["prompt_id"] == pid for p in pairs) for pid in ranked}
     assert per_prompt == {"short_000123": 6, "long_000457": 2, "mcq_000789": 3}
     report = json.loads((imported / "report.json").read_text())
+    assert report["format"] == "data"
     assert report["prompts"] == {"train": 3, "val": 0, "total": 3}
     assert report["responses"]["total"] == 10
     assert report["pairs"] == {"train": 11, "val": 0, "total": 11}
-    assert report["tied_response_pairs"] == 1
+    assert report["ties"] == {"train": 1, "val": 0, "total": 1}
+    assert report["prompts_with_ties"] == 1 and report["prompts_without_pairs"] == 0
     assert report["scores"]["ethical"]["missing"] == 1
-    assert report["scores"]["faithfulness"]["histogram"] == {"0": 2, "1": 3, "2": 2, "3": 3}
-    assert report["human_ranking_agreement"]["agree"] == 11
+    assert report["scores"]["faithfulness"]["histogram"] == {"0": 2, "1": 2, "2": 2, "3": 4}
+    assert report["score_order_agreement"] == {"agree": 10, "disagree": 1, "score_tie": 0}
     assert report["rejected"]["total"] == 0 and report["skipped_video"] == 1
     manifest = json.loads((imported / "manifest.json").read_text())
-    assert manifest["counts"]["train/pairs"] == 11 and manifest["counts"]["skipped_video"] == 1
-    assert Path(manifest["info"]["image_root"]) == IMAGES.resolve()
+    assert manifest["counts"]["train/pairs"] == 11 and manifest["counts"]["train/ties"] == 1
+    assert manifest["counts"]["skipped_video"] == 1
+    assert Path(manifest["info"]["image_root"]) == IMAGES.resolve() and manifest["info"]["format"] == "data"
+    assert "ties" in (imported / "report.md").read_text()
 
 
 def test_pairs_are_preference_records(imported):
@@ -116,34 +126,122 @@ def test_pairs_are_preference_records(imported):
     assert first.meta["scores_chosen"] == {"faithfulness": 3.0, "helpfulness": 3.0, "ethical": 3.0}
     assert first.meta["critique_rejected"] == "Correct objects and colours, but the background is not mentioned."
     for key in ("prompt_id", "chosen_rank", "rejected_rank", "scores_rejected", "critique_chosen",
-                "source_chosen", "source_rejected"):
+                "source_chosen", "source_rejected", "human_rank_chosen", "human_rank_rejected"):
         assert key in first.meta
     for r in recs:
-        assert r.score_chosen > r.score_rejected
+        assert r.meta["human_rank_chosen"] < r.meta["human_rank_rejected"]  # the human ranking decides
+        assert "is_tie" not in r.meta
         assert r.id == f"{r.meta['prompt_id']}-{r.meta['chosen_rank']}-{r.meta['rejected_rank']}"
+    # the pair the scores disagree with is kept, chosen by the annotators
+    (mcq,) = [r for r in recs if r.id == "mcq_000789-0-1"]
+    assert mcq.chosen[0]["content"][0]["text"] == "C"
+    assert mcq.score_chosen == pytest.approx(8 / 3) and mcq.score_rejected == pytest.approx(3.0)
 
 
-def test_ties_make_no_pair(imported):
+def test_equal_ranks_make_tie_records(imported):
     ids = sorted(p["id"] for p in pairs_of(imported) if p["prompt_id"] == "long_000457")
-    # Ranked positions 0 and 1 (input responses 0 and 1) both score 8/3: no "long_000457-0-1".
-    assert ids == ["long_000457-0-2", "long_000457-1-2"]
+    assert ids == ["long_000457-0-2", "long_000457-1-2"]  # the two tied responses make no pair...
+    (tie,) = read_records(imported / "train" / "ties.jsonl", "preference", data_root=IMAGES, check_images="decode")
+    assert tie.id == "long_000457-0-1" and tie.meta["is_tie"] is True  # ...but a tie record
+    assert tie.meta["human_rank_chosen"] == tie.meta["human_rank_rejected"] == 1
+    assert tie.chosen[0]["content"][0]["text"].startswith("A large green square")  # the earlier response
+    assert read_jsonl(imported / "val" / "ties.jsonl") == []
 
 
-def test_weights_change_overall_and_pairs(tmp_path):
-    # Helpfulness only: short_000123 H = [2, 3, 2, 1] ties responses 0 and 2 -> 6 - 1 = 5 pairs;
-    # long_000457 H = [2, 3, 1] is now strict -> 3; mcq_000789 H = [3, 0, 2] -> 3.
+def test_weights_change_overall_not_pairs(tmp_path):
+    # Helpfulness only: overall = H; the pairs still follow final_ranking (11, the same ids).
     out = tmp_path / "out"
     assert run_cli("--input", DATA, "--images", IMAGES, "--out", out, "--val-fraction", "0",
                    "--weights", "helpfulness=1") == 0
     pairs = pairs_of(out)
-    counts = {pid: sum(p["prompt_id"] == pid for p in pairs) for pid in ("short_000123", "long_000457", "mcq_000789")}
-    assert counts == {"short_000123": 5, "long_000457": 3, "mcq_000789": 3}
+    assert len(pairs) == 11
+    first = next(p for p in pairs if p["id"] == "short_000123-0-1")
+    assert (first["score_chosen"], first["score_rejected"]) == (3.0, 2.0)  # H of responses 1 and 0
     assert M.parse_weights("faithfulness=2,ethics=0.5") == {"faithfulness": 2.0, "helpfulness": 0.0, "ethical": 0.5}
     for bad in ("speed=1", "faithfulness=-1", "faithfulness=nan", "faithfulness=0", "helpfulness"):
         with pytest.raises(ValueError):
             M.parse_weights(bad)
     with pytest.raises(SystemExit):
         run_cli("--input", DATA, "--images", IMAGES, "--out", tmp_path / "x", "--weights", "speed=1")
+
+
+# --------------------------------------------------------------------------------------------
+# dpo_pairs.jsonl
+
+
+PAIRS = FIXTURE / "dpo_pairs.jsonl"
+
+
+def test_dpo_pairs_fixture(tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("--input", PAIRS, "--images", IMAGES, "--out", out, "--val-fraction", "0") == 0  # auto: pairs
+    pairs = read_records(out / "train" / "pairs.jsonl", "preference", data_root=IMAGES, check_images="decode")
+    ties = read_records(out / "train" / "ties.jsonl", "preference", data_root=IMAGES, check_images="decode")
+    assert [r.id for r in pairs] == ["mmrlhf-pair-0", "mmrlhf-pair-1", "mmrlhf-pair-3"]
+    assert [r.id for r in ties] == ["mmrlhf-pair-2"] and ties[0].meta["is_tie"] is True
+    src = [json.loads(x) for x in PAIRS.read_text().splitlines()]
+    a, b, mcq = pairs
+    assert a.meta["prompt_id"] == b.meta["prompt_id"] != mcq.meta["prompt_id"]  # one (image, prompt)
+    assert a.prompt[0]["content"] == [{"type": "image"}, {"type": "text", "text": src[0]["prompt"][len("<image>\n"):]}]
+    assert a.meta["critique_chosen"] == src[0]["chosen_reason"] and a.meta["critique_rejected"] == src[0]["rejected_reason"]
+    assert a.chosen[0]["content"][0]["text"] == src[0]["chosen"]
+    assert read_jsonl(out / "train" / "pairs.jsonl")[0]["images"] == ["short/sharegpt4v_000123.jpg"]  # relative
+    assert a.score_chosen is None and a.meta["source_chosen"] == "mmrlhf"
+    assert "critique_chosen" not in mcq.meta and mcq.meta["ls_factor"] == 0.5 and "is_tie" not in mcq.meta
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["format"] == "pairs" and rep["prompts"] == {"train": 3, "val": 0, "total": 3}
+    assert rep["pairs"]["total"] == 3 and rep["ties"]["total"] == 1 and rep["skipped_video"] == 1
+    assert rep["with_critiques"] == 3 and rep["with_ls_factor"] == 1 and rep["other_fields"] == {}
+    assert rep["prompts_with_ties"] == 1 and rep["prompts_without_pairs"] == 1  # the painting: a tie only
+    assert not (out / "ranked.jsonl").exists()
+    assert [r["kind"] for r in read_jsonl(out / "rejects.jsonl")] == ["unsupported_video"]
+    # a prompt's pairs share a split whatever the fraction
+    for frac in (0.3, 0.5, 0.7):
+        assert M.split_of(a.meta["prompt_id"], frac) == M.split_of(b.meta["prompt_id"], frac)
+
+
+def test_dpo_pairs_other_fields_are_counted(tmp_path):
+    src = [json.loads(x) for x in PAIRS.read_text().splitlines()]
+    rows = [dict(src[0], id="x1", score=0.9), dict(src[3], id=7, has_image=True)]
+    out = tmp_path / "out"
+    rep = M.run(write_jsonl(tmp_path / "p.jsonl", rows), IMAGES, out, val_fraction=0.0, fmt="pairs")
+    assert rep["other_fields"] == {"has_image": 1, "score": 1}
+    assert [r["id"] for r in read_jsonl(out / "train" / "pairs.jsonl")] == ["x1", "7"]
+
+
+PAIR = json.loads(PAIRS.read_text().splitlines()[0])
+
+
+@pytest.mark.parametrize("case,changes,message", [
+    ("one_reason", {"rejected_reason": None}, "'chosen_reason' without 'rejected_reason'"),
+    ("empty_reason", {"chosen_reason": " "}, "'chosen_reason' must be a non-empty string"),
+    ("bad_tie", {"is_tie": "yes"}, "'is_tie' must be true or false"),
+    ("missing_chosen", {"chosen": None}, "missing field 'chosen'"),
+    ("empty_rejected", {"rejected": ""}, "'rejected' is an empty response"),
+    ("missing_prompt", {"prompt": None}, "missing field 'prompt'"),
+    ("bad_ls_factor", {"ls_factor": "high"}, "'ls_factor' is 'high'"),
+    ("escaping_image", {"image": "../outside.png"}, "escapes the data root"),
+    ("duplicate_id", {"id": "a"}, "duplicate id"),
+])
+def test_bad_pair_error_names_file_and_line(tmp_path, images, case, changes, message):
+    bad = {k: v for k, v in {**PAIR, **changes}.items() if v is not None}
+    data = write_jsonl(tmp_path / "dpo_pairs.jsonl", [dict(PAIR, id="a"), bad])
+    with pytest.raises(RecordError) as info:
+        M.run(data, images, tmp_path / "out", fmt="pairs")
+    text = str(info.value)
+    assert text.startswith(f"{data}:2 id="), text
+    assert message in text
+    assert not (tmp_path / "out").exists()
+    # skipped: listed and counted, the good pair imported
+    rep = M.run(data, images, tmp_path / "out", fmt="pairs", on_error="skip", val_fraction=0.0)
+    assert rep["rejected"]["total"] == 1 and rep["pairs"]["total"] + rep["ties"]["total"] == 1
+
+
+def test_format_detection(tmp_path):
+    assert M.detect_format(DATA) == "data" and M.detect_format(PAIRS) == "pairs"
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(RecordError, match=r"odd\.jsonl:1: cannot tell the layout"):
+        M.run(odd, IMAGES, tmp_path / "out")
 
 
 def test_split_keeps_prompts_whole(tmp_path):
@@ -215,6 +313,8 @@ BAD = [
     ("length_mismatch", _mutate(GOOD, id="b", ethical=[3, 3, 3]), "'ethical' has 3 entries"),
     ("empty_response", _mutate(GOOD, id="b", models_output=["a", "  ", "c", "d"]), "models_output[1] is an empty"),
     ("bad_rank", _mutate(GOOD, id="b", final_ranking=[0, 1, 2, 3]), "ranks start at 1"),
+    ("no_ranking", _mutate(GOOD, id="b", final_ranking=DROP), "missing field 'final_ranking'"),
+    ("null_rank", _mutate(GOOD, id="b", final_ranking=[1, None, 2, 3]), "final_ranking[1] is null"),
     ("duplicate_id", _mutate(GOOD), "duplicate id"),
     ("escaping_image", _mutate(GOOD, id="b", image="../outside.png"), "escapes the data root"),
     ("absolute_image", _mutate(GOOD, id="b", image="/etc/hostname"), "escapes the data root"),
@@ -323,5 +423,6 @@ def test_help_explains(capsys):
     assert info.value.code == 0
     text = capsys.readouterr().out
     for word in ("models_output", "final_ranking", "score_reasons", "--weights", "--on-error", "rejects.jsonl",
-                 "ranked.jsonl", "pairs.jsonl"):
+                 "ranked.jsonl", "pairs.jsonl", "dpo_pairs.jsonl", "chosen_reason", "is_tie", "ties.jsonl",
+                 "--format"):
         assert word in text

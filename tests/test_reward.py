@@ -314,6 +314,19 @@ def test_tie_loss_in_the_module_step_by_hand(world, model_dirs, pairs):
     assert got == pytest.approx(want, rel=1e-5)
 
 
+def test_margin_is_floored_at_zero(model_dirs):
+    """margin_scale 2: a record whose scores agree (1.0 over 0.5) asks for a lead of 2 * 0.5 = 1; one
+    whose scores disagree with its preference (0.2 over 0.7) asks for none (0), not for -1."""
+    from mmalign.methods.reward import RewardModule
+    from models.policy import HFPolicy
+
+    m = RewardModule(HFPolicy(str(model_dirs["llava"])), mode="scalar", margin_scale=2.0)
+    pairs = {"score_chosen": torch.tensor([1.0, 0.2, 3.0]), "score_rejected": torch.tensor([0.5, 0.7, 0.0]),
+             "meta": [{}, {}, {}]}
+    untied = torch.tensor([True, True, False])
+    assert m._margin(pairs, untied).tolist() == pytest.approx([1.0, 0.0])
+
+
 def test_ties_file_and_bad_tie_flags(world, model_dirs, pairs, tmp_path):
     from mmalign.methods.reward import RewardDataModule, RewardPairDataset
     from mmalign.records import read_records

@@ -14,7 +14,7 @@ after it). Training teacher-forces the reference critique of each response and a
 
     LM  = NLL_example(chosen critique) + NLL_example(rejected critique)
     BT  = mean over untied pairs b of -log sigma(s_c - s_r - m_b)
-          (m_b = margin_scale * (score_chosen - score_rejected))
+          (m_b = margin_scale * max(0, score_chosen - score_rejected))
     TIE = mean over tied pairs of (s_c - s_r)^2
 
 with ``NLL_example`` the mean over pairs of each critique's mean token NLL. A pair is tied when
@@ -246,8 +246,11 @@ class RewardModule(PolicyModule):
             undefined; 1.0 here). Without tied pairs in the data it does nothing.
         center_weight: weight of ``mean((s_chosen + s_rejected)^2)``, which keeps the scores near
             0 (MM-RLHF's ``center_rewards_coefficient``: 0.01 in its 7B script; 0 = off).
-        margin_scale: Bradley-Terry margin ``m = margin_scale * (score_chosen - score_rejected)``
-            from the records' scores (Llama 2's margin loss); 0 = plain Bradley-Terry.
+        margin_scale: Bradley-Terry margin ``m = margin_scale * max(0, score_chosen -
+            score_rejected)`` from the records' scores (Llama 2's margin loss); 0 = plain
+            Bradley-Terry. The gap is floored at 0 because a record's scores can disagree with its
+            preference (MM-RLHF's pairs follow the human ranking, and their ``score_*`` are the
+            dimension-score means): such a pair asks for no lead rather than for the reverse.
         head: "linear" (one Linear(H, 1)) or "mlp" (MM-RLHF's RewardHead, Linear-tanh-Linear).
         head_dropout: dropout of the "mlp" head.
         head_lr: learning rate of the score head, which starts from scratch; None = ``optim.lr``.
@@ -310,7 +313,7 @@ class RewardModule(PolicyModule):
         if bad:
             where = ", ".join(record_where(pairs['meta'][i]) for i in bad[:5])
             raise RecordError(f"margin_scale > 0 needs score_chosen and score_rejected in every record; missing in {where}")
-        return (scale * gap).to(self.device)
+        return (scale * gap.clamp(min=0)).to(self.device)
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         pairs = batch["pairs"]
