@@ -219,8 +219,13 @@ def test_released_batch_beta_by_hand():
     h = torch.tensor([0.0, 0.0, 0.0, 0.0, 10.0])
     g = torch.Generator().manual_seed(0)
     got = [released_batch_beta(h, 0.1, 0.1, generator=g).item() for _ in range(400)]
-    assert set(round(b, 6) for b in got) == {0.08, 0.105}
-    assert sum(round(b, 6) == 0.08 for b in got) > 200
+    assert {round(b, 6) for b in got} == {0.08, 0.105}
+    # P(the 10 is never drawn) with weights a = e^-0.1 (x4), b = e^-1.6, one draw after another:
+    # (4a / (4a + b)) (3a / (3a + b)) (2a / (2a + b)) (a / (a + b)) = 0.649
+    a, b = math.exp(-0.1), math.exp(-1.6)
+    p = (4 * a / (4 * a + b)) * (3 * a / (3 * a + b)) * (2 * a / (2 * a + b)) * (a / (a + b))
+    assert p == pytest.approx(0.649, abs=1e-3)
+    assert sum(round(x, 6) == 0.08 for x in got) / len(got) == pytest.approx(p, abs=0.08)
     # the floor: w = 10 -> 0.1 * (1 + 10 * (0 - 2)) < 0 -> 1e-3 (when the 10 is left out)
     assert min(released_batch_beta(h, 0.1, 10.0, generator=g).item() for _ in range(50)) == pytest.approx(1e-3)
     # equal logits: every draw has the batch mean -> beta unchanged
