@@ -12,7 +12,11 @@ Sources (one interface, ``mmalign.feedback.FeedbackSource``):
 * ``detector``: a zero-shot object detector checks object existence
   (``models.feedback_sources.DetectorSource``, ``--detector``).
 
-Each response is split into segments (``mmalign.segments``); each segment gets an object /
+Each response is split into segments (``mmalign.segments``, ``--segmentation``: ``released``, the
+splitter of the released FGAIF / Fine-Grained RLHF code and the default, or ``fine``, one segment
+per object phrase; the choice is written into every record's ``annotations.segmentation`` and the
+manifest, and the fine-grained reward models and PPO refuse labels cut another way); each segment
+gets an object /
 attribute / relation label (hallucinated, correct, n/a), the response scores (faithfulness, and
 helpfulness where the source can tell) and DRESS-style critique and refinement text.
 
@@ -24,7 +28,7 @@ so a judge batches its questions within a chunk); chunk ``c`` goes to rank ``c %
 
 Output (atomic, with ``manifest.json``): ``feedback.jsonl`` (the annotated-response records with
 ``annotations`` filled), ``rejects.jsonl`` (input lines that could not be read, with the reason),
-``report.json`` / ``report.md``: label counts per type and, whenever scene graphs exist and the
+``report.json`` / ``report.md``: the segmentation, segments per response, label counts per type and, whenever scene graphs exist and the
 source is not the oracle, the source's agreement with the oracle per label type (precision and
 recall of "hallucinated" over segments, with 95% bootstrap intervals).
 """
@@ -49,6 +53,7 @@ from mmalign.feedback import (
 )
 from mmalign.records import ReadReport, read_records
 from mmalign.scene_io import load_scenes
+from mmalign.segments import DEFAULT_SEGMENTATION, check_segmentation, split_segments
 from mmalign.shard import add_shard_args
 from mmalign.shard import setup as shard_setup
 from mmalign.stage import (
@@ -106,22 +111,41 @@ def label_counts(fbs: list) -> dict[str, Any]:
     counts: dict[str, Any] = {t: Counter() for t in HALLUCINATION_TYPES}
     any_hal = Counter()
     no_segments = 0
+    n_segments = 0
     for fb in fbs:
         if not fb.segments:
             no_segments += 1
             continue
+        n_segments += len(fb.segments)
         for t in HALLUCINATION_TYPES:
             labels = [s.labels[t] for s in fb.segments]
             counts[t].update(labels)
             any_hal[t] += "hallucinated" in labels
     return {"segments": {t: dict(c) for t, c in counts.items()},
             "responses_with_hallucination": dict(any_hal),
-            "responses": len(fbs), "responses_without_segments": no_segments}
+            "responses": len(fbs), "responses_without_segments": no_segments,
+            "segments_total": n_segments, "segments_per_response": n_segments / len(fbs) if fbs else 0.0}
 
 
-def report_md(source: str, counts: dict, agree: dict | None) -> str:
+def check_segmentation_of(items: list[FeedbackItem], fbs: list, segmentation: str) -> None:
+    """Every feedback's segments tile its response exactly as ``segmentation`` cuts it: a source
+    that ignored the stage's ``--segmentation`` (or a custom one with its own splitter) would
+    write labels that the reward models and PPO read at other positions. An error names the item."""
+    for it, fb in zip(items, fbs):
+        if fb.segments is None:
+            continue
+        got = [(s.start, s.end) for s in fb.segments]
+        want = [(s.start, s.end) for s in split_segments(it.response, segmentation)]
+        if got != want:
+            raise ValueError(f"{STAGE}: item {it.id!r}: the source's segments {got} are not the "
+                             f"{segmentation!r} segmentation of the response {want}; does the source take "
+                             "`segmentation`?")
+
+
+def report_md(source: str, counts: dict, agree: dict | None, segmentation: str = DEFAULT_SEGMENTATION) -> str:
     lines = [f"# Feedback from `{source}`", "", (f"{counts['responses']} responses "
-             f"({counts['responses_without_segments']} without any segment)."), "",
+             f"({counts['responses_without_segments']} without any segment); segmentation `{segmentation}`, "
+             f"{counts.get('segments_per_response', 0.0):.2f} segments per response."), "",
              "| type | hallucinated | correct | n/a | responses with a hallucination |", "|---|---|---|---|---|"]
     for t in HALLUCINATION_TYPES:
         c = counts["segments"][t]
@@ -154,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
                          "by content questions compared in code ('lookup', TIFA-style: 'What color is the star?') or "
                          "by the claim's yes/no question ('yesno': 'Is there a star?'); docs/TESTBED.md has each "
                          "one's agreement with the oracle")
+    ap.add_argument("--segmentation", default=DEFAULT_SEGMENTATION,
+                    help="how responses are cut into labelled segments: 'released' (the released FGAIF / "
+                         "Fine-Grained RLHF splitter: spaCy sentences, then a cut after , ; ! ? only with >= 5 words "
+                         "before and > 5 after), 'released:<spaCy pipeline name or folder>' (the same with that "
+                         "pipeline's sentences, e.g. en_core_web_sm as the release loads), or 'fine' (one segment per "
+                         "object phrase)")
     ap.add_argument("--batch-size", type=int, default=64, help="questions per judge call")
     ap.add_argument("--chunk-size", type=int, default=64,
                     help="responses per annotate call, the unit of work a rank takes (a judge batches the questions "
@@ -166,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.chunk_size < 1:
         ap.error("--chunk-size must be >= 1")
+    try:
+        args.segmentation = check_segmentation(args.segmentation)
+    except ValueError as e:
+        ap.error(str(e))
     model = {"judge": args.judge, "detector": args.detector}.get(args.source)
     if args.source != "oracle" and model is None:
         ap.error(f"--source {args.source} needs --{args.source} <checkpoint folder>")
@@ -173,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     config = {"source": args.source, "model": str(model) if model else None, "source_class": args.source_class,
               "teacher": str(args.teacher) if args.teacher else None,
               "teacher_prompts": args.teacher_prompts if args.teacher else None, "chunk_size": args.chunk_size,
-              "judge_questions": args.judge_questions if args.source == "judge" else None}
+              "judge_questions": args.judge_questions if args.source == "judge" else None,
+              "segmentation": args.segmentation}
     inputs = [responses, args.data] + ([model / "config.json", *sorted(model.glob("*.safetensors"))] if model else [])
     if not args.force and is_up_to_date(args.out, config, inputs):
         print(f"{STAGE}: {args.out} up to date, skipping (--force to redo)")
@@ -207,7 +242,7 @@ def _run(ap, args, config: dict, inputs: list, responses: Path, model: Path | No
         items = [FeedbackItem(id=r.id, prompt=prompt_text(r.prompt), response=r.response,
                               image=r.images[0] if r.images else None, reference=r.meta.get("reference"),
                               meta={"scene_id": r.meta.get("scene_id")}) for r in recs]
-        oracle = WorldOracle(scenes) if scenes else None
+        oracle = WorldOracle(scenes, segmentation=args.segmentation) if scenes else None
         if args.source == "oracle":
             if oracle is None:
                 ap.error(f"--source oracle needs scene graphs (<data>/<split>/scenes.jsonl) under {args.data}")
@@ -215,7 +250,8 @@ def _run(ap, args, config: dict, inputs: list, responses: Path, model: Path | No
         else:
             from mmalign.components import load_component
 
-            kwargs: dict[str, Any] = {"path": str(model), "trust_remote_code": args.trust_remote_code}
+            kwargs: dict[str, Any] = {"path": str(model), "trust_remote_code": args.trust_remote_code,
+                                      "segmentation": args.segmentation}
             if args.source == "judge":
                 # one bar over the chunks below instead of one per annotate call
                 kwargs.update(batch_size=args.batch_size, progress=False, questions=args.judge_questions)
@@ -241,6 +277,7 @@ def _run(ap, args, config: dict, inputs: list, responses: Path, model: Path | No
             print(f"{STAGE}: {shard}: {n_mine} responses labelled, rank 0 writes {args.out}", file=sys.stderr)
             return 0
         fbs = check_feedback(items, [feedback_from_json(d) for d in merged.results])
+        check_segmentation_of(items, fbs, args.segmentation)
         agree = None
         if oracle is not None and source is not oracle:
             ofb = oracle.annotate(items)
@@ -251,14 +288,15 @@ def _run(ap, args, config: dict, inputs: list, responses: Path, model: Path | No
         for r, fb in zip(recs, merged.results):
             row = r.to_json()
             row["images"] = [str(Path(p).resolve().relative_to(root)) for p in r.images]
-            row["annotations"] = {"source": source.name, **fb}
+            row["annotations"] = {"source": source.name, "segmentation": args.segmentation, **fb}
             if args.teacher:
                 row["annotations"]["critique_by"] = str(args.teacher)
             rows.append(row)
         atomic_write_jsonl(st.path / "feedback.jsonl", rows)
-        report = {"source": source.name, "counts": counts, "agreement_with_oracle": agree}
+        report = {"source": source.name, "segmentation": args.segmentation, "counts": counts,
+                  "agreement_with_oracle": agree}
         atomic_write_text(st.path / "report.json", json.dumps(report, indent=2) + "\n")
-        md = report_md(source.name, counts, agree)
+        md = report_md(source.name, counts, agree, args.segmentation)
         atomic_write_text(st.path / "report.md", md)
         st.count("responses", len(rows))
         st.count("rejected", read_rep.rejected)
@@ -269,6 +307,7 @@ def _run(ap, args, config: dict, inputs: list, responses: Path, model: Path | No
             for label, n in counts["segments"][t].items():
                 st.count(f"segments/{t}/{label}", n)
         st.info["ranks"] = shard.world
+        st.info["segmentation"] = args.segmentation
     parts.cleanup()
     print(md)
     print(f"-> {args.out / 'feedback.jsonl'}", file=sys.stderr)

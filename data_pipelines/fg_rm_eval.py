@@ -9,7 +9,9 @@
 may be named for several types (``object=M attribute=M relation=M``, loaded and run once), and a
 bare ``DIR`` stands for every type that model was trained for. ``--feedback``: held-out responses
 with per-segment labels (the feedback stage's folder or its ``feedback.jsonl``; labelled by the
-oracle, they are the ground truth). Every response is scored (``FGRewardModel.segment_probs``,
+oracle, they are the ground truth), cut with the segmentation the models were trained on (their
+export's ``segmentation``, :mod:`mmalign.segments`; the feedback records' ``annotations.segmentation``
+must match it, or the stage stops before loading a model). Every response is scored (``FGRewardModel.segment_probs``,
 the same row encoding as training) and each segment's prediction is the most probable class.
 
 Output (atomic, with ``manifest.json``; skipped when up to date, ``--force`` redoes it):
@@ -147,7 +149,9 @@ def report_md(metrics: dict[str, Any]) -> str:
 
     lines = ["# Fine-grained reward models on held-out responses", "",
              (f"{metrics['responses']} responses from `{metrics['feedback']}` (labels by "
-             f"`{', '.join(metrics['label_sources'])}`). \"hallucinated\" is the positive class over all labelled "
+             f"`{', '.join(metrics['label_sources'])}`; segmentation `{metrics.get('segmentation', 'fine')}`, "
+             f"{metrics.get('segments_per_response', float('nan')):.2f} segments per response). "
+             "\"hallucinated\" is the positive class over all labelled "
              "segments; 95% bootstrap intervals over responses "
              f"({metrics['n_boot']} resamples). A model is useful where its F1 beats the priors: "
              "\"always hallucinated\" and the base rate (random at the prior)."), "",
@@ -207,15 +211,26 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     from mmalign.rewards.fine_grained import CONFIG_FILE, HEAD_FILE
 
+    from mmalign.segments import recorded_segmentation
+
+    segmentations: dict[str, str] = {}
     for d in spec.values():
         if not (d / CONFIG_FILE).is_file():
             ap.error(f"--models {d}: no {CONFIG_FILE} there (an FGRewardModule export.dir?)")
+        try:
+            segmentations[str(d)] = recorded_segmentation(json.loads((d / CONFIG_FILE).read_text()))
+        except ValueError as e:  # bad JSON or an unknown segmentation
+            ap.error(f"--models {d}: {d / CONFIG_FILE}: {e}")
+    if len(set(segmentations.values())) != 1:
+        ap.error(f"--models were trained on different segmentations {segmentations}: evaluate models of one "
+                 "segmentation together")
+    segmentation = next(iter(segmentations.values()))
     feedback = args.feedback / "feedback.jsonl" if args.feedback.is_dir() else args.feedback
     if not feedback.is_file():
         ap.error(f"--feedback {args.feedback}: no feedback.jsonl")
     dirs = sorted({str(d) for d in spec.values()})
     config = {"models": {k: str(v) for k, v in spec.items()}, "limit": args.limit, "n_boot": args.n_boot,
-              "seed": args.seed}
+              "seed": args.seed, "segmentation": segmentation}
     inputs: list[Path] = [feedback]
     if (args.data_root / "manifest.json").is_file():
         inputs.append(args.data_root)  # a data stage output: its manifest changes when the images do
@@ -239,6 +254,15 @@ def main(argv: list[str] | None = None) -> int:
         recs = recs[: args.limit]
     if not recs:
         ap.error(f"{feedback}: no annotated responses")
+    from mmalign.segments import check_same_segmentation
+
+    for r in recs:  # before any model loads; the strict per-record check is check_fg_record below
+        try:
+            check_same_segmentation(segmentation, recorded_segmentation(r.annotations),
+                                    f"{where(r.meta, r.id)}: the held-out labels")
+        except ValueError as e:
+            ap.error(f"{e}; the models ({', '.join(dirs)}) were trained on {segmentation!r} segments: label the "
+                     f"held-out responses with the feedback stage's --segmentation {segmentation}")
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     loaded = {d: load_fg_reward_model(d, device=device) for d in dirs}
@@ -254,12 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     types = [t for t in HALLUCINATION_TYPES if t in models]
     model_dirs = {t: str(next(d for d in dirs if loaded[d] is models[t])) for t in types}
 
-    gold = [check_fg_record(r, types)[1] for r in recs]                     # per response (S, K)
+    gold = [check_fg_record(r, types, segmentation)[1] for r in recs]                     # per response (S, K)
     items = [SegmentItem(images=r.images, prompt=r.prompt, response=r.response, id=where(r.meta, r.id))
              for r in recs]
     probs = fg_segment_probs(models, items, batch_size=args.batch_size, progress=not args.no_progress)
 
     metrics: dict[str, Any] = {"feedback": str(feedback), "responses": len(recs), "models": model_dirs,
+                               "segmentation": segmentation,
+                               "segments_per_response": sum(map(len, gold)) / len(gold),
                                "label_sources": sorted({str(r.annotations.get("source", "unknown")) for r in recs}),
                                "classes": list(CLASSES), "n_boot": args.n_boot, "seed": args.seed, "types": {}}
     rows = [{"id": r.id, "response": r.response, "segments": [s["text"] for s in r.annotations["segments"]]}

@@ -13,7 +13,9 @@ returned: right count, right ids in the right order, finite numeric scores.
 
 Fine-grained feedback (FGAIF, Jing & Du 2024, "FGAIF: Aligning Large Vision-Language Models with
 Fine-grained AI Feedback"): a response is cut into sub-sentence segments
-(:func:`mmalign.segments.split_segments`) and each segment gets one label per hallucination type
+(:func:`mmalign.segments.split_segments`; the source's ``segmentation``, by default the released
+FGAIF / Fine-Grained RLHF splitter, which the feedback stage records beside the labels as
+``annotations.segmentation``) and each segment gets one label per hallucination type
 (object existence, attribute, relation) -- :class:`SegmentFeedback` in ``Feedback.segments``. The
 labels come from checkable :class:`Claim` s (atomic facts, each with a yes/no question whose true
 answer is "yes" iff it holds), see :mod:`mmalign.oracle`. :func:`feedback_to_json` /

@@ -46,7 +46,7 @@ from mmalign.feedback import (
     SegmentFeedback,
 )
 from mmalign.rewards import VALUES, RewardForm, SegmentItem
-from mmalign.segments import split_segments
+from mmalign.segments import DEFAULT_SEGMENTATION, check_segmentation, split_segments
 
 __all__ = [
     "world_claims",
@@ -345,16 +345,18 @@ def coco_claims(response: str, vocab: ObjectVocabulary) -> list[Claim]:
 # segments
 
 
-def segment_feedback(response: str, claims: Sequence[Claim], verdicts: Sequence[bool | None]) -> list[SegmentFeedback]:
+def segment_feedback(response: str, claims: Sequence[Claim], verdicts: Sequence[bool | None],
+                     segmentation: str = DEFAULT_SEGMENTATION) -> list[SegmentFeedback]:
     """Per-segment labels (FGAIF): each claim goes to the segment holding its end offset.
 
     Per type, a segment is "hallucinated" when one of its claims of that type is False, else
     "correct" when one is True, else "n/a" (no claim of that type, or only unverifiable ones).
-    Segments come from :func:`mmalign.segments.split_segments`.
+    Segments come from :func:`mmalign.segments.split_segments` with ``segmentation`` (the
+    released splitter by default, ``"fine"`` for one segment per object phrase).
     """
     if len(claims) != len(verdicts):
         raise ValueError(f"{len(claims)} claims but {len(verdicts)} verdicts")
-    segs = split_segments(response)
+    segs = split_segments(response, segmentation)
     out = [SegmentFeedback(s.index, s.start, s.end, s.text, {}) for s in segs]
     for c, v in zip(claims, verdicts):
         home = next((sf for sf in out if sf.start < c.end <= sf.end), None)
@@ -528,6 +530,8 @@ class WorldOracle:
             ``scene_id``), then by the normalised path.
         mention_missing: name the uncovered scene objects in the critique/refinement (DRESS's
             helpfulness side); turn off for answers that are not meant to describe the scene.
+        segmentation: how responses are cut into labelled segments (:mod:`mmalign.segments`:
+            "released", the default, or "fine").
 
     Per item: ``segments`` with FGAIF labels; ``scores["faithfulness"]`` = share of verifiable
     claims that hold (1.0 when there are none); ``scores["helpfulness"]`` = share of the scene's
@@ -538,7 +542,9 @@ class WorldOracle:
 
     name = "oracle"
 
-    def __init__(self, scenes: Mapping[str, W.Scene], mention_missing: bool = True) -> None:
+    def __init__(self, scenes: Mapping[str, W.Scene], mention_missing: bool = True,
+                 segmentation: str = DEFAULT_SEGMENTATION) -> None:
+        self.segmentation = check_segmentation(segmentation)
         self.scenes = dict(scenes)
         for k, s in self.scenes.items():
             if not isinstance(s, W.Scene):
@@ -572,7 +578,7 @@ class WorldOracle:
         # hints for the refinement ("the circle is red"), kept in the claims' meta
         claims = [Claim(c.type, c.text, c.start, c.end, c.question, {**c.meta, **explain_world_claim(c, scene)})
                   if v is False else c for c, v in zip(claims, verdicts)]
-        segments = segment_feedback(item.response, claims, verdicts)
+        segments = segment_feedback(item.response, claims, verdicts, self.segmentation)
         checked = [v for v in verdicts if v is not None]
         check = W.check_caption(W.parse_caption(item.response), scene)
         # named in the critique: objects no positive mention refers to at all (a mention with a
@@ -599,6 +605,7 @@ class CocoOracle:
         objects_per_image: image path -> the object categories annotated in it (COCO
             ``instances_*.json`` names; synonyms are normalised through ``vocab``).
         vocab: the parser of object mentions; CHAIR's COCO table by default.
+        segmentation: how responses are cut into labelled segments (:mod:`mmalign.segments`).
 
     Only object claims can be checked (COCO has no attribute or relation ground truth), so
     attribute and relation labels are "n/a". ``scores["faithfulness"]`` = share of mentioned
@@ -607,7 +614,9 @@ class CocoOracle:
 
     name = "coco_oracle"
 
-    def __init__(self, objects_per_image: Mapping[str, Collection[str]], vocab: ObjectVocabulary | None = None) -> None:
+    def __init__(self, objects_per_image: Mapping[str, Collection[str]], vocab: ObjectVocabulary | None = None,
+                 segmentation: str = DEFAULT_SEGMENTATION) -> None:
+        self.segmentation = check_segmentation(segmentation)
         self.vocab = vocab if vocab is not None else ObjectVocabulary.coco()
         self.objects: dict[str, frozenset[str]] = {}
         for img, names in objects_per_image.items():
@@ -624,7 +633,7 @@ class CocoOracle:
             present = self.objects[it.image]
             claims = coco_claims(it.response, self.vocab)
             verdicts: list[bool | None] = [c.meta["category"] in present for c in claims]
-            segments = segment_feedback(it.response, claims, verdicts)
+            segments = segment_feedback(it.response, claims, verdicts, self.segmentation)
             critique, refinement = critique_and_refinement(segments)
             out.append(Feedback(
                 id=it.id, scores={"faithfulness": sum(map(bool, verdicts)) / len(verdicts) if verdicts else 1.0},
@@ -648,15 +657,16 @@ def load_world_scenes(data: str | os.PathLike) -> dict[str, W.Scene]:
 
 class OracleSegmentRewards:
     """The scene-graph oracle's per-segment labels as fine-grained rewards: -1 hallucinated,
-    +1 correct, 0 n/a, for the segments of :func:`split_segments` -- a drop-in for a trained
+    +1 correct, 0 n/a, for the segments of :func:`split_segments` with ``segmentation`` -- a drop-in for a trained
     fine-grained reward model (it implements :class:`mmalign.rewards.SegmentRewardModel`), so PPO can be run
     with *perfect* rewards as a control: what FGAIF's machinery does when the reward models are
     right. ``items`` carry the image path (``images[0]``) the oracle looks the scene up by."""
 
     types = HALLUCINATION_TYPES
 
-    def __init__(self, scenes: Mapping[str, W.Scene]) -> None:
-        self.oracle = WorldOracle(scenes, mention_missing=False)
+    def __init__(self, scenes: Mapping[str, W.Scene], segmentation: str = DEFAULT_SEGMENTATION) -> None:
+        self.oracle = WorldOracle(scenes, mention_missing=False, segmentation=segmentation)
+        self.segmentation = self.oracle.segmentation
 
     def segment_rewards(self, items: Sequence[SegmentItem], mode: RewardForm = "label", batch_size: int = 16,
                         types: Sequence[str] | None = None) -> list[dict[str, Any]]:

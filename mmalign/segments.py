@@ -8,7 +8,36 @@ attribute, relation), and a reward model scores each sub-sentence at its last to
 a dense reward. This module does the cutting (:func:`split_segments`) and maps a segment's end
 to its last token (:func:`char_to_token_end`); :mod:`mmalign.oracle` does the labelling.
 
-The segmentation rule (deterministic, pure Python):
+Two segmentations, named by a *segmentation spec* (:func:`check_segmentation`); every consumer
+(the feedback stage's labels, the fine-grained reward models' data and export, PPO's rollouts)
+takes the same spec, and a reward model export records the one it was trained on.
+
+``"released"`` (the default): the splitter the released code uses. Fine-Grained RLHF's
+``tasks/qa_feedback/reward_modeling/create_rel_fact_rm_files.py`` (``get_subsentence_starts``,
+``MIN_SUBSENT_WORDS = 5``; the PPO side's copy is ``split_text_to_subsentences`` in
+``tasks/qa_feedback/training/reward.py``), copied by FGAIF in ``RLHF/data_utils/segment.py``
+(github.com/allenai/FineGrainedRLHF, github.com/LiqiangJing/FGAIF):
+
+1. **Sentences** come from spaCy (``doc.sents``). The release loads ``en_core_web_sm`` (parser-based
+   sentence boundaries); that package is not on PyPI, so the default here is
+   ``spacy.blank("en")`` with the rule-based ``sentencizer`` (cuts after ``. ! ?`` and the like,
+   not ``;``), which needs no download. ``"released:<pipeline>"`` loads any spaCy pipeline by
+   name or folder instead (``"released:en_core_web_sm"`` once it is installed).
+2. **Words** are the white-space-separated tokens of a sentence (``str.split``), punctuation
+   attached ("circle,").
+3. **Within a sentence**, a new sub-sentence may start at word ``j`` (0-based, ``n`` words) when
+   word ``j - 1`` ends in ``,`` ``;`` ``!`` or ``?`` and more than five words remain
+   (``n - j > 5``, i.e. at least six words from ``j`` on). Then, with ``p`` the start of the
+   current sub-sentence: if the piece ``p .. j-1`` has at least five words, cut at ``j``; if it
+   is shorter and ``p > 0``, the short piece joins the one before (the cut at ``p`` moves to
+   ``j``); if it is shorter and ``p == 0`` (the sentence's first piece), no cut. Never at
+   ``:``, never at a bare "and"/"but", never at ``.`` (that is spaCy's job).
+4. A segment runs from its first word's first character to its last word's last character.
+
+``"fine"``: this project's earlier object-phrase rule (deterministic, pure Python), finer than
+the release's: the world's caption "There are two objects: a red circle, a blue square and a
+star." is two ``released`` segments ("... a red circle," | "a blue square and a star.") but four
+``fine`` ones, and "The red circle is left of the blue square." is one either way.
 
 1. **Sentences** end after a run of ``. ! ? ;`` (the whole run: "?!", "...") and at a line break.
    A ``.`` between two digits ("3.5") ends nothing. Text after the last terminator is a
@@ -30,21 +59,51 @@ The segmentation rule (deterministic, pure Python):
    and a star" gives three segments, one per object phrase.
 3. **Segments tile the text**: the connective opens the next segment ("and a star."), commas,
    colons and the sentence's end punctuation close the segment before them, and a piece
-   holding no letter or digit is merged into the segment before it. Every non-blank character
-   lies in exactly one segment, and ``segment.text == text[segment.start:segment.end]`` with no
-   white space at either end. Empty or blank text gives ``[]``.
+   holding no letter or digit is merged into the segment before it.
 
-Ending on the punctuation means a segment's reward sits on its "," or "." token, as in
-Fine-Grained RLHF, which rewards each sub-sentence at its final token.
+Both: every non-blank character lies in exactly one segment, and
+``segment.text == text[segment.start:segment.end]`` with no white space at either end. Empty or
+blank text gives ``[]``. Ending on the punctuation means a segment's reward sits on its "," or
+"." token, as in Fine-Grained RLHF, which rewards each sub-sentence at its final token.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Segment", "split_segments", "char_to_token_end", "UNIT_STARTERS"]
+__all__ = [
+    "Segment",
+    "split_segments",
+    "char_to_token_end",
+    "check_segmentation",
+    "recorded_segmentation",
+    "check_same_segmentation",
+    "released_subsentence_starts",
+    "sentence_spans",
+    "SEGMENTATIONS",
+    "DEFAULT_SEGMENTATION",
+    "LEGACY_SEGMENTATION",
+    "MIN_SUBSENT_WORDS",
+    "UNIT_STARTERS",
+]
+
+#: The segmentation rules (see the module docstring); ``"released:<spaCy pipeline>"`` is
+#: ``"released"`` with another sentence splitter.
+SEGMENTATIONS: tuple[str, ...] = ("released", "fine")
+#: What every consumer uses unless told otherwise: the released code's splitter.
+DEFAULT_SEGMENTATION = "released"
+#: What a record or export written before the segmentation was recorded used: the fine rule was
+#: the only one then.
+LEGACY_SEGMENTATION = "fine"
+#: The released splitter's minimum sub-sentence length in words (``MIN_SUBSENT_WORDS``).
+MIN_SUBSENT_WORDS = 5
+#: The characters a word must end in for the released splitter to cut after it.
+_SUBSENT_END = frozenset(",;!?")
 
 
 @dataclass(frozen=True)
@@ -133,14 +192,119 @@ def _cuts(text: str, s: int, e: int) -> list[int]:
     return cuts
 
 
-def split_segments(text: str) -> list[Segment]:
-    """Cut ``text`` into sub-sentence segments by the rule in the module docstring.
+def check_segmentation(spec: Any) -> str:
+    """``spec`` if it names a segmentation: ``"released"``, ``"fine"`` or
+    ``"released:<spaCy pipeline name or folder>"``; a ValueError saying what is accepted otherwise."""
+    if isinstance(spec, str):
+        if spec in SEGMENTATIONS:
+            return spec
+        name, sep, pipeline = spec.partition(":")
+        if name == "released" and sep and pipeline.strip():
+            return spec
+    raise ValueError(f"segmentation must be one of {list(SEGMENTATIONS)} or 'released:<spaCy pipeline name or "
+                     f"folder>', got {spec!r}")
+
+
+def recorded_segmentation(config: Mapping[str, Any] | None) -> str:
+    """The segmentation a record's annotations or an export's config says it used (key
+    ``"segmentation"``); one written before the key existed used :data:`LEGACY_SEGMENTATION`."""
+    got = (config or {}).get("segmentation")
+    return LEGACY_SEGMENTATION if got is None else check_segmentation(got)
+
+
+def check_same_segmentation(expected: str, got: str, what: str, strict: bool = True) -> None:
+    """Refuse (``strict``: ValueError) or warn when ``what`` was made with segmentation ``got`` but
+    is used with ``expected``: a reward model trained on one segmentation scores the segments of
+    another at positions it never saw, and labels cut one way do not tile a response cut the
+    other way. Two ``released`` specs that differ only in the spaCy pipeline are always a warning
+    (the rule is the same; only a few sentence boundaries may move)."""
+    if expected == got:
+        return
+    msg = (f"{what} used segmentation {got!r} but this run uses {expected!r}; pass the same segmentation "
+           "everywhere (mmalign.segments)")
+    same_rule = expected.partition(":")[0] == got.partition(":")[0]
+    if strict and not same_rule:
+        raise ValueError(msg)
+    warnings.warn(msg, stacklevel=2)
+
+
+@functools.lru_cache(maxsize=4)
+def _spacy_pipeline(pipeline: str | None) -> Any:
+    """spaCy: the blank English pipeline with the rule-based sentencizer (None), or
+    ``spacy.load(pipeline)``. Cached: loading costs seconds, a call microseconds."""
+    try:
+        import spacy
+    except ImportError as e:  # pragma: no cover - spaCy is a declared dependency
+        raise ImportError("the 'released' segmentation needs spaCy (pip install spacy)") from e
+    if pipeline is None:
+        nlp = spacy.blank("en")
+        nlp.add_pipe("sentencizer")
+        return nlp
+    try:
+        return spacy.load(pipeline)
+    except OSError as e:
+        raise OSError(f"segmentation 'released:{pipeline}': spaCy cannot load {pipeline!r} (a package name or a "
+                      f"pipeline folder): {e}") from None
+
+
+def sentence_spans(text: str, pipeline: str | None = None) -> list[tuple[int, int]]:
+    """``[start, end)`` of each spaCy sentence of ``text`` that holds a non-blank character
+    (``pipeline`` None: blank English + sentencizer; else a spaCy pipeline name or folder)."""
+    doc = _spacy_pipeline(pipeline)(text)
+    return [(s.start_char, s.end_char) for s in doc.sents if s.text.strip()]
+
+
+def released_subsentence_starts(words: Sequence[str], min_words: int = MIN_SUBSENT_WORDS) -> list[int]:
+    """Indices of the words of one sentence that start a sub-sentence, by the released rule
+    (module docstring, rule 3): always 0; ``j`` when ``words[j - 1]`` ends in ``, ; ! ?``,
+    ``len(words) - j > min_words`` and the current piece has ``min_words`` or more words; a
+    shorter piece that is not the sentence's first moves the previous start to ``j``."""
+    starts = [0] if words else []
+    n = len(words)
+    for j in range(1, n):
+        if words[j - 1][-1] not in _SUBSENT_END or n - j <= min_words:
+            continue
+        if j - starts[-1] >= min_words:
+            starts.append(j)
+        elif starts[-1] > 0:
+            starts[-1] = j  # the short piece joins the sub-sentence before it
+    return starts
+
+
+def _split_released(text: str, pipeline: str | None) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    for s, e in sentence_spans(text, pipeline):
+        words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text[s:e])]
+        starts = released_subsentence_starts([text[s + a:s + b] for a, b in words])
+        for k, j in enumerate(starts):
+            last = (starts[k + 1] if k + 1 < len(starts) else len(words)) - 1
+            spans.append((s + words[j][0], s + words[last][1]))
+    return spans
+
+
+def split_segments(text: str, segmentation: str = DEFAULT_SEGMENTATION) -> list[Segment]:
+    """Cut ``text`` into sub-sentence segments by ``segmentation`` (the module docstring has both
+    rules; :func:`check_segmentation` the accepted specs).
 
     >>> [s.text for s in split_segments("There are two objects: a red circle, a blue square and a star. It is")]
+    ['There are two objects: a red circle,', 'a blue square and a star.', 'It is']
+    >>> [s.text for s in split_segments("There are two objects: a red circle, a blue square and a star. It is", "fine")]
     ['There are two objects:', 'a red circle,', 'a blue square', 'and a star.', 'It is']
     """
     if not isinstance(text, str):
         raise TypeError(f"split_segments() needs a string, got {type(text).__name__}")
+    spec = check_segmentation(segmentation)
+    if not text.strip():
+        return []
+    if spec == "fine":
+        spans = _split_fine(text)
+    else:
+        spans = _split_released(text, spec.partition(":")[2] or None)
+    return [Segment(i, a, b, text[a:b]) for i, (a, b) in enumerate(spans)]
+
+
+def _split_fine(text: str) -> list[tuple[int, int]]:
+    """The ``fine`` rule's ``[start, end)`` spans (module docstring)."""
     pieces: list[tuple[int, int]] = []
     for s, e in _sentence_spans(text):
         bounds = [s, *_cuts(text, s, e), e]
@@ -160,7 +324,7 @@ def split_segments(text: str) -> list[Segment]:
             spans[-1][1] = hi  # the text began with punctuation: join it to this piece
             continue
         spans.append([lo, hi])
-    return [Segment(i, a, b, text[a:b]) for i, (a, b) in enumerate(spans)]
+    return [(a, b) for a, b in spans]
 
 
 def char_to_token_end(offsets: Sequence[tuple[int, int]], char_end: int) -> int:

@@ -50,6 +50,7 @@ from mmalign.oracle import (
     world_claims,
 )
 from mmalign.records import load_image
+from mmalign.segments import DEFAULT_SEGMENTATION, check_segmentation
 from mmalign.world import parse_caption, parse_yes_no
 from models.policy import DTYPES
 
@@ -107,6 +108,8 @@ class VLMJudgeSource:
         trust_remote_code: run custom model code from the checkpoint.
         progress: tqdm bar over the questions when there is more than one batch.
         device: "cpu", "cuda", ...; None = cuda when available, else cpu.
+        segmentation: how responses are cut into labelled segments (:mod:`mmalign.segments`:
+            "released", the default, or "fine"); the feedback stage passes its ``--segmentation``.
 
     Per item: ``segments`` (labels from the verdicts: yes = holds, no = hallucinated, an
     unparseable answer = unknown), template ``critique`` / ``refinement``, ``scores`` =
@@ -128,8 +131,11 @@ class VLMJudgeSource:
         trust_remote_code: bool = False,
         progress: bool = True,
         device: str | None = None,
+        segmentation: str = DEFAULT_SEGMENTATION,
     ):
         from models.policy import HFPolicy
+
+        self.segmentation = check_segmentation(segmentation)
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -202,7 +208,7 @@ class VLMJudgeSource:
                 ans = [next(answers) for _ in cs]
                 verdicts = [parse_yes_no(a) for a in ans]
                 questions = [c.question for c in cs]
-            segments = segment_feedback(it.response, cs, verdicts)
+            segments = segment_feedback(it.response, cs, verdicts, self.segmentation)
             critique, refinement = critique_and_refinement(segments)
             feedback.append(Feedback(
                 id=it.id,
@@ -255,6 +261,7 @@ class DetectorSource:
             prompts) for the OWL family, "a {}" for Grounding-DINO.
         trust_remote_code: run custom model code from the checkpoint.
         device: "cpu", "cuda", ...; None = cuda when available, else cpu.
+        segmentation: how responses are cut into labelled segments (:mod:`mmalign.segments`).
 
     Scores: ``faithfulness`` = share of object claims found (1.0 with none). ``meta``:
     ``detections`` = {category: best score}, ``unchecked`` = number of attribute/relation claims.
@@ -275,8 +282,11 @@ class DetectorSource:
         trust_remote_code: bool = False,
         query_template: str | None = None,
         device: str | None = None,
+        segmentation: str = DEFAULT_SEGMENTATION,
     ):
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+        self.segmentation = check_segmentation(segmentation)
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -367,7 +377,7 @@ class DetectorSource:
         feedback = []
         for it, obj, cs, det in zip(items, objects, per_item, scores):
             verdicts = [det[claim_category(c)] >= self.threshold for c in obj]
-            segments = segment_feedback(it.response, obj, verdicts)
+            segments = segment_feedback(it.response, obj, verdicts, self.segmentation)
             critique, refinement = critique_and_refinement(segments)
             feedback.append(Feedback(
                 id=it.id,

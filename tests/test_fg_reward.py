@@ -25,14 +25,15 @@ TYPES = ("object", "attribute", "relation")
 # per segment by the scene-graph oracle, written as the feedback stage writes feedback.jsonl
 
 
-def _feedback_file(world: Path, split: str, out: Path, source: str = "oracle", inject_kinds=TYPES) -> Path:
+def _feedback_file(world: Path, split: str, out: Path, source: str = "oracle", inject_kinds=TYPES,
+                   segmentation: str = "released") -> Path:
     from mmalign.scene_io import load_scenes
     from mmalign.feedback import FeedbackItem, feedback_to_json
     from mmalign.inject import inject
     from mmalign.oracle import WorldOracle
 
     scenes = load_scenes(world)
-    oracle = WorldOracle(scenes)
+    oracle = WorldOracle(scenes, segmentation=segmentation)
     rng = random.Random(0)
     rows = []
     for line in (world / split / "sft.jsonl").read_text().splitlines():
@@ -50,7 +51,8 @@ def _feedback_file(world: Path, split: str, out: Path, source: str = "oracle", i
         for j, text in enumerate(texts):
             fb = oracle.feedback(FeedbackItem(id=f"{r['id']}-{j}", prompt="", response=text, image=image), scenes[image])
             rows.append({"id": f"{r['id']}-{j}", "images": r["images"], "prompt": r["messages"][:-1],
-                         "response": text, "annotations": {"source": source, **feedback_to_json(fb)}})
+                         "response": text, "annotations": {"source": source, "segmentation": segmentation,
+                                                           **feedback_to_json(fb)}})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(x) + "\n" for x in rows))
     return out
@@ -110,15 +112,16 @@ def test_each_segment_label_sits_on_its_last_token(model_dirs, family):
     r1 = "A red circle is left of a blue square and a star, and it is small."
     # hand-checked: the segments and the token that ends each (the tiny byte-level BPE keeps the
     # leading space on a word token, so " square" ends segment 0 of r1, and "and" opens segment 1)
-    assert [s.text for s in split_segments(r0)] == ["There is one object:", "a large blue cross."]
-    assert [s.text for s in split_segments(r1)] == ["A red circle is left of a blue square", "and a star,",
+    # (the fine segmentation: three segments in r1; the released one cuts neither response)
+    assert [s.text for s in split_segments(r0, "fine")] == ["There is one object:", "a large blue cross."]
+    assert [s.text for s in split_segments(r1, "fine")] == ["A red circle is left of a blue square", "and a star,",
                                                      "and it is small."]
     pieces = [[":", "."], [" square", ",", "."]]
     exs = [{"images": [img], "prompt": _prompt("Describe the image."), "response": r0,
             "labels": [[0, 2], [1, 1]], "meta": {"id": "a"}},
            {"images": [img], "prompt": _prompt("Give a detailed description of the image, please."), "response": r1,
             "labels": [[1, 2], [0, 2], [2, 0]], "meta": {"id": "b"}}]
-    b = encode_segments(proc, exs)
+    b = encode_segments(proc, exs, segmentation="fine")
     p_mask, ids, mask = b["prompt"]["attention_mask"], b["response_ids"], b["response_mask"]
     assert b["segment_index"].shape == (2, 3) and b["segment_labels"].shape == (2, 3, 2)
     assert p_mask[0, 0] == 0 and p_mask[:, -1].all() and p_mask[1].all()  # prompts left-padded
@@ -134,7 +137,7 @@ def test_each_segment_label_sits_on_its_last_token(model_dirs, family):
         assert ids[i, :len(resp)].tolist() == resp
         assert mask[i, :len(resp)].all() and not mask[i, len(resp):].any()
         # decoding up to a segment's end token ends with the segment's text
-        for k, seg in enumerate(split_segments(r)):
+        for k, seg in enumerate(split_segments(r, "fine")):
             j = int(b["segment_index"][i, k])
             assert tok.decode(ids[i, :j + 1]).endswith(seg.text)
     # The heads read, through Policy.response_forward, the hidden state of the joined row
@@ -161,7 +164,8 @@ def test_each_segment_label_sits_on_its_last_token(model_dirs, family):
     valid = b["segment_valid"]
     assert torch.allclose(got[valid], want_logits[valid], atol=1e-5)
     # a cut inside r1's last segment: it is not scored, and counted
-    cut = encode_segments(proc, exs, max_response_tokens=len(tok(r1, add_special_tokens=False)["input_ids"]) - 2)
+    cut = encode_segments(proc, exs, max_response_tokens=len(tok(r1, add_special_tokens=False)["input_ids"]) - 2,
+                          segmentation="fine")
     assert cut["segment_valid"][1].tolist() == [True, True, False] and cut["segments_cut"] == 1
     assert (cut["segment_labels"][1, 2] == IGNORE_INDEX).all()
 
@@ -267,11 +271,11 @@ def test_segment_rewards_from_given_probabilities(model_dirs, monkeypatch):
 # data checks
 
 
-def _dm(path: Path, world: Path, types=("object",), **kw):
+def _dm(path: Path, world: Path, types=("object",), segmentation: str = "released", **kw):
     from mmalign.methods.fg_reward import FGRewardDataModule
 
     dm = FGRewardDataModule(str(path), data_root=str(world), **kw)
-    dm.connect(_processor_cache["llava"], list(types))
+    dm.connect(_processor_cache["llava"], list(types), segmentation)
     return dm
 
 
@@ -313,7 +317,7 @@ def test_malformed_segments_name_file_and_line(world, fb, tmp_path):
     skip.setup("fit")
     assert len(skip.train_set) == 2 and skip.skipped[str(bad)] == 2
     rows[1] = json.loads(lines[1])
-    rows[1]["annotations"]["segments"] = rows[1]["annotations"]["segments"][:-1]
+    rows[1]["annotations"]["segments"] = rows[1]["annotations"]["segments"] * 2   # one segment too many
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
     with pytest.raises(RecordError, match=r"bad\.jsonl:2 .*annotated segment\(s\) but split_segments"):
         _dm(bad, world).setup("fit")
@@ -355,6 +359,7 @@ def test_object_rm_trains_logs_and_exports(object_rm):
     assert cfg["types"] == ["object"] and cfg["classes"] == list(CLASSES) and cfg["values"] == VALUES
     assert cfg["policy_class"] == "models.policy.HFPolicy" and cfg["format_version"] == 1
     assert cfg["hidden_size"] == cli.model.policy.hidden_size
+    assert cfg["segmentation"] == "released" == cli.model.segmentation   # the config's, recorded for PPO
     assert (out / "fg_reward_head.safetensors").is_file() and (out / "manifest.json").is_file()
 
 
@@ -408,6 +413,57 @@ def test_load_errors_name_the_file(object_rm, tmp_path):
         load_fg_reward_model(tmp_path)
 
 
+def test_export_segmentation_is_read_back(object_rm, tmp_path):
+    """The segmentation a model scores is its export's; an export without the key predates it and
+    used the fine rule; an unknown one is an error naming the file."""
+    import shutil
+
+    from mmalign.rewards.fine_grained import load_fg_reward_model
+
+    from mmalign.rewards.fine_grained import FGRewardModel
+
+    _, root = object_rm
+    loaded = load_fg_reward_model(root / "model")
+    assert loaded.segmentation == "released"
+    # built in code: the default, or what it is told
+    assert FGRewardModel(loaded.policy, loaded.heads).segmentation == "released"
+    assert FGRewardModel(loaded.policy, loaded.heads, segmentation="fine").segmentation == "fine"
+    old = tmp_path / "old"
+    shutil.copytree(root / "model", old)
+    cfg = json.loads((old / "fg_reward_config.json").read_text())
+    del cfg["segmentation"]
+    (old / "fg_reward_config.json").write_text(json.dumps(cfg))
+    assert load_fg_reward_model(old).segmentation == "fine"
+    (old / "fg_reward_config.json").write_text(json.dumps({**cfg, "segmentation": "words"}))
+    with pytest.raises(ValueError, match=r"old/fg_reward_config\.json: segmentation must be one of"):
+        load_fg_reward_model(old)
+
+
+def test_labels_cut_another_way_are_refused(world, fb, tmp_path):
+    """A model trained on the released segmentation refuses labels written with the fine one (or
+    with none recorded: the fine rule predates the key), naming file:line; trained on "fine" it
+    takes them."""
+    fine = _feedback_file(world, "train", tmp_path / "fine.jsonl", segmentation="fine")
+    with pytest.raises(RecordError, match=r"fine\.jsonl:1 id=.*: the feedback labels used segmentation 'fine' but "
+                                          r"this run uses 'released'"):
+        _dm(fine, world).setup("fit")
+    rows = [json.loads(x) for x in fine.read_text().splitlines()]
+    for r in rows:
+        del r["annotations"]["segmentation"]
+    legacy = tmp_path / "legacy.jsonl"
+    legacy.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RecordError, match=r"legacy\.jsonl:1 .*segmentation 'fine'"):
+        _dm(legacy, world).setup("fit")
+    ok = _dm(fine, world, segmentation="fine")
+    ok.setup("fit")
+    released = _dm(fb["train"], world)
+    released.setup("fit")
+    # the same responses, cut two ways: the fine rule gives more segments
+    n_fine = sum(len(s) for s in ok.train_set.segments)
+    n_released = sum(len(s) for s in released.train_set.segments)
+    assert len(ok.train_set) == len(released.train_set) and n_fine > n_released
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_batching_and_padding_do_not_change_probabilities(model_dirs, family):
     from mmalign.rewards import SegmentItem
@@ -417,7 +473,8 @@ def test_batching_and_padding_do_not_change_probabilities(model_dirs, family):
     torch.manual_seed(0)
     policy = HFPolicy(str(model_dirs[family]))
     heads = torch.nn.ModuleDict({t: make_head(policy.hidden_size) for t in ("object", "relation")})
-    model = FGRewardModel(policy, heads).eval()
+    # the fine segmentation: 2, 3, 0 and 1 segments, so the batch holds segment padding too
+    model = FGRewardModel(policy, heads, segmentation="fine").eval()
     img = Image.new("RGB", (64, 64), (10, 200, 10))
     items = [SegmentItem([img], "Describe the image.", "There is one object: a large blue cross.", "a"),
              SegmentItem([img], "Give a detailed description of the image, please, with every object.",
@@ -459,7 +516,12 @@ def test_shared_model_trains_three_heads_and_scores_in_one_pass(world, model_dir
     probs = fg_segment_probs({t: shared for t in TYPES}, items)
     assert calls == [TYPES] and set(probs[0]) == set(TYPES)
     rewards = fg_segment_rewards({t: shared for t in TYPES}, items, mode="label")
-    assert set(rewards[0]["relation"].tolist()) <= {-1.0, 0.0, 1.0} and rewards[0]["object"].shape == (2,)
+    # the released segmentation (the export's): "There is one object: a large blue cross." is one segment
+    assert shared.segmentation == "released"
+    assert set(rewards[0]["relation"].tolist()) <= {-1.0, 0.0, 1.0} and rewards[0]["object"].shape == (1,)
+    shared_fine = FGRewardModel(shared.policy, shared.heads, segmentation="fine")
+    with pytest.raises(ValueError, match="trained on different segmentations"):
+        fg_segment_probs({"object": shared, "relation": shared_fine}, items)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,6 +580,13 @@ def test_eval_stage_writes_metrics_and_report(object_rm, world, fb, tmp_path, ca
     assert main([*args[2:], "--models", str(root / "model"), "--force"]) == 0
     with pytest.raises(SystemExit):
         main([*args[2:], "--models", f"relation={root / 'model'}", "--force"])
+    assert metrics["segmentation"] == "released"
+    assert metrics["segments_per_response"] == pytest.approx(o["segments"] / len(rows))
+    # held-out labels cut another way than the model's training labels: refused before any model loads
+    fine = _feedback_file(world, "val", tmp_path / "fine/feedback.jsonl", segmentation="fine")
+    with pytest.raises(SystemExit):
+        main([*args[:2], "--feedback", str(fine), *args[4:], "--force"])
+    assert "the held-out labels used segmentation 'fine'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "TYPE=DIR" in capsys.readouterr().out

@@ -85,16 +85,18 @@ def test_select_rows_repeats_in_order():
         select_rows({**b, "pixel_values": torch.zeros(5, 1)}, [0])
 
 
-def test_segment_ends_land_on_the_token_that_finishes_each_segment(model_dirs):
+@pytest.mark.parametrize("segmentation, n_segments", [("released", 2), ("fine", 4)])
+def test_segment_ends_land_on_the_token_that_finishes_each_segment(model_dirs, segmentation, n_segments):
+    # released: "There are two objects: a red circle," (7 words) | "a blue square and a star." (6 words)
     tok = HFPolicy(str(model_dirs["llava"])).processor.tokenizer
     text = "There are two objects: a red circle, a blue square and a star."
     ids = tok(" " + text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     ends_chars = token_char_ends(tok, ids)
     full = tok.decode(ids, skip_special_tokens=True)
-    clean, ends = segment_token_ends(full, ends_chars)
+    clean, ends = segment_token_ends(full, ends_chars, segmentation)
     assert clean == text
-    segs = split_segments(clean)
-    assert len(ends) == len(segs) == 4
+    segs = split_segments(clean, segmentation)
+    assert len(ends) == len(segs) == n_segments
     lead = len(full) - len(full.lstrip())
     for seg, j in zip(segs, ends):
         # the token reaches the segment's last character, and the one before does not
@@ -109,10 +111,13 @@ class KeywordRM:
 
     types = ("object",)
 
+    def __init__(self, segmentation="released"):
+        self.segmentation = segmentation
+
     def segment_rewards(self, items, mode="label", batch_size=32):
         out = []
         for it in items:
-            segs = split_segments(it.response)
+            segs = split_segments(it.response, self.segmentation)
             out.append({"object": torch.tensor([-1.0 if "red" in s.text else 1.0 for s in segs])})
         return out
 
@@ -286,3 +291,77 @@ def test_oracle_segment_rewards_follow_the_scene_graph(world):
     assert rm.segment_rewards([SegmentItem(images=[image], prompt=[], response="  ", id="c")])[0]["object"].numel() == 0
     with pytest.raises(FileNotFoundError, match="scenes.jsonl"):
         load_world_scenes(world / "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# the release's PPO defaults, segmentation agreement, value model from a reward model
+
+
+def test_defaults_are_the_releases(model_dirs):
+    """FGAIF's release: GAE gamma = lam = 1, value-loss weight 0.1, rewards not whitened, the
+    released segmentation; the config says the same."""
+    import inspect
+
+    import yaml
+
+    from mmalign.losses.ppo import gae
+
+    sig = inspect.signature(FGAIFModule.__init__).parameters
+    assert {k: sig[k].default for k in ("gamma", "lam", "vf_coef", "whiten_rewards", "segmentation", "value_init")} == {
+        "gamma": 1.0, "lam": 1.0, "vf_coef": 0.1, "whiten_rewards": False, "segmentation": "released",
+        "value_init": "policy"}
+    assert inspect.signature(gae).parameters["lam"].default == 1.0
+    from pathlib import Path
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/fgaif/tiny.yaml").read_text())
+    args = cfg["model"]["init_args"]
+    assert (args["gamma"], args["lam"], args["vf_coef"], args["whiten_rewards"], args["segmentation"]) == (
+        1.0, 1.0, 0.1, False, "released")
+
+
+def test_reward_model_of_another_segmentation_is_refused(model_dirs, monkeypatch):
+    import mmalign.rewards.fine_grained as fg
+
+    pol = HFPolicy(str(model_dirs["llava"]))
+    monkeypatch.setattr(fg, "load_fg_reward_model", lambda path: KeywordRM("fine"))
+    mod = FGAIFModule(pol, reward_models={"object": "rm-dir"}, value_model="shared")
+    with pytest.raises(ValueError, match=r"reward model rm-dir \(object\) used segmentation 'fine' but this run "
+                                         r"uses 'released'"):
+        mod._load_reward_models()
+    fine = FGAIFModule(pol, reward_models={"object": "rm-dir"}, value_model="shared", segmentation="fine")
+    assert fine._load_reward_models()["object"].segmentation == "fine"
+    with pytest.raises(ValueError, match="segmentation must be one of"):
+        FGAIFModule(pol, reward_models={"object": "rm-dir"}, segmentation="sentences")
+
+
+def test_value_model_starts_from_the_reward_models_backbone(model_dirs, tmp_path):
+    """value_init='reward_model' loads the object reward model's backbone weights into the
+    separate value model (the release's init_value_with_reward); the head still starts at 0."""
+    from mmalign.methods.fg_reward import FGRewardModule, export_fg_reward_model
+
+    torch.manual_seed(0)
+    rm_mod = FGRewardModule(HFPolicy(str(model_dirs["llava"])), types=["object"])
+    with torch.no_grad():                       # a "trained" backbone: every weight moved
+        for p in rm_mod.policy.parameters():
+            p.add_(0.01)
+    export_fg_reward_model(rm_mod.policy, rm_mod.heads, rm_mod.fg_reward_config(), str(tmp_path / "rm"))
+    want = {k: v.clone() for k, v in rm_mod.policy.state_dict().items()}
+
+    pol = HFPolicy(str(model_dirs["llava"]))
+    start = {k: v.clone() for k, v in pol.state_dict().items()}
+    mod = FGAIFModule(pol, reward_models={"attribute": "oracle", "object": str(tmp_path / "rm")},
+                      value_init="reward_model")
+    assert mod.value_init_from == str(tmp_path / "rm")
+    got = mod.value_backbone.state_dict()
+    assert set(got) == set(want) and all(torch.allclose(got[k], want[k]) for k in want)
+    # the policy itself is untouched, and the value head starts at zero
+    assert all(torch.equal(pol.state_dict()[k], start[k]) for k in start)
+    assert mod.value_head.weight.abs().sum() == 0 and mod.value_head.bias.abs().sum() == 0
+    # the default starts from the policy
+    plain = FGAIFModule(HFPolicy(str(model_dirs["llava"])), reward_models={"object": str(tmp_path / "rm")})
+    assert all(torch.equal(plain.value_backbone.state_dict()[k], start[k]) for k in start)
+    with pytest.raises(ValueError, match="value_model='separate'"):
+        FGAIFModule(pol, reward_models={"object": str(tmp_path / "rm")}, value_init="reward_model",
+                    value_model="shared")
+    with pytest.raises(ValueError, match=r"reward_models\['object'\] is the oracle"):
+        FGAIFModule(pol, reward_models={"object": "oracle"}, value_init="reward_model")

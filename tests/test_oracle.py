@@ -98,12 +98,12 @@ def test_claim_questions_and_unverifiable_cases():
 
 
 def test_segment_labels_by_hand():
-    """Segments: [0] "There are two objects:" (no claim: all n/a); [1] "a small green square"
-    (object and attribute correct); [2] "and a large blue circle." (object correct, attribute
-    hallucinated); [3] "The circle is left of the square." (objects correct, relation
+    """The fine segmentation: [0] "There are two objects:" (no claim: all n/a); [1] "a small green
+    square" (object and attribute correct); [2] "and a large blue circle." (object correct,
+    attribute hallucinated); [3] "The circle is left of the square." (objects correct, relation
     hallucinated); [4] "There is a star." (object hallucinated)."""
     claims = world_claims(RESPONSE)
-    segs = segment_feedback(RESPONSE, claims, [verify_world_claim(c, SCENE) for c in claims])
+    segs = segment_feedback(RESPONSE, claims, [verify_world_claim(c, SCENE) for c in claims], "fine")
     H, C, N = "hallucinated", "correct", "n/a"
     assert [(s.text, s.labels["object"], s.labels["attribute"], s.labels["relation"]) for s in segs] == [
         ("There are two objects:", N, N, N),
@@ -115,6 +115,30 @@ def test_segment_labels_by_hand():
     assert [len(s.claims) for s in segs] == [0, 2, 2, 3, 1]
     with pytest.raises(ValueError, match="8 claims but 1 verdicts"):
         segment_feedback(RESPONSE, claims, [True])
+
+
+def test_segment_labels_by_hand_released_segmentation():
+    """The released splitter (the default) cuts only at sentence ends here (the first sentence has
+    no , ; ! ?): [0] the whole first sentence holds both mentions -> object correct (both shapes
+    exist), attribute hallucinated (the circle is not large and blue), relation n/a; [1] and [2]
+    as in the fine segmentation."""
+    claims = world_claims(RESPONSE)
+    verdicts = [verify_world_claim(c, SCENE) for c in claims]
+    segs = segment_feedback(RESPONSE, claims, verdicts)
+    assert segs == segment_feedback(RESPONSE, claims, verdicts, "released")
+    H, C, N = "hallucinated", "correct", "n/a"
+    assert [(s.text, s.labels["object"], s.labels["attribute"], s.labels["relation"]) for s in segs] == [
+        ("There are two objects: a small green square and a large blue circle.", C, H, N),
+        ("The circle is left of the square.", C, N, H),
+        ("There is a star.", H, N, N),
+    ]
+    assert [len(s.claims) for s in segs] == [4, 3, 1]
+    # the oracle threads its segmentation through
+    fine = WorldOracle({"img/s0.png": SCENE}, segmentation="fine").annotate([_item(RESPONSE)])[0]
+    released = WorldOracle({"img/s0.png": SCENE}).annotate([_item(RESPONSE)])[0]
+    assert (len(fine.segments), len(released.segments)) == (5, 3)
+    with pytest.raises(ValueError, match="segmentation must be one of"):
+        WorldOracle({"img/s0.png": SCENE}, segmentation="sentences")
 
 
 def test_world_oracle_scores_critique_and_refinement():
@@ -133,7 +157,11 @@ def test_world_oracle_scores_critique_and_refinement():
                            "There is no star in the image.")
     assert fb.refinement == ("Call the circle red, not blue. Say that the circle is right of the square. "
                              "Remove the star.")
-    assert [s.labels["object"] for s in fb.segments] == ["n/a", "correct", "correct", "correct", "hallucinated"]
+    # the released segmentation's three sentences (the critique does not depend on the segmentation)
+    assert [s.labels["object"] for s in fb.segments] == ["correct", "correct", "hallucinated"]
+    (fine,) = WorldOracle({"img/s0.png": SCENE}, segmentation="fine").annotate(items)
+    assert [s.labels["object"] for s in fine.segments] == ["n/a", "correct", "correct", "correct", "hallucinated"]
+    assert (fine.critique, fine.refinement, fine.scores) == (fb.critique, fb.refinement, fb.scores)
 
 
 def test_size_count_and_missing_objects_by_hand():
@@ -211,7 +239,7 @@ def test_coco_oracle_by_hand():
     assert [(c.meta["category"], c.question) for c in claims] == [
         ("person", "Is there a person in the image?"), ("dog", "Is there a dog in the image?"),
         ("cat", "Is there a cat in the image?")]
-    oracle = CocoOracle({"coco/1.jpg": ["dog", "person"]})
+    oracle = CocoOracle({"coco/1.jpg": ["dog", "person"]}, segmentation="fine")
     assert isinstance(oracle, FeedbackSource)
     items = [_item("A man walks a dog, and a cat sleeps.", image="coco/1.jpg")]
     (fb,) = check_feedback(items, oracle.annotate(items))
@@ -220,6 +248,10 @@ def test_coco_oracle_by_hand():
         {"object": "correct", "attribute": "n/a", "relation": "n/a"},
         {"object": "hallucinated", "attribute": "n/a", "relation": "n/a"}]
     assert "There is no cat in the image." in fb.critique and "Remove the cat." in fb.refinement
+    # released splitter: A man walks a dog,(4) | ... would leave 4 words (not more than 5): no cut
+    (fb,) = CocoOracle({"coco/1.jpg": ["dog", "person"]}).annotate(items)
+    assert [(s.text, s.labels["object"]) for s in fb.segments] == [("A man walks a dog, and a cat sleeps.",
+                                                                    "hallucinated")]
     with pytest.raises(FeedbackError, match=r"item 'x': no annotated objects for image 'coco/2.jpg'"):
         oracle.annotate([_item("A dog.", image="coco/2.jpg")])
 

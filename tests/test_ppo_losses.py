@@ -475,3 +475,10 @@ def test_masked_entropy_shape_check():
         masked_entropy(torch.zeros(2, 3), torch.ones(2, 3))
     with pytest.raises(ValueError, match="mask"):
         masked_entropy(torch.zeros(2, 3, 4), torch.ones(2, 4))
+
+
+def test_gae_defaults_are_the_releases_gamma_lam_one():
+    # gamma = lam = 1 (the released FGAIF / Fine-Grained RLHF values): A_t = sum_{s>=t} r_s - V_t.
+    # rewards [1, 0, 2] -> returns-to-go [3, 2, 2]; values [0.5, 1, 0.5] -> A = [2.5, 1, 1.5]
+    adv, ret = gae(t64([[1.0, 0.0, 2.0]]), t64([[0.5, 1.0, 0.5]]), torch.ones(1, 3))
+    assert torch.allclose(adv, t64([[2.5, 1.0, 1.5]])) and torch.allclose(ret, t64([[3.0, 2.0, 2.0]]))

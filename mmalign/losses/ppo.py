@@ -34,11 +34,14 @@ Advantages and losses
 * GAE (Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
   Estimation", eq. 16): ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}``,
   ``V`` and ``A`` beyond a response's last token 0 (the episode ends there); returns ``A_t + V_t``.
+  Defaults ``gamma = lam = 1`` are the released FGAIF / Fine-Grained RLHF values.
 * PPO-clip (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7), as a loss to
   minimise: ``rho_t = exp(logp_t - old_t)``, ``loss = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps,
   1 + eps))``. Positive advantage = better than expected: the loss pushes its token's probability up.
 * Clipped value loss (OpenAI baselines ``ppo2``, kept by TRL and Fine-Grained RLHF):
-  ``0.5 * mean_t max((V_t - R_t)^2, (old_t + clip(V_t - old_t, -c, c) - R_t)^2)``.
+  ``0.5 * mean_t max((V_t - R_t)^2, (old_t + clip(V_t - old_t, -c, c) - R_t)^2)``, weighted in the
+  total loss by the caller's ``vf_coef`` (0.1 in the released FGAIF trainer and in
+  :class:`mmalign.methods.fgaif.FGAIFModule`).
 
 Means over tokens are over every masked token of the batch (one token, one weight; long responses
 weigh more), as in Fine-Grained RLHF's ``reduce_mean`` and TRL. The rollout quantities (old
@@ -242,7 +245,7 @@ def token_rewards(placed: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: to
 
 
 @torch.no_grad()
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 1.0
         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over each response (Schulman et al. 2016).
 
@@ -256,7 +259,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         values: ``(B, L)`` rollout values ``V_t``.
         mask: ``(B, L)`` response-token mask, right-padded (checked).
         gamma: discount in ``[0, 1]`` (1.0 in Fine-Grained RLHF and FGAIF: responses are short).
-        lam: GAE lambda in ``[0, 1]``.
+        lam: GAE lambda in ``[0, 1]`` (1.0, as the released FGAIF and Fine-Grained RLHF code:
+            ``A_t`` is the return from ``t`` minus ``V_t``; TRL's 0.95 trades bias for variance).
 
     Returns:
         ``(advantages, returns)``, both ``(B, L)``, ``returns = advantages + values``, 0 outside

@@ -16,6 +16,8 @@ Here:
 * one entry in ``types`` = one of FGAIF's separate models (the default; ``make fg-rm`` trains
   three); several entries = one shared backbone with one 3-class head per type (an option FGAIF
   does not have: one forward scores all types);
+* segments are :func:`mmalign.segments.split_segments` of the response with ``segmentation``
+  (the released splitter by default), checked against the records' ``annotations.segmentation``;
 * the score position of segment ``k`` is its last token in the response's own tokenisation
   (:func:`mmalign.segments.char_to_token_end`), i.e. the token holding the segment's final
   character (its "," / "." for most segments), as in Fine-Grained RLHF (Wu et al. 2023), which
@@ -34,11 +36,14 @@ corpus):
   ``"Prompt: Describe this image in detail. \\n"`` followed by the sub-sentences, each followed by
   ``</s>``; the labels are ``IGNORE_INDEX`` except at those ``</s>`` tokens, which get the
   annotated value of the type plus one (``labels[i][reward_type] + 1``, values in {-1, 0, 1}).
-  **Our reading** of those codes: -1 = the sub-sentence holds a hallucination of the type, +1 =
-  it holds only correct claims of the type, 0 = no claim of the type; FGAIF does not name them
-  in the code. Their class indices are therefore (-1, 0, +1) + 1 = (hallucinated, n/a, correct);
-  ours follow :data:`CLASSES` instead, and rewards are always read through :data:`VALUES`, so
-  the order does not matter.
+  The release's codes are +1 = the sub-sentence holds a hallucination of the type, 0 = clean
+  (no hallucination of the type), -1 = not applicable; their class indices, code + 1, are
+  therefore 0 = n/a, 1 = clean, 2 = hallucinated. Ours follow :data:`CLASSES` instead, and
+  rewards are always read through :data:`VALUES` (hallucinated -1, n/a 0, correct +1), so no
+  code is ever used as a reward and the order does not matter.
+* Segments: the release cuts responses with Fine-Grained RLHF's sub-sentence splitter
+  (``RLHF/data_utils/segment.py``), here ``segmentation: released`` (:mod:`mmalign.segments`),
+  the default; ``fine`` is this project's finer object-phrase rule. The export records it.
 * Two deliberate differences: we do not insert an end-of-sequence token after each segment (the
   PPO policy generates plain text, and the reward model reads the text as it is: the segment's
   own last token), and the prompt is the chat-template rendering of the record's prompt with its
@@ -103,7 +108,7 @@ from mmalign.rewards.fine_grained import (
     segment_logits,
     segment_token_ends,
 )
-from mmalign.segments import Segment
+from mmalign.segments import DEFAULT_SEGMENTATION, Segment, check_segmentation
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +130,11 @@ class FGRewardCollator:
 
     processor: Any
     max_response_tokens: int | None = 128
+    segmentation: str = DEFAULT_SEGMENTATION
     segments_cut: int = field(default=0, init=False)
 
     def __call__(self, examples: list[dict]) -> dict:
-        batch = encode_segments(self.processor, examples, self.max_response_tokens)
+        batch = encode_segments(self.processor, examples, self.max_response_tokens, segmentation=self.segmentation)
         if batch["segments_cut"]:
             self.segments_cut += batch["segments_cut"]
             log.warning("%d segment(s) past max_response_tokens=%d were not scored (%d so far)",
@@ -152,6 +158,12 @@ class FGRewardModule(PolicyModule):
             labels are "n/a" (relation: ~99 % in the demo world) and an unweighted head learns
             to predict the majority class.
         head_lr: learning rate of the heads, which start from scratch; None = ``optim.lr``.
+        segmentation: how responses are cut into the segments it scores (:mod:`mmalign.segments`:
+            "released", the released FGAIF / Fine-Grained RLHF splitter and the default, or
+            "fine"). The training labels must have been cut the same way (the feedback stage's
+            ``--segmentation``, recorded in each record: a mismatch is a record error), and the
+            export records it, so PPO and the evaluation refuse to read the model's scores over
+            segments cut another way.
         optim: the optimiser (:class:`~mmalign.methods.base.OptimArgs`; default lr 1e-3, warm-up
             20 steps).
 
@@ -163,9 +175,10 @@ class FGRewardModule(PolicyModule):
     """
 
     def __init__(self, policy: Policy, types: list[str] = ["object"], class_weights: ClassWeights = "none",  # noqa: B006
-                 head_lr: float | None = None,
+                 head_lr: float | None = None, segmentation: str = DEFAULT_SEGMENTATION,
                  optim: OptimArgs = OptimArgs(lr=1e-3, warmup_steps=20), **kwargs):  # noqa: B008
         types = check_types(types)
+        segmentation = check_segmentation(segmentation)
         if class_weights not in ("none", "balanced"):
             raise ValueError(f"class_weights must be 'none' or 'balanced', not {class_weights!r}")
         if head_lr is not None and not (math.isfinite(head_lr) and head_lr > 0):
@@ -176,6 +189,7 @@ class FGRewardModule(PolicyModule):
             raise TypeError(f"{type(policy).__name__} has no integer `hidden_size`: the heads need the width of the "
                             "hidden states that forward_hidden returns")
         self.types = types
+        self.segmentation = segmentation
         self.heads = nn.ModuleDict({t: make_head(hidden) for t in types})
         # (K, 3); ones = unweighted. Set from the training labels in setup() for "balanced".
         self.register_buffer("class_weight", torch.ones(len(types), len(CLASSES)))
@@ -206,8 +220,9 @@ class FGRewardModule(PolicyModule):
         log.info("balanced class weights (%s; columns %s): %s", self.types, CLASSES, self.class_weight.tolist())
 
     def datamodule_args(self) -> dict[str, Any]:
-        """The processor, and the types whose labels the data must hold."""
-        return {**super().datamodule_args(), "types": list(self.types)}
+        """The processor, the types whose labels the data must hold, and the segmentation they
+        must have been cut with."""
+        return {**super().datamodule_args(), "types": list(self.types), "segmentation": self.segmentation}
 
     # -- optimisation --------------------------------------------------------------------------
 
@@ -267,7 +282,7 @@ class FGRewardModule(PolicyModule):
                 "values": dict(VALUES), "hidden_size": self.hidden_size,
                 "policy_class": f"{type(self.policy).__module__}.{type(self.policy).__qualname__}",
                 "class_weights": self.hparams.class_weights, "class_weight": self.class_weight.tolist(),
-                "score_position": SCORE_POSITION}
+                "score_position": SCORE_POSITION, "segmentation": self.segmentation}
 
     def export(self, out_dir: str) -> None:
         export_fg_reward_model(self.policy, self.heads, self.fg_reward_config(), out_dir,
@@ -324,8 +339,9 @@ class FGRewardDataModule(Loaders, L.LightningDataModule):
             it (counted in ``skipped``, with a warning; read errors also go to
             ``<file>.rejects.jsonl``). Either way this happens in ``setup``, never mid-training.
 
-    The types and the processor are the :class:`FGRewardModule`'s, given by :meth:`connect`, so
-    data and model never disagree.
+    The types, the segmentation and the processor are the :class:`FGRewardModule`'s, given by
+    :meth:`connect`, so data and model never disagree: a record whose labels were cut with another
+    segmentation (``annotations.segmentation``) is a record error.
     A training file in which a type has no segment labelled "hallucinated" is an error: the head
     would learn a constant.
     """
@@ -338,6 +354,7 @@ class FGRewardDataModule(Loaders, L.LightningDataModule):
         self.save_hyperparameters()
         self.processor: Any = None
         self.types: list[str] | None = None
+        self.segmentation: str = DEFAULT_SEGMENTATION
         self.collator: FGRewardCollator | None = None
         self.train_set: FGRewardDataset | None = None
         self.val_set: FGRewardDataset | None = None
@@ -345,12 +362,13 @@ class FGRewardDataModule(Loaders, L.LightningDataModule):
         self.train_class_counts: torch.Tensor | None = None
         self.skipped: dict[str, int] = {}
 
-    def connect(self, processor: Any, types: Sequence[str]) -> None:
+    def connect(self, processor: Any, types: Sequence[str], segmentation: str = DEFAULT_SEGMENTATION) -> None:
         """Take what the data need from the model (:meth:`FGRewardModule.datamodule_args`): the
-        policy's processor and the hallucination types. The mmalign CLI calls
+        policy's processor, the hallucination types and the segmentation. The mmalign CLI calls
         ``datamodule.connect(**model.datamodule_args())`` once both are built; outside it, call
         this before ``setup``."""
         self.processor, self.types = processor, check_types(types)
+        self.segmentation = check_segmentation(segmentation)
 
     def _read(self, path: str, limit: int, train: bool) -> FGRewardDataset:
         hp = self.hparams
@@ -366,7 +384,7 @@ class FGRewardDataModule(Loaders, L.LightningDataModule):
         tok = self.processor.tokenizer
         for r in recs:
             try:
-                s, lab = check_fg_record(r, self.types)
+                s, lab = check_fg_record(r, self.types, self.segmentation)
                 # every segment must have a token of its own: found here, not mid-training
                 where = record_where(r.meta, r.id)
                 segment_token_ends(tok, r.response, s, where)
@@ -403,7 +421,7 @@ class FGRewardDataModule(Loaders, L.LightningDataModule):
                              "mmalign CLI calls datamodule.connect(**model.datamodule_args()) with an FGRewardModule; "
                              "outside it, call connect(processor, types) before setup)")
         if self.collator is None:
-            self.collator = FGRewardCollator(self.processor, hp.max_response_tokens)
+            self.collator = FGRewardCollator(self.processor, hp.max_response_tokens, self.segmentation)
         if self.train_set is None:
             self.train_set = self._read(hp.train_file, hp.limit, train=True)
         if self.val_set is None and hp.val_file:

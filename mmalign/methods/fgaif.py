@@ -7,7 +7,9 @@ iteration (one ``training_step``) over a batch of prompts:
 1. **Rollout.** The policy samples ``samples_per_prompt`` responses per prompt (batched, KV cache;
    :meth:`Policy.generate_ids` returns the sampled token ids, so training sees exactly them).
 2. **Fine-grained rewards.** Each response is cut into sub-sentence segments
-   (:func:`mmalign.segments.split_segments`). Each reward model ``k`` (object existence,
+   (:func:`mmalign.segments.split_segments` with ``segmentation``: by default the released
+   splitter, spaCy sentences then a cut after ``, ; ! ?`` only between pieces of at least five
+   words; every reward model must have been trained on the same segmentation). Each reward model ``k`` (object existence,
    attribute, relation; :mod:`mmalign.methods.fg_reward`) classifies every segment as
    hallucinated / correct / n/a; ``R_k(j)`` is -1 / +1 / 0 ("label", the discrete reward) or the
    expectation of those values under the model's probabilities ("expected").
@@ -17,18 +19,30 @@ iteration (one ``training_step``) over a batch of prompts:
 
    with ``T_j`` the last policy token of segment ``j``. ``reward_placement: sequence`` is the
    paper's sparse ablation: the same total ``sum_j sum_k w_k R_k(j)`` on the response's last token.
-4. **Advantages.** Values ``V_t`` from a value head; GAE (``gamma``, ``lam``); advantages whitened
-   over the rollout.
+4. **Advantages.** Values ``V_t`` from a value head; GAE (``gamma`` = ``lam`` = 1 by default, as
+   the release); advantages whitened over the rollout.
 5. **PPO.** ``ppo_epochs`` passes over the rollout in shuffled minibatches: clipped policy loss,
    clipped value loss (weight ``vf_coef``), gradient-norm clipping, one optimiser step each.
 
 What the released code fixes and we follow (github.com/LiqiangJing/FGAIF,
 ``RLHF/scripts/7b-v1.5-224/train_fgrl_model.sh``): KL coefficient 0.1, 2 PPO epochs per rollout,
-gradient norm 1.0, temperature 1.0, rewards not whitened, one rollout batch per step. Its value
-model is initialised from a reward model (``init_value_with_reward``); here the value model is a
-copy of the starting policy with a zero-initialised head (``value_model: separate``), or a head on
-the policy's own hidden states (``shared``). The per-type weights ``w_k`` are not given in the
-sources we could read; the defaults weigh the three types equally (config fields).
+gradient norm 1.0, temperature 1.0, GAE ``gamma`` = ``lam`` = 1.0, value-loss weight 0.1, rewards
+not whitened, one rollout batch per step, and Fine-Grained RLHF's sub-sentence splitter
+(``RLHF/data_utils/segment.py``; ``segmentation: released``). Its value model is initialised from
+a reward model (``init_value_with_reward``): ``value_init: reward_model`` loads the object reward
+model's backbone into the separate value model (the value head starts at zero either way); the
+default ``value_init: policy`` starts it from the policy, and ``value_model: shared`` puts the head
+on the policy's own hidden states. The release's label codes are +1 = hallucinated, 0 = clean,
+-1 = not applicable (class index = code + 1); here labels are named (:data:`mmalign.rewards.CLASSES`)
+and rewarded through :data:`mmalign.rewards.VALUES` (hallucinated -1, n/a 0, correct +1).
+
+What the released trainer (shipped as bytecode only, ``RLHF/models/__pycache__/fg_ppo_trainer*.pyc``)
+does and this module deliberately does not copy: it *adds* ``+beta * (log pi - log pi_ref)`` to the
+rewards, which rewards drifting away from the reference (a sign error; here the KL is subtracted,
+Fine-Grained RLHF eq. 1); it multiplies the rewards by 10 when they are not whitened (here they are
+used as they are); and it sums the three types' rewards unweighted, its per-type weight flags
+never being read (here ``reward_weights`` are applied; equal by default, as the paper gives no
+values).
 
 Every formula is a pure function in :mod:`mmalign.losses.ppo` with hand-derived tests; this module
 only wires them to the models. ``trainer.max_steps`` counts *optimiser* steps (one per minibatch):
@@ -65,7 +79,7 @@ from mmalign.methods.base import OptimArgs, PolicyModule
 from mmalign.ops import gather_logprobs
 from mmalign.policy import Policy
 from mmalign.rewards import RewardForm, SegmentItem, SegmentRewardModel
-from mmalign.segments import split_segments
+from mmalign.segments import DEFAULT_SEGMENTATION, check_same_segmentation, check_segmentation, split_segments
 
 log = logging.getLogger(__name__)
 # Lightning warns that a manual-optimisation checkpoint holds the state *after* the optimiser
@@ -77,6 +91,7 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 ORACLE = "oracle"
 Placement = Literal["segment", "sequence"]
 ValueModel = Literal["separate", "shared"]
+ValueInit = Literal["policy", "reward_model"]
 
 
 def token_char_ends(tokenizer, ids: list[int]) -> list[int]:
@@ -87,13 +102,15 @@ def token_char_ends(tokenizer, ids: list[int]) -> list[int]:
     return [len(tokenizer.decode(ids[:j + 1], skip_special_tokens=True)) for j in range(len(ids))]
 
 
-def segment_token_ends(text: str, char_ends: list[int]) -> tuple[str, list[int]]:
-    """The stripped response and, per segment of it, the index of the first token whose decoded
-    prefix reaches the segment's last character (``text`` is the full decode of the tokens)."""
+def segment_token_ends(text: str, char_ends: list[int],
+                       segmentation: str = DEFAULT_SEGMENTATION) -> tuple[str, list[int]]:
+    """The stripped response and, per segment of it (:func:`split_segments` with
+    ``segmentation``), the index of the first token whose decoded prefix reaches the segment's
+    last character (``text`` is the full decode of the tokens)."""
     lead = len(text) - len(text.lstrip())
     clean = text.strip()
     ends = []
-    for seg in split_segments(clean):
+    for seg in split_segments(clean, segmentation):
         target = lead + seg.end
         j = next((i for i, c in enumerate(char_ends) if c >= target), None)
         if j is None:
@@ -101,6 +118,26 @@ def segment_token_ends(text: str, char_ends: list[int]) -> tuple[str, list[int]]
                              f"({char_ends[-1] if char_ends else 0} characters)")
         ends.append(j)
     return clean, ends
+
+
+def _load_backbone_from_reward_model(backbone: Policy, path: str) -> None:
+    """Load the backbone weights of the fine-grained reward model exported at ``path`` into
+    ``backbone`` (a copy of the policy): same architecture and tokenizer, or a ValueError naming
+    the folder. Only the weights move; the copy keeps the policy's freezing and adapters."""
+    from mmalign.rewards.fine_grained import load_fg_reward_model
+
+    rm = load_fg_reward_model(path)
+    vocab = getattr(getattr(getattr(backbone, "processor", None), "tokenizer", None), "get_vocab", None)
+    rm_vocab = getattr(getattr(getattr(rm.policy, "processor", None), "tokenizer", None), "get_vocab", None)
+    if vocab is not None and rm_vocab is not None and vocab() != rm_vocab():
+        raise ValueError(f"value_init='reward_model': {path} has another tokenizer than the policy; the value model "
+                         "reads the policy's rollouts token by token")
+    try:
+        backbone.load_state_dict(rm.policy.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"value_init='reward_model': the backbone of {path} does not fit the policy's architecture "
+                         f"(train the reward models from the same model as the policy): {e}") from None
+    del rm
 
 
 class FGAIFModule(PolicyModule):
@@ -119,13 +156,25 @@ class FGAIFModule(PolicyModule):
             or "expected" (those values weighed by the model's class probabilities).
         kl_coef: weight of the per-token KL penalty to the reference (FGAIF's script: 0.1).
         kl_estimator: "k1" (log-ratio, as Fine-Grained RLHF), "abs", "mse" or "k3".
-        gamma: discount of GAE (1.0: rewards are already per-token).
-        lam: GAE's lambda.
+        gamma: discount of GAE (1.0, as the release: rewards are already per-token).
+        lam: GAE's lambda (1.0, as the release: advantages are the full Monte-Carlo returns minus
+            the values).
         clip_range: PPO's policy ratio clip epsilon.
         clip_range_value: clip of the value update around the rollout's values; None = off.
-        vf_coef: weight of the value loss.
-        value_model: "separate" (a copy of the starting policy plus a head: the value loss never
-            moves the policy) or "shared" (a head on the policy's hidden states; cheaper).
+        vf_coef: weight of the value loss (0.1, as the release).
+        value_model: "separate" (its own backbone plus a head: the value loss never moves the
+            policy) or "shared" (a head on the policy's hidden states; cheaper).
+        value_init: where the separate value model's backbone starts: "policy" (a copy of the
+            starting policy) or "reward_model" (the weights of a fine-grained reward model's
+            backbone, as the release's ``init_value_with_reward``: the object model of
+            ``reward_models``, else the first type's). Either way the value head starts at zero
+            (the reward model's 3-class head has no scalar to carry over). "reward_model" needs
+            ``value_model: separate``, a trained export (not "oracle") and the same tokenizer
+            and architecture as the policy.
+        segmentation: how rollouts are cut into rewarded segments (:mod:`mmalign.segments`:
+            "released", the released FGAIF / Fine-Grained RLHF splitter and the default, or
+            "fine"). Every reward model must have been trained on the same segmentation (its
+            export's ``segmentation``); another is refused at set-up.
         value_lr: learning rate of the value model and head; None = ``optim.lr``.
         ppo_epochs: passes over each rollout (FGAIF's script: 2).
         minibatch_size: responses per optimiser step.
@@ -148,9 +197,10 @@ class FGAIFModule(PolicyModule):
     def __init__(self, policy: Policy, reward_models: dict[str, str],
                  reward_weights: dict[str, float] | None = None, reward_placement: Placement = "segment",
                  reward_form: RewardForm = "label", kl_coef: float = 0.1,
-                 kl_estimator: Literal["k1", "abs", "mse", "k3"] = "k1", gamma: float = 1.0, lam: float = 0.95,
-                 clip_range: float = 0.2, clip_range_value: float | None = 0.2, vf_coef: float = 0.5,
-                 value_model: ValueModel = "separate", value_lr: float | None = None, ppo_epochs: int = 2,
+                 kl_estimator: Literal["k1", "abs", "mse", "k3"] = "k1", gamma: float = 1.0, lam: float = 1.0,
+                 clip_range: float = 0.2, clip_range_value: float | None = 0.2, vf_coef: float = 0.1,
+                 value_model: ValueModel = "separate", value_init: ValueInit = "policy",
+                 segmentation: str = DEFAULT_SEGMENTATION, value_lr: float | None = None, ppo_epochs: int = 2,
                  minibatch_size: int = 8, samples_per_prompt: int = 1, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, whiten_rewards: bool = False,
                  max_grad_norm: float = 1.0, reward_batch_size: int = 32,
@@ -175,6 +225,12 @@ class FGAIFModule(PolicyModule):
             raise ValueError(f"reward_form must be 'label' or 'expected', not {reward_form!r}")
         if value_model not in ("separate", "shared"):
             raise ValueError(f"value_model must be 'separate' or 'shared', not {value_model!r}")
+        if value_init not in ("policy", "reward_model"):
+            raise ValueError(f"value_init must be 'policy' or 'reward_model', not {value_init!r}")
+        if value_init == "reward_model" and value_model != "separate":
+            raise ValueError("value_init='reward_model' starts a separate value model from a reward model's backbone: "
+                             "it needs value_model='separate' (a shared head sits on the policy itself)")
+        self.segmentation = check_segmentation(segmentation)
         if not 0 < clip_range < 1 or (clip_range_value is not None and clip_range_value <= 0):
             raise ValueError("clip_range must be in (0, 1) and clip_range_value > 0 (or None)")
         if not (0 <= gamma <= 1 and 0 <= lam <= 1):
@@ -189,9 +245,15 @@ class FGAIFModule(PolicyModule):
         hidden = getattr(policy, "hidden_size", None)
         if not isinstance(hidden, int):
             raise TypeError(f"{type(policy).__name__} has no integer `hidden_size`: the value head needs it")
-        # The separate value model starts as the policy itself (FGAIF starts it from a reward
-        # model); copied before any training, so it is the starting policy.
+        # The separate value model is a copy of the policy taken before any training (so it keeps
+        # the policy's freezing, dtype and adapters); with value_init="reward_model" the reward
+        # model's backbone weights are then loaded into it, as the release's init_value_with_reward.
         self.value_backbone = copy.deepcopy(policy) if value_model == "separate" else None
+        if value_init == "reward_model":
+            self.value_init_from = self._value_init_source(reward_models)
+            _load_backbone_from_reward_model(self.value_backbone, self.value_init_from)
+        else:
+            self.value_init_from = None
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
@@ -213,6 +275,16 @@ class FGAIFModule(PolicyModule):
         if self.__dict__["_reward_models"] is None:
             self.__dict__["_reward_models"] = self._load_reward_models()
 
+    @staticmethod
+    def _value_init_source(reward_models: dict[str, str]) -> str:
+        """The reward model folder the value model starts from: the object model's, else the first."""
+        kind = "object" if "object" in reward_models else next(iter(reward_models))
+        path = reward_models[kind]
+        if path == ORACLE:
+            raise ValueError(f"value_init='reward_model': reward_models[{kind!r}] is the oracle, which has no "
+                             "backbone to start the value model from; use value_init='policy'")
+        return path
+
     def _load_reward_models(self) -> dict[str, object]:
         from mmalign.rewards.fine_grained import load_fg_reward_model
 
@@ -224,9 +296,11 @@ class FGAIFModule(PolicyModule):
             model = loaded[path]
             if not isinstance(model, SegmentRewardModel):
                 raise TypeError(f"reward model {path}: {type(model).__name__} does not implement "
-                                "mmalign.rewards.SegmentRewardModel (types, segment_rewards, to)")
+                                "mmalign.rewards.SegmentRewardModel (types, segmentation, segment_rewards, to)")
             if kind not in model.types:
                 raise ValueError(f"reward model {path} scores {list(model.types)}, not {kind!r}")
+            # strict: a model trained on other segments would score positions it never saw
+            check_same_segmentation(self.segmentation, model.segmentation, f"reward model {path} ({kind})")
             out[kind] = model
         return out
 
@@ -240,7 +314,7 @@ class FGAIFModule(PolicyModule):
         if not root:
             raise ValueError("reward_models 'oracle' needs the data module's data_root (the synthetic world's "
                              "scene graphs)")
-        return OracleSegmentRewards(load_world_scenes(root))
+        return OracleSegmentRewards(load_world_scenes(root), segmentation=self.segmentation)
 
     def on_fit_start(self) -> None:
         for m in {id(m): m for m in self.__dict__["_reward_models"].values()}.values():
@@ -295,7 +369,7 @@ class FGAIFModule(PolicyModule):
         texts, ends = [], []
         for row, n in zip(ids.tolist(), mask.sum(1).tolist()):
             full = tok.decode(row[:n], skip_special_tokens=True)
-            clean, e = segment_token_ends(full, token_char_ends(tok, row[:n]))
+            clean, e = segment_token_ends(full, token_char_ends(tok, row[:n]), self.segmentation)
             texts.append(clean)
             ends.append(e)
         per_type = self.segment_rewards(prompt["meta"], texts)

@@ -30,8 +30,10 @@ if TYPE_CHECKING:  # torch is imported where it is used: the oracle's users need
 
 #: The classes of a segment label, in index order: the feedback stage's labels.
 CLASSES: tuple[str, ...] = LABELS
-#: The reward of each class: FGAIF's -1 / 0 / +1 (the mapping of its codes to names is our reading,
-#: see :mod:`mmalign.methods.fg_reward`).
+#: The reward of each class (PPO maximises it, so a hallucination costs): hallucinated -1, n/a 0,
+#: correct +1. These are rewards, not the released FGAIF data's label *codes*, which are
+#: +1 = hallucinated, 0 = clean, -1 = not applicable (class index = code + 1; see
+#: :mod:`mmalign.methods.fg_reward`); labels are named here, so no code is ever read as a reward.
 VALUES: dict[str, float] = {"hallucinated": -1.0, "n/a": 0.0, "correct": 1.0}
 #: Record keys (PreferenceRecord meta) of the reference critiques a critique reward model is trained
 #: and checked on, as the prefs stage writes them.
@@ -48,7 +50,8 @@ class SegmentItem:
         images: image paths or decoded PIL images, one per image part of ``prompt``.
         prompt: the prompt messages (TRL format), or the question as a string (then one image
             part per image goes first).
-        response: the text; its segments are :func:`mmalign.segments.split_segments` of it.
+        response: the text; its segments are :func:`mmalign.segments.split_segments` of it, with
+            the segmentation of the model that scores it.
         id: for error messages.
     """
 
@@ -74,11 +77,14 @@ class SegmentRewardModel(Protocol):
     """What FGAIF's PPO needs from a reward source: per item and type, one reward per segment.
 
     ``segment_rewards(items)[i][t]`` is a float tensor ``(S_i,)`` over the segments of
-    ``split_segments(items[i].response)`` (``(0,)`` for an empty response), with values in
-    :data:`VALUES` for ``mode="label"``; ``types`` names the hallucination types it can score.
+    ``split_segments(items[i].response, segmentation)`` (``(0,)`` for an empty response), with
+    values in :data:`VALUES` for ``mode="label"``; ``types`` names the hallucination types it can
+    score and ``segmentation`` (:mod:`mmalign.segments`) how it cuts a response: PPO refuses a
+    model whose segmentation is not its own.
     """
 
     types: Sequence[str]
+    segmentation: str
 
     def segment_rewards(self, items: Sequence[SegmentItem], mode: RewardForm = "label", batch_size: int = 16,
                         types: Sequence[str] | None = None) -> list[dict[str, torch.Tensor]]: ...

@@ -16,7 +16,11 @@ the attention mask; multimodal-RoPE families compute their own there).
 
 Export format (written by ``FGRewardModule``'s ``export.dir``): the policy in Hugging Face format,
 ``fg_reward_head.safetensors`` (one ``<type>.weight`` / ``<type>.bias`` per head) and
-``fg_reward_config.json`` (types, classes, values, hidden size, policy class, format version).
+``fg_reward_config.json`` (types, classes, values, hidden size, policy class, format version, and
+the ``segmentation`` its training labels were cut with: :mod:`mmalign.segments`; an export without
+it predates the key and used ``"fine"``). A model scores the segments of the segmentation it was
+trained on (:attr:`FGRewardModel.segmentation`); a consumer that cuts another way is refused
+(:func:`mmalign.segments.check_same_segmentation`).
 :func:`load_fg_reward_model` reads it back; :meth:`FGRewardModel.segment_probs` /
 :meth:`FGRewardModel.segment_rewards` score responses (what the PPO stage calls every rollout),
 and :func:`fg_segment_probs` / :func:`fg_segment_rewards` do it for a set of models, one forward
@@ -47,7 +51,15 @@ from mmalign.rewards import (
     check_types,
     rewards_from_probs,
 )
-from mmalign.segments import Segment, char_to_token_end, split_segments
+from mmalign.segments import (
+    DEFAULT_SEGMENTATION,
+    Segment,
+    char_to_token_end,
+    check_same_segmentation,
+    check_segmentation,
+    recorded_segmentation,
+    split_segments,
+)
 
 __all__ = [
     "CONFIG_FILE",
@@ -71,7 +83,8 @@ HEAD_FILE = "fg_reward_head.safetensors"
 CONFIG_FILE = "fg_reward_config.json"
 FORMAT_VERSION = 1
 #: The score position, as recorded in the export.
-SCORE_POSITION = "last token of each segment (mmalign.segments.split_segments) in the response's own tokenisation"
+SCORE_POSITION = ("last token of each segment (mmalign.segments.split_segments with the config's segmentation) in the "
+                  "response's own tokenisation")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,12 +140,13 @@ def segment_token_ends(tokenizer: Any, text: str, segments: Sequence[Any], where
 
 
 def encode_segments(processor: Any, examples: Sequence[Mapping[str, Any]],
-                    max_response_tokens: int | None = None, strict: bool = True) -> dict[str, Any]:
+                    max_response_tokens: int | None = None, strict: bool = True,
+                    segmentation: str = DEFAULT_SEGMENTATION) -> dict[str, Any]:
     """Encode (prompt, response) rows and the token position of every response segment.
 
     Each example is ``{"images": [PIL], "prompt": [messages], "response": str, "meta": {...}}``
     with optionally ``"segments"`` (``Segment`` s or dicts with ``start`` / ``end``; default
-    :func:`split_segments` of the response) and ``"labels"`` (per segment, a list of ``K`` class
+    :func:`split_segments` of the response with ``segmentation``) and ``"labels"`` (per segment, a list of ``K`` class
     indices into :data:`CLASSES`, one per reward type; training).
 
     Returns ``prompt``: the prompts as :class:`VisionChatCollator` renders them in generate mode
@@ -170,7 +184,7 @@ def encode_segments(processor: Any, examples: Sequence[Mapping[str, Any]],
             raise RecordError(f"{where}: empty response; it has no segment to score")
         segs = ex.get("segments")
         if segs is None:
-            segs = split_segments(text)
+            segs = split_segments(text, segmentation)
         if not segs:
             raise RecordError(f"{where}: the response has no segment")
         ids, ends = segment_token_ends(tok, text, segs, where, strict)
@@ -231,21 +245,30 @@ def encode_segments(processor: Any, examples: Sequence[Mapping[str, Any]],
     return batch
 
 
-def check_fg_record(rec: AnnotatedResponse, types: Sequence[str]) -> tuple[list[Segment], list[list[int]]]:
+def check_fg_record(rec: AnnotatedResponse, types: Sequence[str],
+                    segmentation: str = DEFAULT_SEGMENTATION) -> tuple[list[Segment], list[list[int]]]:
     """The record's segments and, per segment, the class index of each of ``types``.
 
     ``annotations.segments`` must be the feedback stage's list of ``{index, start, end, text,
-    labels}`` and tile the response exactly as :func:`split_segments` cuts it; anything else is a
-    :class:`RecordError` naming the record's ``file:line``."""
+    labels}``, written with ``segmentation`` (``annotations.segmentation``; a record without it
+    predates the key and used ``"fine"``), and tile the response exactly as
+    :func:`split_segments` cuts it with ``segmentation``; anything else is a :class:`RecordError`
+    naming the record's ``file:line``."""
     where = record_where(rec.meta, rec.id)
+    segmentation = check_segmentation(segmentation)
     segs = rec.annotations.get("segments")
     if not isinstance(segs, list) or not segs:
         raise RecordError(f"{where}: no annotations.segments (a non-empty list); is this the feedback stage's "
                           "feedback.jsonl?")
-    expected = split_segments(rec.response)
+    try:
+        got_seg = recorded_segmentation(rec.annotations)
+        check_same_segmentation(segmentation, got_seg, f"{where}: the feedback labels")
+    except ValueError as e:
+        raise RecordError(str(e) + " (the feedback stage's --segmentation)") from None
+    expected = split_segments(rec.response, segmentation)
     if len(segs) != len(expected):
-        raise RecordError(f"{where}: {len(segs)} annotated segment(s) but split_segments(response) gives "
-                          f"{len(expected)}: the segments must tile the response as mmalign.segments cuts it")
+        raise RecordError(f"{where}: {len(segs)} annotated segment(s) but split_segments(response, {segmentation!r}) "
+                          f"gives {len(expected)}: the segments must tile the response as mmalign.segments cuts it")
     labels = []
     for k, (s, e) in enumerate(zip(segs, expected)):
         if not isinstance(s, dict):
@@ -326,10 +349,13 @@ class FGRewardModel(nn.Module):
         heads: ``nn.ModuleDict`` type -> ``Linear(H, 3)``.
         types: the types it scores (one for FGAIF's separate models, several for a shared one).
         config: ``fg_reward_config.json`` as read.
+        segmentation: how it cuts responses into the segments it scores: the argument if given,
+            else the config's ``segmentation`` (``"fine"`` for an export config that predates the
+            key), else (no config: a model built in code) :data:`mmalign.segments.DEFAULT_SEGMENTATION`.
     """
 
     def __init__(self, policy: Policy, heads: nn.ModuleDict, types: Sequence[str] | None = None,
-                 config: dict | None = None):
+                 config: dict | None = None, segmentation: str | None = None):
         super().__init__()
         self.policy, self.heads = policy, heads
         self.types = check_types(list(heads.keys()) if types is None else types)
@@ -337,6 +363,12 @@ class FGRewardModel(nn.Module):
         if missing:
             raise ValueError(f"no head for type(s) {missing}")
         self.config = dict(config or {})
+        if segmentation is not None:
+            self.segmentation = check_segmentation(segmentation)
+        elif config is not None:
+            self.segmentation = recorded_segmentation(self.config)
+        else:
+            self.segmentation = DEFAULT_SEGMENTATION
 
     @property
     def processor(self) -> Any:
@@ -369,7 +401,7 @@ class FGRewardModel(nn.Module):
             raise ValueError(f"this model has no head for {missing}; it scores {self.types}")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        segs = [split_segments(it.response) for it in items]
+        segs = [split_segments(it.response, self.segmentation) for it in items]
         out: list[dict[str, torch.Tensor]] = [{t: torch.zeros(0, len(CLASSES)) for t in types} for _ in items]
         order = sorted((i for i in range(len(items)) if segs[i]), key=lambda i: len(items[i].response))
         batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
@@ -382,7 +414,8 @@ class FGRewardModel(nn.Module):
                             dynamic_ncols=True):
                 exs = [{"images": self._images(items[i]), "prompt": items[i].messages(), "response": items[i].response,
                         "segments": segs[i], "meta": {"id": items[i].id}} for i in idx]
-                batch = to_device(encode_segments(self.processor, exs, strict=False), self.device)
+                batch = to_device(encode_segments(self.processor, exs, strict=False, segmentation=self.segmentation),
+                                  self.device)
                 logits = self(batch, types)
                 for t in types:
                     probs = logits[t].float().softmax(-1).cpu()                     # (B, S, 3)
@@ -435,6 +468,10 @@ def load_fg_reward_model(path: str | Path, device: str | torch.device = "cpu", p
     if list(cfg["classes"]) != list(CLASSES):
         raise ValueError(f"{cfg_file}: classes {cfg['classes']} differ from this code's {list(CLASSES)}")
     try:
+        recorded_segmentation(cfg)
+    except ValueError as e:
+        raise ValueError(f"{cfg_file}: {e}") from None
+    try:
         types = check_types(cfg["types"])
     except ValueError as e:
         raise ValueError(f"{cfg_file}: {e}") from None
@@ -461,6 +498,11 @@ def _by_model(models: Mapping[str, FGRewardModel]) -> list[tuple[FGRewardModel, 
     for t, m in models.items():
         check_types([t])
         groups.setdefault(id(m), (m, []))[1].append(t)
+    # one response's types must be scored over the same segments (PPO sums them per segment)
+    segs = {t: getattr(m, "segmentation", DEFAULT_SEGMENTATION) for t, m in models.items()}
+    if len(set(segs.values())) > 1:
+        raise ValueError(f"the fine-grained reward models were trained on different segmentations {segs}; "
+                         "retrain them on feedback cut one way (mmalign.segments)")
     return list(groups.values())
 
 
