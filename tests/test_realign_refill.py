@@ -249,9 +249,16 @@ def test_sentence_similarity_normalises_and_embeds_each_text_once():
         sim.pairwise(["a"], [])
 
 
-def test_the_packaged_all_minilm_model(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    sim = SentenceSimilarity.load()
+@pytest.fixture(scope="module")
+def packaged_similarity():
+    """The packaged all-MiniLM-L6-v2, loaded once, with the hub switched off (it must load offline)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        return SentenceSimilarity.load()
+
+
+def test_the_packaged_all_minilm_model(packaged_similarity):
+    sim = packaged_similarity
     swapped = CAPTION.replace("small red circle", "small green circle").replace("The red circle", "The green circle")
     same, swap = sim.pairwise([CAPTION, CAPTION], [CAPTION, swapped])
     assert same == pytest.approx(1.0, abs=1e-4)
@@ -313,11 +320,6 @@ def realign_world(tmp_path):
     from tests.test_realign_data import RECORDS, write_data, write_index
 
     return write_data(tmp_path, RECORDS), write_index(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def packaged_similarity():
-    return SentenceSimilarity.load()
 
 
 def run_refill(data, index, out, model, *extra):
