@@ -95,6 +95,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import random
 import statistics
@@ -507,7 +508,7 @@ def _stats(values: list[float]) -> dict[str, float | None]:
 def _hist(values: list[float], edges=(0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99)) -> dict[str, int]:
     """Counts per similarity bin ``[lo, hi)``: "<0.5", "0.5-0.7", ..., ">=0.99"."""
     out: dict[str, int] = {}
-    labels = [f"<{edges[0]}"] + [f"{a}-{b}" for a, b in zip(edges, edges[1:])] + [f">={edges[-1]}"]
+    labels = [f"<{edges[0]}"] + [f"{a}-{b}" for a, b in itertools.pairwise(edges)] + [f">={edges[-1]}"]
     for x in values:
         i = sum(x >= e for e in edges)
         out[labels[i]] = out.get(labels[i], 0) + 1
@@ -580,10 +581,10 @@ def refill_report_md(rep: dict) -> str:
              f"| acceptance rate (accepted / records) | {_pct(acc['rate'])} ({acc['accepted']} of {acc['items']}) |",
              f"| accepted image rank: mean | {rf['accepted_rank']['mean']} |",
              f"| accepted similarity: mean / p10 / p50 / p90 | {sa['mean']} / {sa['p10']} / {sa['p50']} / {sa['p90']} |",
-             f"| all attempts: n / mean similarity / failed / same as chosen | {rf['attempts']['total']} / "
-             f"{sl['mean']} / {rf['attempts']['failed']} / {rf['attempts']['same_as_chosen']} |",
-             f"| accepted answer wrong on the ORIGINAL image (oracle) | {_pct(orc['wrong_on_original'])} "
-             f"(of {orc['with_scene_graph']} with a scene graph) |",
+             (f"| all attempts: n / mean similarity / failed / same as chosen | {rf['attempts']['total']} / "
+              f"{sl['mean']} / {rf['attempts']['failed']} / {rf['attempts']['same_as_chosen']} |"),
+             (f"| accepted answer wrong on the ORIGINAL image (oracle) | {_pct(orc['wrong_on_original'])} "
+              f"(of {orc['with_scene_graph']} with a scene graph) |"),
              f"| accepted answer: mean false claims on the original | {orc['mean_false_claims_on_original']} |",
              f"| accepted answer: mean faithfulness on the original | {orc['mean_faithfulness_on_original']} |",
              f"| accepted answer fully true on the retrieved image | {_pct(orc['faithful_to_retrieved'])} |",
@@ -591,8 +592,8 @@ def refill_report_md(rep: dict) -> str:
              f"| masked slots per record (mean) | {msk['mean_slots']} |",
              "", f"Accepted ranks: {rf['accepted_rank']['histogram'] or 'none'}.",
              f"Similarity of all attempts: {sim['all_attempts_histogram'] or 'none'}.",
-             f"Slots masked by kind: {msk['slots_by_kind']}; records with nothing to mask: {msk['nothing_to_mask']} "
-             f"(masked from claims: {msk['from_claims']}, from vocabulary: {msk['from_vocabulary']}).",
+             (f"Slots masked by kind: {msk['slots_by_kind']}; records with nothing to mask: {msk['nothing_to_mask']} "
+              f"(masked from claims: {msk['from_claims']}, from vocabulary: {msk['from_vocabulary']})."),
              f"How the accepted answers' slots ended: {rf['slot_stops']}.", "",
              (f"Chosen answers' faithfulness on their own scene: {rep['mean_chosen_faithfulness_on_own_scene']}. "
               f"{rep['seconds']} s.")]
@@ -668,7 +669,7 @@ def build_refill(args, items: list[Item], table, scenes: dict[str, Scene], stats
         retrieved = scenes.get(att.image)
         wrong, faith, n_false = _verdicts(att.text, it.scene)
         r_wrong, _, _ = _verdicts(att.text, retrieved)
-        c_wrong, c_faith, _ = _verdicts(it.chosen, retrieved)
+        _, c_faith, _ = _verdicts(it.chosen, retrieved)
         differs = None if retrieved is None or it.scene is None else retrieved.graph_hash() != it.scene.graph_hash()
         verdicts.append({"wrong_on_original": wrong, "faithfulness_on_original": faith, "false_on_original": n_false,
                          "faithful_to_retrieved": None if r_wrong is None else not r_wrong,

