@@ -67,8 +67,27 @@ def test_prompts_empty_condition_unchanged(world):
     assert chat[0]["content"][1]["text"] == "Q"
 
 
+def test_condition_goes_before_captions_only_by_default(world, model_dirs, tmp_path, rendered):
+    """DRESS's feedback is written on captions: by default the yes/no questions are asked plain."""
+    doc = _run(model_dirs["llava"], world, tmp_path / "cap", "--condition", "Be exact.")
+    captions = [t for t in rendered if CAPTION in t]
+    yesno = [t for t in rendered if "Is there" in t]
+    assert len(captions) == 2 and yesno
+    assert all(f"Be exact. {CAPTION}" in t for t in captions)
+    assert not any("Be exact." in t for t in yesno)
+    assert doc["settings"]["condition_kinds"] == ["caption"]
+    rows = read_jsonl(tmp_path / "cap" / "generations.jsonl")
+    assert {r["section"] for r in rows if "condition" in r} == {"captions"}
+    assert any("condition" not in r for r in rows)
+    assert "before the first user text of every caption prompt" in (tmp_path / "cap" / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["--model", str(model_dirs["llava"]), "--data", str(world), "--out", str(tmp_path / "x"),
+              "--condition-kinds", "captions"])
+
+
 def test_condition_flag_reaches_every_prompt(world, model_dirs, tmp_path, rendered):
-    doc = _run(model_dirs["llava"], world, tmp_path / "flag", "--condition", "Be exact.")
+    doc = _run(model_dirs["llava"], world, tmp_path / "flag", "--condition", "Be exact.",
+               "--condition-kinds", "caption,yesno")
     captions = [t for t in rendered if CAPTION in t]
     yesno = [t for t in rendered if "Is there" in t]
     assert len(captions) == 2 and yesno
@@ -86,7 +105,7 @@ def test_model_condition_picked_up_and_turned_off(world, dress_model, tmp_path, 
     doc = _run(dress_model, world, out)
     assert doc["settings"]["condition"] == "Answer quality: great."  # the best level
     assert doc["settings"]["condition_source"].endswith(CONDITION_FILE)
-    assert rendered and all("Answer quality: great. " in t for t in rendered)
+    assert rendered and all("Answer quality: great. " in t for t in rendered if CAPTION in t)
     assert "Answer quality: great." in (out / "report.md").read_text()
     assert "condition: 'Answer quality: great.'" in capsys.readouterr().out
     # same settings: up to date
@@ -102,7 +121,8 @@ def test_model_condition_picked_up_and_turned_off(world, dress_model, tmp_path, 
     # an explicit --condition wins over the model's
     rendered.clear()
     doc = _run(dress_model, world, out, "--condition", "Answer quality: fair.")
-    assert all("Answer quality: fair. " in t for t in rendered) and doc["settings"]["condition_source"] == "--condition"
+    assert all("Answer quality: fair. " in t for t in rendered if CAPTION in t)
+    assert doc["settings"]["condition_source"] == "--condition"
 
 
 def test_no_scheme_no_condition_settings_as_before(world, model_dirs, tmp_path, rendered):

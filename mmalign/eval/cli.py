@@ -73,11 +73,16 @@ def _run_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default=CAPTION_PROMPT, help=f"caption prompt (default: {CAPTION_PROMPT!r})")
     c = g.add_mutually_exclusive_group()
     c.add_argument("--condition", metavar="TEXT",
-                   help="DRESS condition put before the first user text of every prompt, captions and yes/no alike "
+                   help="DRESS condition put before the first user text of the prompts of --condition-kinds "
                         f"(default: the best condition of the model folder's {CONDITION_FILE} when it has one -- its "
                         "good-feedback text, or its best rating level -- else none)")
     c.add_argument("--no-condition", action="store_true",
                    help=f"ask without a condition even when the model folder has {CONDITION_FILE}")
+    g.add_argument("--condition-kinds", default="caption", type=_condition_kinds, metavar="KINDS",
+                   help="which prompts carry the condition: caption, yesno or caption,yesno (default: caption -- "
+                        "DRESS's feedback is written on captions, so its models learn the condition only before "
+                        "captions; put before a yes/no question it is text they never saw, and the demo's DRESS "
+                        "models then answer no to every POPE question)")
     j = ap.add_argument_group("optional judge (MMHal-Bench style: a model rates each caption 0-6 against the reference)")
     j.add_argument("--judge", help="judge checkpoint folder (any Hugging Face model)")
     j.add_argument("--judge-class", default=DEFAULT_JUDGE, help=f"feedback source class (default: {DEFAULT_JUDGE})")
@@ -145,6 +150,8 @@ def run_main(argv: list[str]) -> int:
     # conditions existed stay up to date.
     if condition or condition_source:
         settings.update(condition=condition, condition_source=condition_source)
+    if condition:
+        settings.update(condition_kinds=args.condition_kinds)
     inputs = [p for p in (args.data, args.coco_instances, args.amber_queries, args.amber_annotations, *args.pope) if p]
     inputs += [model / "config.json", *sorted(model.glob("*.safetensors"))]
     inputs = [p for p in inputs if Path(p).exists()]
@@ -175,6 +182,15 @@ def run_main(argv: list[str]) -> int:
     print(_summary_lines(doc, fmt))
     print(f"-> {args.out}/report.md, metrics.json, generations.jsonl, chart.png")
     return 0
+
+
+def _condition_kinds(text: str) -> list[str]:
+    """``--condition-kinds``: a comma-separated subset of caption, yesno (argparse type)."""
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ("caption", "yesno")]
+    if not kinds or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: give caption, yesno or caption,yesno")
+    return list(dict.fromkeys(kinds))
 
 
 def resolve_condition(model: Path, condition: str | None, no_condition: bool) -> tuple[str, str]:

@@ -337,8 +337,10 @@ def evaluate(policy: Any, benchmark: Benchmark, out: Path, settings: Mapping[str
     shard = parts.shard
     gens: dict[str, str] = {}
     throughput: dict[str, Any] = {}
-    # DRESS: the condition a conditioned model is asked with (settings["condition"]; absent = none)
+    # DRESS: the condition a conditioned model is asked with (settings["condition"]; absent = none),
+    # before the prompts of settings["condition_kinds"] only (absent: every kind, as before the option)
     condition = settings.get("condition") or ""
+    condition_kinds = settings.get("condition_kinds") or ("caption", "yesno")
     yesno_bs = settings.get("yesno_batch_size", settings["batch_size"])
     for kind, max_new, bs in (("caption", settings["max_new_tokens"], settings["batch_size"]),
                               ("yesno", settings["yesno_max_new_tokens"], yesno_bs)):
@@ -353,7 +355,8 @@ def evaluate(policy: Any, benchmark: Benchmark, out: Path, settings: Mapping[str
             # defaults bind this iteration's values (the closure runs within it anyway)
             def answer(_: int, chunk: list, max_new: int = max_new, bs: int = bs, desc: str = desc,
                        bar: Any = bar) -> list[str]:
-                texts = generate_answers(policy, chunk, bs, max_new, desc, False, condition)[0]
+                texts = generate_answers(policy, chunk, bs, max_new, desc, False,
+                                         condition if kind in condition_kinds else "")[0]
                 bar.update(len(chunk))
                 return texts
 
@@ -372,8 +375,10 @@ def evaluate(policy: Any, benchmark: Benchmark, out: Path, settings: Mapping[str
         return None
     rows = score(benchmark, gens)
     if condition:
+        kind_of = {it.id: it.kind for it in benchmark.items}
         for r in rows:
-            r["condition"] = condition
+            if kind_of[r["id"]] in condition_kinds:
+                r["condition"] = condition
     if ratings is not None:
         for r in rows:
             if r["id"] in ratings:
@@ -410,7 +415,10 @@ def _with_condition_line(md: str, settings: Mapping[str, Any]) -> str:
     head2, sep2, rest2 = rest.partition("\n\n")
     source = settings.get("condition_source") or ""
     if condition:
-        line = f"Condition (DRESS, before the first user text of every prompt): `{condition}`"
+        kinds = settings.get("condition_kinds") or ("caption", "yesno")
+        which = {("caption",): "every caption prompt", ("yesno",): "every yes/no prompt"}.get(tuple(kinds),
+                                                                                             "every prompt")
+        line = f"Condition (DRESS, before the first user text of {which}): `{condition}`"
         line += f" (from {source})." if source else "."
     else:
         line = f"Condition: none ({source})."
