@@ -15,7 +15,7 @@
 #| MM-RLHF      +-> feedback/oracle -> prefs -+-> rm -> rm-score ---------+
 #|              |                             \-> ref-logps -+-> dpo      |
 #|              |                                            \-> mmdpo <--+  (the RM's margins, by pair id)
-#| Re-Align     +-> index -> realign-data -> realign, realign-text
+#| Re-Align     +-> index -> realign-data -> realign, realign-text   (realign-data re-fills with sft)
 #| FGAIF        +-> sample-val -> feedback-val -+
 #|              |   feedback/oracle ------------+-> fg-rm -+-> fg-rm-eval
 #|              |                                          \-> fgaif, fgaif-seq
@@ -41,12 +41,14 @@ quick.ALIGN_STEPS    := 60
 quick.EVAL_LIMIT     := 100
 quick.SAMPLE_PROMPTS := 150
 quick.REFINE_OPTS    := --limit 50 --turns 2
+quick.REALIGN_LIMIT  := 600
 full.RUN             := demo-full
 full.RM_STEPS        :=
 full.ALIGN_STEPS     :=
 full.EVAL_LIMIT      :=
 full.SAMPLE_PROMPTS  := 500
 full.REFINE_OPTS     := --limit 200 --turns 2
+full.REALIGN_LIMIT   :=
 ifneq ($(words $(SCALE))$(filter $(SCALE),$(SCALES)),1$(SCALE))
 $(error SCALE=$(SCALE): use quick or full)
 endif
@@ -110,7 +112,7 @@ FG_RM_SRC   := $(TRAIN_BASE) mmalign/methods/fg_reward.py $(wildcard mmalign/los
 FGAIF_SRC   := $(TRAIN_BASE) mmalign/methods/fgaif.py mmalign/losses/ppo.py $(wildcard mmalign/rewards/*.py)
 DRESS_SRC   := $(SFT_SRC) mmalign/methods/dress.py $(wildcard mmalign/losses/dress.py)
 
-.PHONY: help install venv deps data vision tiny-model sft eval-sft eval eval-compare sample judge feedback prefs mmrlhf-import \
+.PHONY: help install venv deps data vision tiny-model sft eval-sft eval eval-compare sample judge feedback prefs mmrlhf-import mmrlhf-import-pairs \
   rm rm-score ref-logps dpo mmdpo sft-continued eval-mmrlhf index realign-data realign realign-text eval-realign \
   sample-val feedback-val fg-rm fg-rm-eval fgaif fgaif-seq fgaif-oracle eval-fgaif \
   nlf dress-import dress eval-dress refine-compare bench bench-dpo bench-index demo demo-full ablations report pipeline test test-slow clean
@@ -286,6 +288,9 @@ MMRLHF ?= data/MM-RLHF
 mmrlhf-import: deps ## the published MM-RLHF data (MMRLHF=<folder>) -> runs/<RUN>/mmrlhf/import
 	$(TIMED) $(PY) -m data_pipelines.import_mmrlhf --input $(MMRLHF)/data.jsonl --images $(MMRLHF) \
 	  --out $(OUT)/mmrlhf/import --val-fraction 0.05 --on-error skip
+mmrlhf-import-pairs: deps ## the authors' dpo_pairs.jsonl (critiques for the RM, tie flags; MMRLHF=<folder>) -> runs/<RUN>/mmrlhf/import-pairs
+	$(TIMED) $(PY) -m data_pipelines.import_mmrlhf --input $(MMRLHF)/dpo_pairs.jsonl --images $(MMRLHF) \
+	  --format pairs --out $(OUT)/mmrlhf/import-pairs --val-fraction 0.05 --on-error skip
 
 # Reward models on the prefs pairs: MM-RLHF's critique RM (writes a critique, then scores) and the
 # scalar Bradley-Terry baseline (configs/rm/). `rm-score` scores the val pairs with both (ranking
@@ -364,12 +369,23 @@ $(OUT)/index/manifest.json: $(OUT)/data/manifest.json $(OUT)/sft/model/config.js
 	$(TIMED) $(PY) -m data_pipelines.index --data $(OUT)/data --splits train --embedder policy --model $(OUT)/sft/model \
 	  --kind $(INDEX_KIND) --out $(OUT)/index
 
-# Dual preferences (Re-Align): per train caption, a hallucination-injected rejected answer and, as the
-# rejected image, the nearest train image whose scene makes the caption wrong.
-realign-data: deps $(OUT)/realign-data/manifest.json ## injected rejected answer + retrieved rejected image per caption -> runs/<RUN>/realign-data
-$(OUT)/realign-data/manifest.json: $(OUT)/data/manifest.json $(OUT)/index/manifest.json data_pipelines/realign_data.py mmalign/inject.py mmalign/oracle.py mmalign/retrieval.py
+# Dual preferences (Re-Align's rule): per train caption, its object / attribute / relation words are
+# masked and the SFT policy re-fills them while looking at each of the 10 nearest train images in rank
+# order; the first re-fill whose sentence-embedding cosine to the caption is below 0.95 (packaged
+# all-MiniLM-L6-v2) is the rejected answer, its image the rejected image. REALIGN_REJECTED=injection:
+# the earlier rule-based way (one injected hallucination + the nearest image that makes the caption
+# wrong; switching needs `make -B realign-data`). The re-fill decodes with the policy (~0.33 s per
+# caption on 2 cores), so the quick demo re-fills the first REALIGN_LIMIT captions only.
+## realign-data: how the rejected answer is made: refill (Re-Align's rule) or injection
+REALIGN_REJECTED ?= refill
+## realign-data: use the first n train captions (per SCALE; empty: all)
+REALIGN_LIMIT ?= $($(SCALE).REALIGN_LIMIT)
+realign-data: deps $(OUT)/realign-data/manifest.json ## caption re-filled by the SFT policy under a retrieved image (Re-Align's rule) -> runs/<RUN>/realign-data
+$(OUT)/realign-data/manifest.json: $(OUT)/data/manifest.json $(OUT)/index/manifest.json $(OUT)/sft/model/config.json \
+    data_pipelines/realign_data.py mmalign/refill.py mmalign/textsim.py mmalign/inject.py mmalign/oracle.py mmalign/retrieval.py
 	$(TIMED) $(PY) -m data_pipelines.realign_data --data $(OUT)/data --index $(OUT)/index --split train \
-	  --tasks detailed_caption --k 10 --seed $(SEED) --out $(OUT)/realign-data
+	  --tasks detailed_caption --k 10 --seed $(SEED) --rejected $(REALIGN_REJECTED) --model $(OUT)/sft/model \
+	  $(if $(REALIGN_LIMIT),--limit $(REALIGN_LIMIT)) --out $(OUT)/realign-data
 
 # rDPO (text + visual term) and its text-only ablation (plain DPO on the same pairs), then SFT,
 # SFT-continued, text-only DPO and rDPO side by side on the held-out scenes.
@@ -458,7 +474,7 @@ eval-fgaif: deps $(foreach r,$(FGAIF_RUNS),$(OUT)/eval/$(r)/metrics.json)
 # --- DRESS ---------------------------------------------------------------------------------------
 
 # Natural-language feedback records for conditional RL: a critique example per sampled response
-# (its rating's condition + question -> response) and a refinement episode per response with
+# (its critique text, or its rating level with DRESS_CONDITION=rating, + question -> response) and a refinement episode per response with
 # something to fix (response, the oracle's refinement, the SFT policy's revision judged again; every
 # revision kept with its own condition). Score = mean of the oracle's faithfulness and helpfulness,
 # so a revision that drops everything does not pass as "good".
@@ -466,14 +482,16 @@ eval-fgaif: deps $(foreach r,$(FGAIF_RUNS),$(OUT)/eval/$(r)/metrics.json)
 NLF_SOURCE ?= oracle
 ## SFT revisions per refinement episode
 NLF_REVISIONS ?= 1
-## the score that splits "Answer quality: bad." from "good." (nlf and dress)
+## the score that splits "Answer quality: bad." from "good." (nlf and dress; rating condition only)
 NLF_THRESHOLD ?= 0.6
+## DRESS condition: feedback (the critique text, the paper's reading) or rating (its rating level)
+DRESS_CONDITION ?= feedback
 nlf: deps $(OUT)/nlf/manifest.json ## DRESS: critique examples + refinement episodes with conditions -> runs/<RUN>/nlf
 $(OUT)/nlf/manifest.json: $(OUT)/feedback/$(NLF_SOURCE)/manifest.json $(OUT)/sft/model/config.json \
-    $(OUT)/data/manifest.json data_pipelines/nlf.py mmalign/conditions.py mmalign/oracle.py
+    $(OUT)/data/manifest.json data_pipelines/nlf.py mmalign/conditions.py mmalign/nlf_records.py mmalign/oracle.py
 	$(TIMED) $(PY) -m data_pipelines.nlf --feedback $(OUT)/feedback/$(NLF_SOURCE) --data $(OUT)/data \
 	  --model $(OUT)/sft/model --out $(OUT)/nlf --revisions $(NLF_REVISIONS) --seed $(SEED) \
-	  --score-weights faithfulness=1,helpfulness=1 --thresholds $(NLF_THRESHOLD)
+	  --score-weights faithfulness=1,helpfulness=1 --thresholds $(NLF_THRESHOLD) --condition $(DRESS_CONDITION)
 
 # DRESS's released NLF data (unzipped YangyiYY/LVLM_NLF) + COCO train2017 images.
 ## dress-import: the unzipped LVLM_NLF folder
@@ -482,15 +500,17 @@ DRESS ?= data/LVLM_NLF
 COCO_TRAIN ?= $(DRESS)/train2017
 dress-import: deps ## DRESS's released NLF data (DRESS=<folder>) -> runs/<RUN>/dress/import
 	$(TIMED) $(PY) -m data_pipelines.import_dress --input $(DRESS) --images $(COCO_TRAIN) \
-	  --out $(OUT)/dress/import --val-fraction 0.05 --on-error skip
+	  --out $(OUT)/dress/import --val-fraction 0.05 --on-error skip --condition $(DRESS_CONDITION)
 
 # Conditional RL from the SFT model (configs/dress/tiny.yaml; the condition scheme must match nlf's).
 dress: ## conditional RL from the SFT model (configs/dress/tiny.yaml) -> runs/<RUN>/dress/model
 $(eval $(call fit_policy,dress,configs/dress/tiny.yaml,$(OUT)/nlf/manifest.json $(DRESS_SRC),\
   --data.init_args.train_file $(OUT)/nlf/train/sft.jsonl --data.init_args.val_file $(OUT)/nlf/val/sft.jsonl \
-  --data.init_args.data_root $(OUT)/data --model.init_args.condition_thresholds '[$(NLF_THRESHOLD)]'))
+  --data.init_args.data_root $(OUT)/data --model.init_args.condition $(DRESS_CONDITION) \
+  --model.init_args.condition_thresholds '[$(NLF_THRESHOLD)]'))
 
-# Held-out evaluation (a DRESS model is asked with its best condition, read from its folder), and the
+# Held-out evaluation (a DRESS model is asked with its best condition, read from its folder, before the
+# caption prompts: its feedback is written on captions), and the
 # refinement benchmark: answer, get the oracle's refinement, answer again (REFINE_OPTS, per scale
 # above: 2 turns on 50 test scenes at SCALE=quick, 200 at full).
 REFINE = $(TIMED) $(PY) -m data_pipelines.refine_bench

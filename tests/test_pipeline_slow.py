@@ -77,7 +77,10 @@ def test_make_demo_end_to_end():
     assert "probe/distinct2" in header and "train/beta" in header
     # Re-Align: the index, dual preferences with retrieved images, rDPO and its text-only ablation.
     rd = json.loads((out / "realign-data/report.json").read_text())
-    assert rd["pairs"]["train"] > 1000
+    # the paper's rule on the quick demo's first 600 captions (REALIGN_LIMIT): policy re-fills accepted
+    # below the 0.95 cosine, almost all of them wrong for the original image
+    assert rd["rejected"] == "refill" and rd["pairs"]["train"] > 400
+    assert rd["refill"]["acceptance"]["rate"] > 0.9 and rd["refill"]["oracle"]["wrong_on_original"] > 0.8
     with open(out / "realign/logs/metrics.csv") as f:
         assert "train/visual_loss" in f.readline()
     # FGAIF: three fine-grained reward models measured on held-out responses, PPO with dense
