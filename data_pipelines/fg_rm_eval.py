@@ -68,8 +68,8 @@ def type_metrics(labels: Sequence[Sequence[int]], preds: Sequence[Sequence[int]]
     fn), accuracy = right / segments, each with a percentile bootstrap interval over responses.
     Undefined ratios (0/0) are None.
     """
-    from mmalign.rewards import CLASSES
     from mmalign.metrics import bootstrap_ratio_ci, paired_bootstrap_ratio_diff
+    from mmalign.rewards import CLASSES
 
     if len(labels) != len(preds):
         raise ValueError(f"{len(preds)} prediction lists for {len(labels)} label lists")
@@ -210,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     from mmalign.rewards.fine_grained import CONFIG_FILE, HEAD_FILE
-
     from mmalign.segments import recorded_segmentation
 
     segmentations: dict[str, str] = {}
@@ -244,9 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from mmalign.feedback import HALLUCINATION_TYPES
-    from mmalign.rewards import CLASSES, SegmentItem
-    from mmalign.rewards.fine_grained import check_fg_record, fg_segment_probs, load_fg_reward_model
     from mmalign.records import read_records, where
+    from mmalign.rewards import CLASSES, SegmentItem
+    from mmalign.rewards.fine_grained import (
+        check_fg_record,
+        fg_segment_probs,
+        load_fg_reward_model,
+    )
 
     # The input is checked before any model loads: a bad line fails in seconds, naming file:line.
     recs = read_records(feedback, "annotated", data_root=args.data_root, check_images="exists")

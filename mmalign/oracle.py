@@ -49,20 +49,20 @@ from mmalign.rewards import VALUES, RewardForm, SegmentItem
 from mmalign.segments import DEFAULT_SEGMENTATION, check_segmentation, split_segments
 
 __all__ = [
-    "world_claims",
-    "verify_world_claim",
-    "lookup_questions",
-    "caption_verdict",
     "EVIDENCE_PROMPT",
-    "lookup_verdict",
-    "explain_world_claim",
-    "coco_claims",
-    "segment_feedback",
-    "critique_and_refinement",
-    "WorldOracle",
     "CocoOracle",
     "OracleSegmentRewards",
+    "WorldOracle",
+    "caption_verdict",
+    "coco_claims",
+    "critique_and_refinement",
+    "explain_world_claim",
     "load_world_scenes",
+    "lookup_questions",
+    "lookup_verdict",
+    "segment_feedback",
+    "verify_world_claim",
+    "world_claims",
 ]
 
 _TYPE_ORDER = {t: k for k, t in enumerate(HALLUCINATION_TYPES)}
@@ -687,5 +687,5 @@ class OracleSegmentRewards:
             out.append({t: torch.tensor([VALUES[s.labels[t]] for s in fb.segments]) for t in types})
         return out
 
-    def to(self, device: Any) -> "OracleSegmentRewards":
+    def to(self, device: Any) -> OracleSegmentRewards:
         return self

@@ -77,19 +77,19 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "Segment",
-    "split_segments",
-    "char_to_token_end",
-    "check_segmentation",
-    "recorded_segmentation",
-    "check_same_segmentation",
-    "released_subsentence_starts",
-    "sentence_spans",
-    "SEGMENTATIONS",
     "DEFAULT_SEGMENTATION",
     "LEGACY_SEGMENTATION",
     "MIN_SUBSENT_WORDS",
+    "SEGMENTATIONS",
     "UNIT_STARTERS",
+    "Segment",
+    "char_to_token_end",
+    "check_same_segmentation",
+    "check_segmentation",
+    "recorded_segmentation",
+    "released_subsentence_starts",
+    "sentence_spans",
+    "split_segments",
 ]
 
 #: The segmentation rules (see the module docstring); ``"released:<spaCy pipeline>"`` is
@@ -119,13 +119,12 @@ class Segment:
 #: Words that open a new unit after a comma or "and"/"but" (see the module docstring).
 UNIT_STARTERS: frozenset[str] = frozenset(
     # determiners, quantifiers and numbers: a new object phrase
-    "a an the another some no each every both all its their his her this that these those".split()
-    + "one two three four five six seven eight nine ten".split()
+    ["a", "an", "the", "another", "some", "no", "each", "every", "both", "all", "its", "their", "his", "her", "this", "that", "these", "those"]
+    + ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
     # pronouns and subordinators: a new clause
-    + "it they there here he she we i you which who where while whereas so then also".split()
+    + ["it", "they", "there", "here", "he", "she", "we", "i", "you", "which", "who", "where", "while", "whereas", "so", "then", "also"]
     # predicates and relation words: a clause whose subject is the sentence's subject
-    + "is are was were has have sits lies appears appear left right above below under beneath underneath over "
-      "to on next near behind".split()
+    + ["is", "are", "was", "were", "has", "have", "sits", "lies", "appears", "appear", "left", "right", "above", "below", "under", "beneath", "underneath", "over", "to", "on", "next", "near", "behind"]
 )
 
 _WORD = re.compile(r"[A-Za-z]+|\d+")

@@ -27,10 +27,10 @@ TYPES = ("object", "attribute", "relation")
 
 def _feedback_file(world: Path, split: str, out: Path, source: str = "oracle", inject_kinds=TYPES,
                    segmentation: str = "released") -> Path:
-    from mmalign.scene_io import load_scenes
     from mmalign.feedback import FeedbackItem, feedback_to_json
     from mmalign.inject import inject
     from mmalign.oracle import WorldOracle
+    from mmalign.scene_io import load_scenes
 
     scenes = load_scenes(world)
     oracle = WorldOracle(scenes, segmentation=segmentation)
@@ -364,9 +364,13 @@ def test_object_rm_trains_logs_and_exports(object_rm):
 
 
 def test_export_load_round_trip_gives_identical_probabilities(object_rm, world, fb):
-    from mmalign.rewards import SegmentItem
-    from mmalign.rewards.fine_grained import FGRewardModel, load_fg_reward_model, segment_logits
     from mmalign.records import read_records
+    from mmalign.rewards import SegmentItem
+    from mmalign.rewards.fine_grained import (
+        FGRewardModel,
+        load_fg_reward_model,
+        segment_logits,
+    )
 
     cli, root = object_rm
     loaded = load_fg_reward_model(root / "model")
@@ -418,9 +422,7 @@ def test_export_segmentation_is_read_back(object_rm, tmp_path):
     used the fine rule; an unknown one is an error naming the file."""
     import shutil
 
-    from mmalign.rewards.fine_grained import load_fg_reward_model
-
-    from mmalign.rewards.fine_grained import FGRewardModel
+    from mmalign.rewards.fine_grained import FGRewardModel, load_fg_reward_model
 
     _, root = object_rm
     loaded = load_fg_reward_model(root / "model")
@@ -492,7 +494,12 @@ def test_batching_and_padding_do_not_change_probabilities(model_dirs, family):
 
 def test_shared_model_trains_three_heads_and_scores_in_one_pass(world, model_dirs, fb, tmp_path, monkeypatch):
     from mmalign.rewards import SegmentItem
-    from mmalign.rewards.fine_grained import FGRewardModel, fg_segment_probs, fg_segment_rewards, load_fg_reward_model
+    from mmalign.rewards.fine_grained import (
+        FGRewardModel,
+        fg_segment_probs,
+        fg_segment_rewards,
+        load_fg_reward_model,
+    )
 
     cli = cli_main(fit_args(world, model_dirs["llava"], fb, tmp_path, "--trainer.max_steps", "2",
                             "--model.init_args.types", "[object, attribute, relation]",

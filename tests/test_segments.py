@@ -203,12 +203,12 @@ def test_released_semicolon_cuts_inside_a_sentence():
 
 
 def test_released_word_rule_on_word_lists():
-    w = "a b c d e, f g h i j k".split()                 # n = 11, comma after word 4
+    w = ["a", "b", "c", "d", "e,", "f", "g", "h", "i", "j", "k"]                 # n = 11, comma after word 4
     assert released_subsentence_starts(w) == [0, 5]      # 5 before, 6 after
     assert released_subsentence_starts(w[:-1]) == [0]    # 5 after: not enough
-    assert released_subsentence_starts("a b c d, e f g h i j".split()) == [0]  # 4 before, first piece
-    assert released_subsentence_starts("a b c d e! f g h i j k".split()) == [0, 5]
-    assert released_subsentence_starts("a b c d e: f g h i j k".split()) == [0]
+    assert released_subsentence_starts(["a", "b", "c", "d,", "e", "f", "g", "h", "i", "j"]) == [0]  # 4 before, first piece
+    assert released_subsentence_starts(["a", "b", "c", "d", "e!", "f", "g", "h", "i", "j", "k"]) == [0, 5]
+    assert released_subsentence_starts(["a", "b", "c", "d", "e:", "f", "g", "h", "i", "j", "k"]) == [0]
     assert released_subsentence_starts([]) == []
     assert released_subsentence_starts(["one"]) == [0]
 

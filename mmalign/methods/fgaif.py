@@ -79,7 +79,12 @@ from mmalign.methods.base import OptimArgs, PolicyModule
 from mmalign.ops import gather_logprobs
 from mmalign.policy import Policy
 from mmalign.rewards import RewardForm, SegmentItem, SegmentRewardModel
-from mmalign.segments import DEFAULT_SEGMENTATION, check_same_segmentation, check_segmentation, split_segments
+from mmalign.segments import (
+    DEFAULT_SEGMENTATION,
+    check_same_segmentation,
+    check_segmentation,
+    split_segments,
+)
 
 log = logging.getLogger(__name__)
 # Lightning warns that a manual-optimisation checkpoint holds the state *after* the optimiser
