@@ -258,15 +258,19 @@ SOURCE ?= judge
 DETECTOR ?=
 ## how the judge verifies a claim: caption (against its own description), lookup, yesno (docs/TESTBED.md)
 JUDGE_QUESTIONS ?= caption
+# FGAIF's unit of reward. Feedback records, the fine-grained reward models' exports, fg-rm-eval and PPO
+# each record or check it, so a reward model trained on one segmentation is refused by the other.
+## FGAIF segments: released (Fine-Grained RLHF's splitter, as FGAIF's release), released:<spaCy pipeline>, fine
+SEGMENTATION ?= released
 # One rule for every source (the folder name is the source), so the judge's and the oracle's
 # feedback can both exist: the demo reports the judge's, MM-RLHF's preferences use the oracle's.
 .SECONDEXPANSION:
 feedback: deps $(OUT)/feedback/$(SOURCE)/manifest.json ## segment labels, scores, critique, refinement by SOURCE -> runs/<RUN>/feedback/<SOURCE>
-$(OUT)/feedback/%/manifest.json: $(OUT)/sample/manifest.json data_pipelines/feedback.py \
+$(OUT)/feedback/%/manifest.json: $(OUT)/sample/manifest.json data_pipelines/feedback.py mmalign/segments.py \
     $$(if $$(filter judge,$$*),$(OUT)/judge/model/config.json)
 	$(TIMED) $(RUN_PY) -m data_pipelines.feedback --responses $(OUT)/sample --data $(OUT)/data --source $* \
 	  $(if $(filter judge,$*),--judge $(OUT)/judge/model --judge-questions $(JUDGE_QUESTIONS),$(if $(filter detector,$*),--detector $(DETECTOR))) \
-	  --out $(OUT)/feedback/$*
+	  --segmentation $(SEGMENTATION) --out $(OUT)/feedback/$*
 
 # --- MM-RLHF: ranked preferences, reward models, MM-DPO ----------------------------------------
 
@@ -410,9 +414,9 @@ $(OUT)/sample-val/manifest.json: $(OUT)/sft/model/config.json data_pipelines/sam
 	$(TIMED) $(RUN_PY) -m data_pipelines.sample --model $(OUT)/sft/model --data $(OUT)/data --split val \
 	  --k $(K) --seed $(SEED) --out $(OUT)/sample-val
 feedback-val: deps $(OUT)/feedback-val/oracle/manifest.json ## the oracle's labels of those samples -> runs/<RUN>/feedback-val/oracle
-$(OUT)/feedback-val/oracle/manifest.json: $(OUT)/sample-val/manifest.json data_pipelines/feedback.py
+$(OUT)/feedback-val/oracle/manifest.json: $(OUT)/sample-val/manifest.json data_pipelines/feedback.py mmalign/segments.py
 	$(TIMED) $(RUN_PY) -m data_pipelines.feedback --responses $(OUT)/sample-val --data $(OUT)/data --source oracle \
-	  --out $(OUT)/feedback-val/oracle
+	  --segmentation $(SEGMENTATION) --out $(OUT)/feedback-val/oracle
 
 # Three fine-grained reward models (object existence, attribute, relation), each the SFT model with a
 # 3-class head read at every segment's last token, trained on FG_SOURCE's segment labels of the SFT
@@ -442,7 +446,7 @@ $(FG_RM)/%/model/fg_reward_config.json: $(OUT)/feedback/$(FG_SOURCE)/manifest.js
 	  --model.init_args.export.dir $(FG_RM)/$*/model \
 	  --data.init_args.train_file $(OUT)/feedback/$(FG_SOURCE)/feedback.jsonl \
 	  --data.init_args.val_file $(OUT)/feedback-val/oracle/feedback.jsonl \
-	  --data.init_args.data_root $(OUT)/data
+	  --data.init_args.data_root $(OUT)/data --model.init_args.segmentation $(SEGMENTATION)
 # Precision / recall / F1 of "hallucinated" per type on the held-out (val-scene) responses vs the oracle.
 FG_RM_EVAL := $(FG_RM)/eval$(if $(FG_RM_SHARED),-shared)
 fg-rm-eval: deps $(FG_RM_EVAL)/manifest.json ## precision / recall / F1 of "hallucinated" per type on the held-out responses
@@ -453,7 +457,10 @@ $(FG_RM_EVAL)/manifest.json: $(FG_RM_DEPS) $(OUT)/feedback-val/oracle/manifest.j
 
 # PPO with the dense segment rewards (FGAIF) and the sequence-level ablation (same reward models,
 # same total reward on the last token), then SFT, SFT-continued, the ablation and FGAIF side by side.
+## fgaif, fgaif-seq: the value model starts from the policy or (as released) the object reward model's backbone
+FGAIF_VALUE_INIT ?= policy
 FGAIF_ARGS = --data.init_args.train_file $(OUT)/data/train/sft.jsonl --data.init_args.data_root $(OUT)/data \
+  --model.init_args.segmentation $(SEGMENTATION) --model.init_args.value_init $(FGAIF_VALUE_INIT) \
   --model.init_args.reward_models '{"object": "$(call FG_RM_PATH,object)", "attribute": "$(call FG_RM_PATH,attribute)", \
   "relation": "$(call FG_RM_PATH,relation)"}'
 fgaif: ## PPO with dense segment rewards from the three reward models -> runs/<RUN>/fgaif/model
@@ -464,6 +471,7 @@ $(eval $(call fit_policy,fgaif-seq,configs/fgaif/tiny.yaml,$(FG_RM_DEPS) $(FGAIF
 fgaif-oracle: ## control: the same PPO with the oracle's segment labels as rewards (perfect reward models)
 $(eval $(call fit_policy,fgaif-oracle,configs/fgaif/tiny.yaml,$(OUT)/data/manifest.json $(FGAIF_SRC),\
   --data.init_args.train_file $(OUT)/data/train/sft.jsonl --data.init_args.data_root $(OUT)/data \
+  --model.init_args.segmentation $(SEGMENTATION) \
   --model.init_args.reward_models '{"object": "oracle"$(comma) "attribute": "oracle"$(comma) "relation": "oracle"}'))
 FGAIF_RUNS = sft sft-continued fgaif-seq fgaif fgaif-oracle
 eval-fgaif: ## SFT, SFT-continued, sequence-reward PPO, FGAIF, oracle-reward PPO side by side -> runs/<RUN>/eval/compare-fgaif
