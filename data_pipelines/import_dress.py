@@ -95,12 +95,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmalign.conditions import ConditionScheme, FeedbackCondition, derive_good_feedback
+from mmalign.conditions import ConditionScheme, FeedbackCondition
 from mmalign.nlf_records import (
     add_feedback_arguments,
     add_scheme_arguments,
     critique_record,
     refinement_record,
+    resolve_good_feedback,
     scheme_from,
     summarize,
     summary_md,
@@ -464,14 +465,7 @@ def run(inputs: list[Path], images: Path, out: Path, scheme: ConditionScheme | N
     condition: dict[str, Any] = {"mode": "rating", **scheme.to_dict()}
     extra: dict[str, Any] = {}
     if feedback is not None:
-        if feedback.good_feedback is None:
-            src = "train" if any(r["kind"] == "critique" for r in splits["train"]) else "all"
-            good, how = derive_good_feedback((r["score"], r["critique"]) for k, v in splits.items() for r in v
-                                             if r["kind"] == "critique" and (src == "all" or k == "train"))
-            how["from"] = src
-            feedback = FeedbackCondition(feedback.template, good)
-        else:
-            how = {"rule": None, "given": True}
+        feedback, how = resolve_good_feedback(feedback, splits)
         condition = feedback.to_dict()
         extra = {"good_feedback": how, "skipped_without_critique": skipped}
     rep = {"inputs": config["inputs"], "images": config["images"], "scheme": scheme.to_dict(),

@@ -106,7 +106,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmalign.conditions import ConditionScheme, FeedbackCondition, derive_good_feedback
+from mmalign.conditions import ConditionScheme, FeedbackCondition
 from mmalign.feedback import HALLUCINATION_TYPES, FeedbackItem, prompt_text
 from mmalign.feedback_io import Prompt, Response, read_feedback, weighted_scores
 from mmalign.nlf_records import (
@@ -115,6 +115,7 @@ from mmalign.nlf_records import (
     add_scheme_arguments,
     critique_record,
     refinement_record,
+    resolve_good_feedback,
     scheme_from,
     summarize,
     summary_md,
@@ -409,16 +410,7 @@ def main(argv: list[str] | None = None) -> int:
              "revisions_asked": args.revisions, "policy": pid, "val_fraction": args.val_fraction}
     condition = scheme.to_dict()
     if fcond is not None:
-        if fcond.good_feedback is None:
-            # The train split's critique examples: the trainer derives its text from the same
-            # records. A train split without any (a tiny input) falls back to every split's.
-            src = "train" if any(r["kind"] == "critique" for r in splits["train"]) else "all"
-            good, how = derive_good_feedback((r["score"], r["critique"]) for k, v in splits.items() for r in v
-                                             if r["kind"] == "critique" and (src == "all" or k == "train"))
-            how["from"] = src
-            fcond = FeedbackCondition(fcond.template, good)
-        else:
-            how = {"rule": None, "given": True}
+        fcond, how = resolve_good_feedback(fcond, splits)
         condition = fcond.to_dict()
         extra.update(condition=condition, good_feedback=how)
     else:

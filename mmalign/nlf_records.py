@@ -28,6 +28,7 @@ from mmalign.conditions import (
     CONDITION_MODES,
     ConditionScheme,
     FeedbackCondition,
+    derive_good_feedback,
     with_condition,
 )
 from mmalign.records import SFTRecord
@@ -75,6 +76,23 @@ def add_feedback_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--good-feedback", metavar="TEXT",
                     help="--condition feedback: the feedback text inference asks with (default: derived from the "
                          "train split's top-rated critiques, mmalign.conditions.derive_good_feedback)")
+
+
+def resolve_good_feedback(cond: FeedbackCondition, splits: dict[str, list[dict]]
+                          ) -> tuple[FeedbackCondition, dict[str, Any]]:
+    """``cond`` with its good-feedback text, and how it was found (for the stage's report).
+
+    A text given on the command line is kept. Otherwise it is derived
+    (:func:`mmalign.conditions.derive_good_feedback`) from the train split's critique examples,
+    the records the trainer derives its own text from; a train split without any (a tiny input)
+    falls back to every split's."""
+    if cond.good_feedback is not None:
+        return cond, {"rule": None, "given": True}
+    src = "train" if any(r["kind"] == "critique" for r in splits.get("train", [])) else "all"
+    good, how = derive_good_feedback((r["score"], r["critique"]) for k, v in splits.items() for r in v
+                                     if r["kind"] == "critique" and (src == "all" or k == "train"))
+    how["from"] = src
+    return FeedbackCondition(cond.template, good), how
 
 
 def critique_record(rid: str, images: list[str], prompt: list[dict], response: str, score: float,
