@@ -269,13 +269,15 @@ def test_feedback_fits_through_the_cli_exports_good_feedback_and_inference_asks_
     assert load_scheme(model) == FeedbackCondition(good_feedback=GOOD)
     want = f"Feedback: {GOOD}"
     assert resolve_condition(model, None, False) == (want, str(model / CONDITION_FILE))
-    # mmalign eval asks every prompt with it
+    # mmalign eval asks every caption prompt with it (yes/no questions plain: --condition-kinds)
     fast = ["--n-boot", "20", "--max-new-tokens", "6", "--yesno-max-new-tokens", "2", "--no-progress",
             "--limit", "1", "--kinds", "existence", "--splits", "random"]
     assert eval_main(["--model", str(model), "--data", str(world), "--out", str(tmp_path / "eval"), *fast]) == 0
     doc = json.loads((tmp_path / "eval/metrics.json").read_text())
     assert doc["settings"]["condition"] == want
-    assert all(r["condition"] == want for r in read_jsonl(tmp_path / "eval/generations.jsonl"))
+    rows = read_jsonl(tmp_path / "eval/generations.jsonl")
+    assert all(r["condition"] == want for r in rows if r["section"] == "captions")
+    assert not any("condition" in r for r in rows if r["section"] != "captions")
     # the refinement benchmark asks the caption prompt, then each refinement, with it
     assert RB.main(["--model", str(model), "--data", str(world), "--out", str(tmp_path / "refine"), "--limit", "2",
                     "--turns", "1", "--max-new-tokens", "8", "--n-boot", "20", "--no-progress"]) == 0
