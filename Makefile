@@ -115,7 +115,7 @@ DRESS_SRC   := $(SFT_SRC) mmalign/methods/dress.py $(wildcard mmalign/losses/dre
 .PHONY: help install venv deps data vision tiny-model sft eval-sft eval eval-compare sample judge feedback prefs mmrlhf-import mmrlhf-import-pairs \
   rm rm-score ref-logps dpo mmdpo sft-continued eval-mmrlhf index realign-data realign realign-text eval-realign \
   sample-val feedback-val fg-rm fg-rm-eval fgaif fgaif-seq fgaif-oracle eval-fgaif \
-  nlf dress-import dress eval-dress refine-compare bench bench-dpo bench-index demo demo-full ablations report pipeline test test-slow clean
+  nlf dress-import dress eval-dress refine-compare sweep bench bench-dpo bench-index demo demo-full ablations report pipeline test test-slow clean
 
 # `make help`: the usage line, the stage graph (`#|` lines), every target with a `## ` comment on its
 # line under its section (`# --- ` lines), then every variable with a `## ` line above its `?=`, with
@@ -333,6 +333,8 @@ $(OUT)/ref/%/manifest.json: $(OUT)/prefs/manifest.json $(OUT)/sft/model/config.j
 # prerequisites (data and sources), $(4) = its extra arguments. `make help` reads the `<target>: ## ...`
 # line written before each call.
 define fit_policy
+SWEEP_ARGS.$(1) = --config $(2) $$(call OVERLAY,$(1)) --model.init_args.policy.init_args.path $$(OUT)/sft/model $(4)
+SWEEP_DEPS.$(1) = $(OUT)/sft/model/config.json $(3) $(2)
 $(1): deps $(OUT)/$(1)/model/config.json
 $(OUT)/$(1)/model/config.json: $(OUT)/sft/model/config.json $(3) $(2)
 	$$(FIT) --config $(2) $$(call OVERLAY,$(1)) --seed_everything $$(SEED) \
@@ -533,6 +535,30 @@ eval-dress: deps $(foreach r,$(DRESS_RUNS),$(OUT)/eval/$(r)/metrics.json $(OUT)/
 	$(EVAL_COMPARE) $(foreach r,$(DRESS_RUNS),$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-dress
 	$(REFINE) compare $(foreach r,$(DRESS_RUNS),$(OUT)/refine/$(r)) --names $(DRESS_RUNS) --out $(OUT)/refine/compare
 	@head -12 $(OUT)/eval/compare-dress/compare.md; cat $(OUT)/refine/compare/compare.md
+
+# --- tuning on the validation scenes ---------------------------------------------------------------
+
+# Hyperparameters are chosen on the val scenes; the test scenes only report. `make sweep METHOD=mmdpo
+# GRID="model.init_args.optim.lr=5e-7,1e-6 model.init_args.beta=0.1,0.3"` trains every grid point with
+# the method's own arguments (those of its make rule; ALIGN_STEPS unless the grid sets
+# trainer.max_steps), evaluates each on the first SWEEP_LIMIT val scenes and picks the lowest CHAIR_i
+# among the points whose object coverage is at most 5 points below SFT's on the same scenes
+# (data_pipelines/sweep.py). The same GRID size for every method keeps the sweep budgets equal.
+## sweep: the training target to tune (mmdpo, dpo, realign, realign-text, fgaif, fgaif-seq, dress, sft-continued)
+METHOD ?=
+## sweep: the grid, space-separated KEY=V1,V2 axes (`mmalign fit` options without their dashes)
+GRID ?=
+## sweep: the val scenes each point (and the SFT baseline) is evaluated on
+SWEEP_LIMIT ?= 100
+$(OUT)/eval-val/sft/metrics.json: $(OUT)/sft/model/config.json $(wildcard mmalign/eval/*.py)
+	$(EVAL) --model $(OUT)/sft/model --data $(OUT)/data --split val --limit $(SWEEP_LIMIT) --out $(OUT)/eval-val/sft
+sweep: deps ## tune METHOD over GRID on the val scenes -> runs/<RUN>/sweep/<METHOD>/sweep.md, best.json
+	@test -n "$(METHOD)" -a -n "$(SWEEP_ARGS.$(METHOD))" -a -n "$(GRID)" || { echo "usage: make sweep"\
+	  "METHOD=<training target> GRID=\"model.init_args.optim.lr=1e-6,2e-6 ...\""; exit 2; }
+	@$(MAKE) --no-print-directory $(SWEEP_DEPS.$(METHOD)) $(OUT)/eval-val/sft/metrics.json
+	$(TIMED) $(PY) -m data_pipelines.sweep --out $(OUT)/sweep/$(METHOD) --data $(OUT)/data --limit $(SWEEP_LIMIT) \
+	  $(foreach g,$(GRID),--grid '$(g)') --baseline $(OUT)/eval-val/sft --guard object_cover=-0.05 --seed $(SEED) \
+	  -- $(SWEEP_ARGS.$(METHOD)) $(if $(ALIGN_STEPS),--trainer.max_steps $(ALIGN_STEPS))
 
 # --- benchmarks ----------------------------------------------------------------------------------
 
