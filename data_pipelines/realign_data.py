@@ -267,11 +267,19 @@ def read_items(path: Path, data: Path, scenes: dict[str, Scene], indexed, tasks:
 # retrieval
 
 
+def claim_verdicts(claims: list, scene: Scene) -> tuple[bool, float | None, int]:
+    """(some claim is false on ``scene``, share of the verifiable claims that hold, false count)."""
+    from mmalign.oracle import verify_world_claim
+
+    vs = [verify_world_claim(c, scene) for c in claims]
+    known = [v for v in vs if v is not None]
+    n_false = sum(v is False for v in vs)
+    return n_false > 0, (sum(known) / len(known) if known else None), n_false
+
+
 def check_candidates(item: Item, claims: list, hits: list[tuple[str | None, float]],
                      scenes: dict[str, Scene]) -> list[Candidate]:
     """The neighbours ``hits`` (``(id, cosine)``, best first) checked against the scene graphs."""
-    from mmalign.oracle import verify_world_claim
-
     own = item.scene.graph_hash()
     out = []
     for rank, (id_, score) in enumerate(hits, 1):
@@ -281,10 +289,7 @@ def check_candidates(item: Item, claims: list, hits: list[tuple[str | None, floa
         differs = wrong = faith = None
         if scene is not None:
             differs = scene.graph_hash() != own
-            verdicts = [verify_world_claim(c, scene) for c in claims]
-            known = [v for v in verdicts if v is not None]
-            wrong = any(v is False for v in verdicts)
-            faith = sum(known) / len(known) if known else None
+            wrong, faith, _ = claim_verdicts(claims, scene)
         out.append(Candidate(rank, id_, float(score), scene, differs, wrong, faith))
     return out
 
@@ -600,16 +605,9 @@ def refill_report_md(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _verdicts(text: str, scene: Scene | None) -> tuple[bool | None, float | None, int]:
-    """(some claim of ``text`` is false on ``scene``, share of verifiable claims that hold, false count)."""
-    from mmalign.oracle import verify_world_claim, world_claims
-
-    if scene is None:
-        return None, None, 0
-    vs = [verify_world_claim(c, scene) for c in world_claims(text)]
-    known = [v for v in vs if v is not None]
-    n_false = sum(v is False for v in vs)
-    return n_false > 0, (sum(known) / len(known) if known else None), n_false
+def _verdicts(claims: list, scene: Scene | None) -> tuple[bool | None, float | None, int]:
+    """:func:`claim_verdicts`, or (None, None, 0) where there is no scene graph to check against."""
+    return (None, None, 0) if scene is None else claim_verdicts(claims, scene)
 
 
 def build_refill(args, items: list[Item], table, scenes: dict[str, Scene], stats: dict[str, Counter],
@@ -619,6 +617,7 @@ def build_refill(args, items: list[Item], table, scenes: dict[str, Scene], stats
 
     from mmalign.components import load_component
     from mmalign.eval.vocab import ObjectVocabulary
+    from mmalign.oracle import world_claims
     from mmalign.refill import ConstrainedInfiller, PromptInfiller
     from mmalign.textsim import SentenceSimilarity
 
@@ -667,9 +666,10 @@ def build_refill(args, items: list[Item], table, scenes: dict[str, Scene], stats
         for why in att.stops or []:
             stats["slot_stops"][why] += 1
         retrieved = scenes.get(att.image)
-        wrong, faith, n_false = _verdicts(att.text, it.scene)
-        r_wrong, _, _ = _verdicts(att.text, retrieved)
-        _, c_faith, _ = _verdicts(it.chosen, retrieved)
+        refill_claims = world_claims(att.text)  # parsed once, checked on both scenes
+        wrong, faith, n_false = _verdicts(refill_claims, it.scene)
+        r_wrong, _, _ = _verdicts(refill_claims, retrieved)
+        _, c_faith, _ = _verdicts(world_claims(it.chosen), retrieved)
         differs = None if retrieved is None or it.scene is None else retrieved.graph_hash() != it.scene.graph_hash()
         verdicts.append({"wrong_on_original": wrong, "faithfulness_on_original": faith, "false_on_original": n_false,
                          "faithful_to_retrieved": None if r_wrong is None else not r_wrong,
@@ -840,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{STAGE}: {args.out} up to date, skipping (--force to redo)")
         return 0
 
-    from mmalign.oracle import verify_world_claim, world_claims
+    from mmalign.oracle import world_claims
     from mmalign.retrieval import ImageIndex
 
     t0 = time.perf_counter()
@@ -861,10 +861,9 @@ def main(argv: list[str] | None = None) -> int:
         pairs: dict[str, list[dict]] = {"train": [], "val": []}
         own_faith: list[float] = []
         for it in items:
-            if it.scene is not None:
-                own = [v for v in (verify_world_claim(c, it.scene) for c in world_claims(it.chosen)) if v is not None]
-                if own:
-                    own_faith.append(sum(own) / len(own))
+            faith = _verdicts(world_claims(it.chosen), it.scene)[1]
+            if faith is not None:
+                own_faith.append(faith)
         if args.rejected == "refill":
             accepted, attempts, verdicts, text_model = build_refill(args, items, table, scenes, stats, rejects, pairs)
         else:
