@@ -5,7 +5,7 @@
         [--score-weights faithfulness=1] [--condition feedback|rating] \\
         [--feedback-template "Feedback: {feedback}"] [--good-feedback TEXT] [--thresholds 0.75] \\
         [--names bad good] [--template "Answer quality: {name}."] [--revisions 1] [--max-new-tokens 96] \\
-        [--batch-size 32] [--seed 0] [--limit 0]
+        [--batch-size 32] [--seed 0] [--limit 0] [--judge runs/demo/judge/model [--judge-questions caption]]
 
 DRESS (Chen et al. CVPR 2024, "DRESS: Instructing Large Vision-Language Models to Align and
 Interact with Humans via Natural Language Feedback") trains with "generalized conditional RL": a
@@ -35,33 +35,46 @@ Records:
   record whose refinement says something to fix, the policy (``--model``) is asked to revise:
   ``[user: image + question, assistant: response, user: refinement]`` (generate mode; sampled
   with ``--temperature`` / ``--top-p``, batched, seeded ``seed + 100003 * (round - 1) + batch
-  index``, so round 1 draws as the sample stage does). The world oracle
-  (:class:`mmalign.oracle.WorldOracle`, scenes of ``--data``) judges the revision: ``score_after``
-  (same weights), hallucinated claims, a new critique and refinement. *Every* revision is kept,
-  better or not, as ``[user: image + question, assistant: response, user: "<condition of the
-  revision> <refinement>", assistant: revision]`` (the condition in the *last* user turn,
+  index``, so round 1 draws as the sample stage does). The revisions' judge -- the world oracle
+  (:class:`mmalign.oracle.WorldOracle`, scenes of ``--data``), or a judge model with ``--judge``
+  ("Who judges" below) -- judges the revision: ``score_after`` (same weights), hallucinated
+  claims, a new critique and refinement. *Every* revision is kept, better or not, as ``[user:
+  image + question, assistant: response, user: "<condition of the revision> <refinement>",
+  assistant: revision]`` (the condition in the *last* user turn,
   :func:`mmalign.conditions.with_condition` ``turn="last"``): hindsight relabelling, the revision
   is what a model asked with that condition should write. The condition of the revision is the
-  oracle's critique of it (``feedback``) or the level of ``score_after`` (``rating``); the
+  judge's critique of it (``feedback``) or the level of ``score_after`` (``rating``); the
   refinement feedback that drives the revision is the turn's text either way. With ``--revisions N`` round k+1
-  refines round k's revision with the oracle's new refinement, and each round is one record
+  refines round k's revision with the judge's new refinement, and each round is one record
   holding the whole conversation so far (earlier user turns as the policy saw them, without a
   condition; only the last assistant turn is meant to carry loss: train with ``train_on: last``,
-  as ``configs/dress`` does). An episode stops when the oracle finds nothing left to fix, or
+  as ``configs/dress`` does). An episode stops when the judge finds nothing left to fix, or
   when a revision is empty (that one goes to ``rejects.jsonl``).
 
-Before/after: the "before" of round 1 is the world oracle's judgement of the original response
-(equal to the feedback record's own scores when the feedback source is the oracle; with a judge
-source the two would be on different scales, so both sides of a comparison always come from the
-oracle), the "before" of round k+1 is round k's "after". ``success`` = ``score_after >
-score_before``; ``fixed`` = fewer hallucinated claims (object + attribute + relation) after than
-before.
+Before/after: the "before" of round 1 is the revisions' judge's judgement of the original
+response (with the oracle judging, equal to the feedback record's own scores when the feedback
+source is the oracle too; the feedback record's scores may come from another source on another
+scale, so both sides of a comparison always come from the one judge), the "before" of round k+1 is
+round k's "after". ``success`` = ``score_after > score_before``; ``fixed`` = fewer hallucinated
+claims (object + attribute + relation) after than before.
+
+Who judges: by default the world oracle, which needs scene graphs. ``--judge PATH`` has a judge
+model judge the "before" responses and every round's revisions instead -- one ``annotate`` call
+over all of a round's revisions, so the judge batches its questions -- loaded by
+``--judge-class`` (default :class:`models.feedback_sources.VLMJudgeSource`) with
+``--judge-questions`` (default ``caption``: the judge describes the image and checks the claims
+against its description; only this mode also gives ``helpfulness``, which the default weights of
+``make nlf`` use -- a weight naming a dimension the judge does not give is an error naming it).
+Scene graphs are then not needed. The records' ``judged_by`` and the report name who judged; the
+judge's path is in the stage config and its ``config.json`` and weights among the inputs, so
+another judge re-runs the stage.
 
 Caveat of the default ``--score-weights faithfulness=1``: faithfulness is the share of checkable
 claims that hold, 1.0 when there are none, so a revision that makes no checkable claim (e.g. an
 undertrained policy's noise) scores 1.0, "succeeds" and is "fixed". ``report.json`` counts such
 revisions (``revisions_without_checkable_claims``); ``--score-weights
-faithfulness=1,helpfulness=1`` (the oracle's coverage of the scene) scores them low.
+faithfulness=1,helpfulness=1`` (the oracle's coverage of the scene; a caption judge's share of the
+objects it describes) scores them low.
 
 "Nothing to fix": a refinement that is empty or the oracle's "No change is needed." makes no
 episode; such feedback records are counted (``report.json``: ``feedback.without_refinement``).
@@ -79,8 +92,9 @@ Output (atomic, with ``manifest.json``; an unchanged re-run is skipped, ``--forc
   ``scene_id``, ``task``, ``feedback_source``. Of a refinement episode: ``kind: "refinement"``,
   ``round``, ``score_before``, ``score_after``, ``scores_after``, ``success``, ``fixed``,
   ``hallucinated_before`` / ``hallucinated_after`` (per type), ``level``, ``condition``,
-  ``refinement`` (the feedback the revision answers), ``critique`` (the oracle's critique of the
-  revision), ``checkable_claims_after``, ``judged_by: "oracle"``, ``policy`` and the ids above.
+  ``refinement`` (the feedback the revision answers), ``critique`` (the judge's critique of the
+  revision), ``checkable_claims_after``, ``judged_by`` (``"oracle"``, or the judge source's name,
+  ``"judge"``), ``policy`` and the ids above.
 * ``condition.json``: the condition scheme (``to_dict()``: ``{"mode": "feedback", "template",
   "good_feedback"}``, or the rating scheme); the DRESS trainer must be given the same mode and
   template (``condition``, ``feedback_template``, or ``condition_thresholds`` /
@@ -93,7 +107,8 @@ Output (atomic, with ``manifest.json``; an unchanged re-run is skipped, ``--forc
   first one stops the stage with ``file:line: what is wrong``), feedback records without a
   critique (``--condition feedback``) and empty revisions, each with its ``reason``.
 
-``--revisions 0`` makes critique examples only; ``--model`` and scene graphs are then not needed.
+``--revisions 0`` makes critique examples only; ``--model`` and scene graphs are then not needed
+(nor with ``--judge``: scene graphs).
 """
 
 from __future__ import annotations
@@ -107,7 +122,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmalign.conditions import ConditionScheme, FeedbackCondition
-from mmalign.feedback import HALLUCINATION_TYPES, FeedbackItem, prompt_text
+from mmalign.feedback import HALLUCINATION_TYPES, FeedbackItem, check_feedback, prompt_text
 from mmalign.feedback_io import Prompt, Response, read_feedback, weighted_scores
 from mmalign.nlf_records import (
     KINDS,
@@ -137,6 +152,7 @@ NOTHING_TO_FIX = ("No change is needed.", "")
 #: the seed of round r, batch b is seed + ROUND_SEED_STRIDE * (r - 1) + b
 ROUND_SEED_STRIDE = 100_003
 DEFAULT_WEIGHTS = "faithfulness=1"
+DEFAULT_JUDGE_CLASS = "models.feedback_sources.VLMJudgeSource"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,10 +176,9 @@ class Episode:
     split: str
     images: list[str]  # absolute
     conversation: list[dict]  # up to the assistant turn being refined
-    score: float  # the oracle's score of that turn
-    hallucinated: dict[str, int]
     refinement: str
-    done: str | None = None
+    score: float = float("nan")  # the judge's (by default the oracle's) score of that turn
+    hallucinated: dict[str, int] | None = None
 
 
 def revise(policy, asks: list[tuple[str, list[str], list[dict]]], temperature: float, top_p: float,
@@ -196,13 +211,34 @@ def revise(policy, asks: list[tuple[str, list[str], list[dict]]], temperature: f
     return out
 
 
-def _judge(oracle, p, text: str, rid: str, weights: dict[str, float], where: str):
-    """The oracle's feedback on ``text`` for prompt ``p``, its weighted score and hallucinated counts."""
-    fb = oracle.feedback(FeedbackItem(id=rid, prompt=prompt_text(p.prompt), response=text, image=p.image,
-                                      meta={"scene_id": p.scene_id}), p.scene)
-    scores, score = weighted_scores(fb.scores, weights, where)
-    hal = {t: int(fb.meta.get("hallucinated", {}).get(t, 0)) for t in HALLUCINATION_TYPES}
-    return fb, scores, score, hal
+def judge_texts(judge, asks: list[tuple[Prompt, str, str, str]], weights: dict[str, float]) -> list[tuple]:
+    """Feedback on each ``(prompt, text, record id, where)``, with its weighted scores, weighted
+    score and hallucinated counts per type: ``(feedback, scores, score, hallucinated)``.
+
+    The oracle (``judge.name == "oracle"``) checks each text against its prompt's scene graph; any
+    other feedback source judges all of them in one ``annotate`` call (a model batches them).
+    """
+    items = [FeedbackItem(id=rid, prompt=prompt_text(p.prompt), response=text, image=p.image,
+                          meta={"scene_id": p.scene_id}) for p, text, rid, _ in asks]
+    if not items:
+        return []
+    if judge.name == "oracle":
+        fbs = [judge.feedback(it, p.scene) for it, (p, *_rest) in zip(items, asks)]
+    else:
+        fbs = check_feedback(items, judge.annotate(items), judge.name)
+    out = []
+    for fb, (_p, _t, _r, where) in zip(fbs, asks):
+        missing = [d for d in weights if d not in fb.scores]
+        if missing:
+            hint = (" (a VLM judge gives helpfulness with --judge-questions caption only)"
+                    if judge.name == "judge" and "helpfulness" in missing else "")
+            raise RecordError(f"{where}: the revisions' judge ({judge.name}) gives no "
+                              f"{', '.join(map(repr, missing))} score (it gives {sorted(fb.scores)}); "
+                              f"--score-weights may name only those{hint}")
+        scores, score = weighted_scores(fb.scores, weights, where)
+        hal = {t: int(fb.meta.get("hallucinated", {}).get(t, 0)) for t in HALLUCINATION_TYPES}
+        out.append((fb, scores, score, hal))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +252,13 @@ def build_report(summary: dict, stats: Counter, rejects: list[dict], seconds: fl
             "revisions_without_checkable_claims": stats["revisions_without_checkable_claims"],
             "rejects": {"total": len(rejects), "reasons": dict(Counter(r["reason"] for r in rejects))},
             "seconds": round(seconds, 2)}
+
+
+def judged_by(rep: dict) -> str:
+    """Who judged the revisions, for the report text."""
+    if rep.get("judged_by", "oracle") == "oracle":
+        return "the world oracle"
+    return f"the {rep['judged_by']} {rep['judge']} ({rep['judge_class']}, questions {rep['judge_questions']})"
 
 
 def report_md(rep: dict, scheme: ConditionScheme) -> str:
@@ -233,7 +276,7 @@ def report_md(rep: dict, scheme: ConditionScheme) -> str:
     lines = ["# DRESS natural-language-feedback data", "",
              (f"{fb['records']} feedback records ({fb['without_refinement']} with nothing to fix), "
               f"{fb['episodes']} refinement episodes, up to {rep['revisions_asked']} round(s); "
-              f"score = weighted mean ({w}); revisions judged by the world oracle."), "", cond_line, "",
+              f"score = weighted mean ({w}); revisions judged by {judged_by(rep)}."), "", cond_line, "",
              *summary_md(rep, scheme), ""]
     stopped = ", ".join(f"{k}: {v}" for k, v in rep["episodes_stopped"].items()) or "none"
     lines += [f"Episodes stopped before the last round: {stopped}.",
@@ -273,6 +316,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="use at most this many feedback records, prompt by prompt in file order (0 = all)")
     ap.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                     help="an unusable feedback line: stop with file:line (raise) or put it in rejects.jsonl (skip)")
+    ap.add_argument("--judge", type=Path,
+                    help="a judge checkpoint folder: it judges the responses before and the revisions after, instead "
+                         "of the world oracle (no scene graphs needed then)")
+    ap.add_argument("--judge-questions", choices=("caption", "lookup", "yesno"), default="caption",
+                    help="how the judge verifies a claim (as in the feedback stage); only 'caption' (the default) "
+                         "also gives helpfulness")
+    ap.add_argument("--judge-class", default=DEFAULT_JUDGE_CLASS,
+                    help=f"feedback source class to load --judge with (default {DEFAULT_JUDGE_CLASS})")
+    ap.add_argument("--trust-remote-code", action="store_true", help="run custom model code from the --judge checkpoint")
     ap.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, ...")
     ap.add_argument("--force", action="store_true", help="re-run even when the output is up to date")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -296,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--revisions > 0 needs --model (the policy that revises); --revisions 0 makes critique examples only")
         if not (args.model / "config.json").exists():
             ap.error(f"--model {args.model}: no config.json there (a Hugging Face checkpoint folder?)")
+        if args.judge is not None and not (args.judge / "config.json").exists():
+            ap.error(f"--judge {args.judge}: no config.json there (a Hugging Face checkpoint folder?)")
+    judge_path = args.judge if args.revisions else None  # with no revision there is nothing to judge
     config = {"weights": weights, "scheme": scheme.to_dict(), "val_fraction": args.val_fraction,
               "revisions": args.revisions, "temperature": args.temperature, "top_p": args.top_p,
               "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "seed": args.seed,
@@ -303,9 +358,14 @@ def main(argv: list[str] | None = None) -> int:
               "policy_class": args.policy_class if args.revisions else None}
     if fcond is not None:  # rating mode keeps the config (and so the up-to-date check) it always had
         config["condition"] = fcond.to_dict()
+    if judge_path is not None:  # likewise: without --judge the config is what it always was
+        config["judge"] = {"path": str(judge_path), "class": args.judge_class, "questions": args.judge_questions,
+                           "trust_remote_code": args.trust_remote_code}
     inputs = [feedback, args.data]
     if args.revisions:
         inputs += [args.model / "config.json", *sorted(args.model.glob("*.safetensors"))]
+    if judge_path is not None:
+        inputs += [judge_path / "config.json", *sorted(judge_path.glob("*.safetensors"))]
     if not args.force and is_up_to_date(args.out, config, inputs):
         print(f"{STAGE}: {args.out} up to date, skipping (--force to redo)")
         return 0
@@ -315,11 +375,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     scenes = None
-    if args.revisions:
+    if args.revisions and judge_path is None:
         scenes = load_scenes(args.data)
         if not scenes:
             ap.error(f"refinement episodes are judged by the world oracle, which needs scene graphs "
-                     f"(<data>/<split>/scenes.jsonl) under {args.data}; use --revisions 0 without them")
+                     f"(<data>/<split>/scenes.jsonl) under {args.data}; without them use --judge <checkpoint> "
+                     "(a judge model judges the revisions) or --revisions 0")
     root = args.data.resolve()
     rejects: list[dict] = []
     stats: Counter = Counter()
@@ -333,7 +394,6 @@ def main(argv: list[str] | None = None) -> int:
 
     splits: dict[str, list[dict]] = {"train": [], "val": []}
     episodes: list[Episode] = []
-    oracle = WorldOracle(scenes) if scenes else None
     for p, s in todo:
         key = p.scene_id or (p.scene.scene_id if p.scene is not None else None) or (p.images[0] if p.images else p.id)
         split = split_of(str(key), args.val_fraction)
@@ -352,19 +412,30 @@ def main(argv: list[str] | None = None) -> int:
             stats["without_refinement"] += 1
             continue
         if args.revisions:
-            _fb, _sc, score, hal = _judge(oracle, p, s.text, f"{s.sample_id}-before", weights,
-                                          f"{p.where} (response {s.sample_id!r})")
             episodes.append(Episode(p, s, split, [str(root / rel) for rel in p.images],
-                                    p.prompt + [text_turn("assistant", s.text)], score, hal, s.refinement.strip()))
+                                    p.prompt + [text_turn("assistant", s.text)], s.refinement.strip()))
     stats["episodes"] = len(episodes)
 
     pid = None
+    judge = None
     if episodes:
         import torch
 
         from mmalign.components import load_component
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        if judge_path is None:
+            judge = WorldOracle(scenes)
+        else:
+            judge = load_component(args.judge_class, path=str(judge_path), questions=args.judge_questions,
+                                   trust_remote_code=args.trust_remote_code, progress=not args.no_progress,
+                                   device=device)
+        # the "before" of round 1, judged like the revisions (one call for a model judge)
+        befores = judge_texts(judge, [(ep.prompt, ep.sample.text, f"{ep.sample.sample_id}-before",
+                                       f"{ep.prompt.where} (response {ep.sample.sample_id!r})") for ep in episodes],
+                              weights)
+        for ep, (_fb, _sc, score, hal) in zip(episodes, befores):
+            ep.score, ep.hallucinated = score, hal
         policy = load_component(args.policy_class, path=str(args.model)).eval().to(device)
         pid = checkpoint_id(args.model)
         active = episodes
@@ -376,22 +447,26 @@ def main(argv: list[str] | None = None) -> int:
                            args.temperature, args.top_p, args.max_new_tokens, args.batch_size,
                            args.seed + ROUND_SEED_STRIDE * (rnd - 1), desc=f"revising (round {rnd})",
                            progress=not args.no_progress)
+            texts = [t.strip() for t in texts]
+            # the round's revisions judged together (one annotate call for a model judge)
+            verdicts = iter(judge_texts(judge, [(ep.prompt, text, f"{ep.sample.sample_id}-refine{rnd}",
+                                                 f"{ep.prompt.where} ({ep.sample.sample_id}-refine{rnd})")
+                                                for ep, text in zip(active, texts) if text], weights))
             nxt = []
             for ep, conv, text in zip(active, convs, texts):
                 rid = f"{ep.sample.sample_id}-refine{rnd}"
-                text = text.strip()
                 if not text:
                     rejects.append({"id": rid, "reason": "empty revision", "round": rnd,
                                     "source_id": ep.sample.sample_id, "messages": conv})
                     stats["stop:empty revision"] += rnd < args.revisions
                     continue
-                fb, scores, score, hal = _judge(oracle, ep.prompt, text, rid, weights, f"{ep.prompt.where} ({rid})")
+                fb, scores, score, hal = next(verdicts)
                 checkable = int(fb.meta.get("claims", 0)) - int(fb.meta.get("unverifiable", 0))
                 stats["revisions_without_checkable_claims"] += checkable == 0
                 meta = {"scores_after": scores, "fixed": sum(hal.values()) < sum(ep.hallucinated.values()),
                         "checkable_claims_after": checkable,
                         "hallucinated_before": ep.hallucinated, "hallucinated_after": hal,
-                        "refinement": ep.refinement, "critique": fb.critique, "judged_by": "oracle", "policy": pid,
+                        "refinement": ep.refinement, "critique": fb.critique, "judged_by": judge.name, "policy": pid,
                         "source_id": ep.sample.sample_id, "prompt_id": ep.prompt.id, "scene_id": ep.prompt.scene_id,
                         "task": ep.prompt.task, "feedback_source": ep.sample.scored_by}
                 splits[ep.split].append(refinement_record(rid, ep.prompt.images, conv, text, ep.score, score, rnd,
@@ -407,7 +482,10 @@ def main(argv: list[str] | None = None) -> int:
             active = nxt
 
     extra = {"feedback": str(feedback), "weights": weights, "scheme": scheme.to_dict(),
-             "revisions_asked": args.revisions, "policy": pid, "val_fraction": args.val_fraction}
+             "revisions_asked": args.revisions, "policy": pid, "val_fraction": args.val_fraction,
+             "judged_by": "oracle" if judge_path is None else getattr(judge, "name", "judge")}
+    if judge_path is not None:
+        extra.update(judge=str(judge_path), judge_class=args.judge_class, judge_questions=args.judge_questions)
     condition = scheme.to_dict()
     if fcond is not None:
         fcond, how = resolve_good_feedback(fcond, splits)

@@ -2,7 +2,8 @@
 
     python -m data_pipelines.prefs --feedback runs/demo/feedback/oracle --data runs/demo/data \\
         --out runs/demo/prefs [--inject-per-prompt 2] [--include-reference] [--val-fraction 0.1] \\
-        [--weights faithfulness=0.7,helpfulness=0.3] [--min-margin 0] [--seed 0]
+        [--weights faithfulness=0.7,helpfulness=0.3] [--min-margin 0] [--seed 0] \\
+        [--inject-scoring auto|oracle|parent|judge] [--judge runs/demo/judge/model [--judge-questions caption]]
 
 MM-RLHF (Zhang et al. 2025, "MM-RLHF: The Next Step Forward in Multimodal LLM Alignment") ranks
 several responses to one (image, prompt) by per-dimension scores and trains MM-DPO on *every*
@@ -23,9 +24,18 @@ the same :class:`mmalign.oracle.WorldOracle` on the prompt's scene graph, so one
 scale. With another source (a judge), ``--inject-scoring parent`` (the ``auto`` choice then)
 gives an injected response its parent's scores from that source moved by the oracle's change
 between parent and copy, so a copy never outranks the sample it was made from because of a
-scale difference; ``oracle`` uses the oracle's scores as they are. Every response records
-``scored_by``. ``overall`` = weighted mean of the ``--weights`` dimensions (rounded to 1e-10,
-so float noise never makes a preference). Identical texts (after stripping) are kept once per
+scale difference; ``oracle`` uses the oracle's scores as they are. ``--inject-scoring judge``
+(the ``auto`` choice when ``--judge PATH`` is given and every sample was scored by the judge) has
+that judge model annotate the injected copies (and the reference): all of them are collected
+first and judged in one ``annotate`` call (one more call per retry round below), so a judge-fed
+ranking has one scale and no oracle score; ``scored_by`` is then ``"judge"``. The judge is loaded
+by ``--judge-class`` (default :class:`models.feedback_sources.VLMJudgeSource`) with
+``--judge-questions`` (default ``caption``, the one mode that gives ``helpfulness``, which the
+default ``--weights`` use). The injection itself still needs the scene graph (it picks what is
+absent from the scene); a copy the judge does not score below its parent is dropped, as under
+the oracle, and the slot tries its next candidate (kind, parent) in the next round. Every
+response records ``scored_by``. ``overall`` = weighted mean of the ``--weights`` dimensions
+(rounded to 1e-10, so float noise never makes a preference). Identical texts (after stripping) are kept once per
 prompt; a tie in ``overall`` makes no pair, nor does a margin under ``--min-margin``.
 
 Output (atomic, with ``manifest.json`` holding the input hashes, so an unchanged re-run is
@@ -64,7 +74,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from mmalign.feedback import FeedbackItem, prompt_text
+from mmalign.feedback import FeedbackItem, check_feedback, prompt_text
 from mmalign.feedback_io import Prompt, Response, read_feedback, weighted_scores
 from mmalign.inject import INJECTION_KINDS, inject
 from mmalign.ranking import (
@@ -88,6 +98,8 @@ from mmalign.stage import (
 STAGE = "prefs"
 SOURCES = ("sample", *(f"inject:{k}" for k in INJECTION_KINDS), "reference")
 DEFAULT_WEIGHTS = "faithfulness=0.7,helpfulness=0.3"
+DEFAULT_JUDGE_CLASS = "models.feedback_sources.VLMJudgeSource"
+INJECT_SCORING = ("auto", "oracle", "parent", "judge")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,88 +107,193 @@ DEFAULT_WEIGHTS = "faithfulness=0.7,helpfulness=0.3"
 
 
 def _oracle_feedback(oracle, p: Prompt, text: str, rid: str):
-    item = FeedbackItem(id=rid, prompt=prompt_text(p.prompt), response=text, image=p.image,
-                        meta={"scene_id": p.scene_id})
-    return oracle.feedback(item, p.scene)
+    return oracle.feedback(_item(p, text, rid), p.scene)
+
+
+def _candidates(p: Prompt, parents: list[Response], order: list[str], k: int, rng: random.Random,
+                texts: set[str], stats: dict[str, Counter]):
+    """Injected copies for slot ``k``, lazily, in the order they are tried: the kinds rotated by
+    ``k``, for each kind the parents best first; yields ``(kind, parent, injection)``. A kind
+    that cannot be injected into a parent, or a copy whose text is already in ``texts``, is
+    counted in ``stats["inject_failed"]`` and passed over."""
+    for kind in order[k % len(order):] + order[:k % len(order)]:
+        for parent in parents:
+            try:
+                inj = inject(parent.text, p.scene, kind, rng)
+            except ValueError as e:
+                why = str(e).split(" (response:")[0].split("hallucination: ", 1)[-1]
+                stats["inject_failed"][f"{kind}: {why}"] += 1
+                continue
+            if inj.text.strip() in texts:
+                stats["inject_failed"][f"{kind}: same text as a response already there"] += 1
+                continue
+            yield kind, parent, inj
+
+
+def _injected(kind: str, inj, parent: Response, sc: dict[str, float], ov: float, fb, scored_by: str) -> Response:
+    return Response(inj.text, f"inject:{kind}", sc, ov, fb.critique, fb.refinement, scored_by,
+                    injection={"kind": kind, "original": inj.original, "replacement": inj.replacement,
+                               "start": inj.start, "end": inj.end},
+                    parent=parent)
+
+
+class _PromptState:
+    """A prompt's responses while its ranking is built: samples first, then the reference, then
+    injected copies, each text once; the injection rng and the parents."""
+
+    def __init__(self, p: Prompt, seed: int, kinds: list[str], stats: dict[str, Counter]):
+        self.p, self.stats = p, stats
+        self.responses: list[Response] = []
+        self.texts: set[str] = set()
+        for s in p.samples:
+            self.add(s)
+        # per-prompt rng: the result for a prompt does not depend on the other prompts or their order
+        self.rng = random.Random(f"{seed}:{p.id}")
+        self.order = list(kinds)
+        self.rng.shuffle(self.order)
+
+    def add(self, r: Response) -> bool:
+        key = r.text.strip()
+        if key in self.texts:
+            self.stats["duplicates_dropped"][r.source] += 1
+            return False
+        self.texts.add(key)
+        self.responses.append(r)
+        return True
+
+    def parents(self) -> list[Response]:
+        # best sample first: it has the most correct claims to corrupt, and its copy then differs
+        # from the top of the ranking by exactly one hallucination
+        return rank(r for r in self.responses if r.source == "sample")
+
+    def below_parent(self, kind: str, ov: float, parent: Response) -> bool:
+        if ov < parent.overall:
+            return True
+        # e.g. a parent whose every claim is already false: one more false claim leaves
+        # faithfulness at 0, and a copy that ties its parent is no worse response
+        self.stats["inject_failed"][f"{kind}: the copy does not score below its parent"] += 1
+        return False
+
+    def ranked(self, n_inject: int) -> list[Response]:
+        if sum(r.source.startswith("inject:") for r in self.responses) < n_inject:
+            self.stats["prompts"]["short_of_injections"] += 1
+        return rank(self.responses)  # stable: ties keep construction order
 
 
 def rank_prompt(p: Prompt, oracle, weights: dict[str, float], n_inject: int, kinds: list[str],
                 include_reference: bool, inject_scoring: str, seed: int, stats: dict[str, Counter]) -> list[Response]:
-    """The prompt's responses (samples, reference, injected copies), deduplicated, best first.
+    """The prompt's responses (samples, reference, injected copies), deduplicated, best first,
+    the added ones scored by the oracle (``inject_scoring`` "oracle" or "parent"; for "judge"
+    see :func:`rank_prompts_judged`).
 
     Ties keep their order of construction (samples in file order, the reference, then injected
     copies), so the ranking is deterministic.
     """
-    responses: list[Response] = []
-    texts: set[str] = set()
-
-    def add(r: Response) -> bool:
-        key = r.text.strip()
-        if key in texts:
-            stats["duplicates_dropped"][r.source] += 1
-            return False
-        texts.add(key)
-        responses.append(r)
-        return True
-
-    for s in p.samples:
-        add(s)
+    st = _PromptState(p, seed, kinds, stats)
     if include_reference:
         if p.reference is None:
             stats["prompts"]["without_reference"] += 1
         else:
             fb = _oracle_feedback(oracle, p, p.reference, f"{p.id}-reference")
             sc, ov = weighted_scores(fb.scores, weights, f"{p.where} (reference of prompt {p.id!r})")
-            add(Response(p.reference, "reference", sc, ov, fb.critique, fb.refinement, "oracle"))
-    # per-prompt rng: the result for a prompt does not depend on the other prompts or their order
-    rng = random.Random(f"{seed}:{p.id}")
-    order = list(kinds)
-    rng.shuffle(order)
-    # best sample first: it has the most correct claims to corrupt, and its copy then differs
-    # from the top of the ranking by exactly one hallucination
-    parents = rank(r for r in responses if r.source == "sample")
-    made = 0
+            st.add(Response(p.reference, "reference", sc, ov, fb.critique, fb.refinement, "oracle"))
+    parents = st.parents()
     for k in range(n_inject):
-        done = False
-        for kind in order[k % len(order):] + order[:k % len(order)]:
-            for parent in parents:
-                try:
-                    inj = inject(parent.text, p.scene, kind, rng)
-                except ValueError as e:
-                    why = str(e).split(" (response:")[0].split("hallucination: ", 1)[-1]
-                    stats["inject_failed"][f"{kind}: {why}"] += 1
-                    continue
-                if inj.text.strip() in texts:
-                    stats["inject_failed"][f"{kind}: same text as a response already there"] += 1
-                    continue
-                fb = _oracle_feedback(oracle, p, inj.text, f"{p.id}-inject{k}")
-                where = f"{p.where} (injected copy of {parent.sample_id!r})"
-                sc, ov = weighted_scores(fb.scores, weights, where)
-                scored_by = "oracle"
-                if inject_scoring == "parent":
-                    pfb = _oracle_feedback(oracle, p, parent.text, f"{p.id}-parent{k}")
-                    psc, _ = weighted_scores(pfb.scores, weights, where)
-                    sc = {d: parent.scores[d] + sc[d] - psc[d] for d in weights}
-                    ov = overall(sc, weights, ndigits=10)
-                    scored_by = f"{parent.scored_by}+oracle-delta"
-                if not ov < parent.overall:
-                    # e.g. a parent whose every claim is already false: one more false claim leaves
-                    # faithfulness at 0, and a copy that ties its parent is no worse response
-                    stats["inject_failed"][f"{kind}: the copy does not score below its parent"] += 1
-                    continue
-                add(Response(inj.text, f"inject:{kind}", sc, ov, fb.critique, fb.refinement, scored_by,
-                             injection={"kind": kind, "original": inj.original, "replacement": inj.replacement,
-                                        "start": inj.start, "end": inj.end},
-                             parent=parent))
+        for kind, parent, inj in _candidates(p, parents, st.order, k, st.rng, st.texts, stats):
+            fb = _oracle_feedback(oracle, p, inj.text, f"{p.id}-inject{k}")
+            where = f"{p.where} (injected copy of {parent.sample_id!r})"
+            sc, ov = weighted_scores(fb.scores, weights, where)
+            scored_by = "oracle"
+            if inject_scoring == "parent":
+                pfb = _oracle_feedback(oracle, p, parent.text, f"{p.id}-parent{k}")
+                psc, _ = weighted_scores(pfb.scores, weights, where)
+                sc = {d: parent.scores[d] + sc[d] - psc[d] for d in weights}
+                ov = overall(sc, weights, ndigits=10)
+                scored_by = f"{parent.scored_by}+oracle-delta"
+            if st.below_parent(kind, ov, parent):
+                st.add(_injected(kind, inj, parent, sc, ov, fb, scored_by))
                 stats["injected"][kind] += 1
-                made += 1
-                done = True
                 break
-            if done:
-                break
-    if made < n_inject:
-        stats["prompts"]["short_of_injections"] += 1
-    return rank(responses)  # stable: ties keep construction order
+    return st.ranked(n_inject)
+
+
+def _judge_scores(judge, items: list[FeedbackItem], wheres: list[str], weights: dict[str, float]) -> list[tuple]:
+    """``(feedback, weighted scores, overall)`` of each item by the judge, in one ``annotate`` call."""
+    if not items:
+        return []
+    out = []
+    for fb, where in zip(check_feedback(items, judge.annotate(items), judge.name), wheres):
+        missing = [d for d in weights if d not in fb.scores]
+        if missing:
+            hint = (" (a VLM judge gives helpfulness with --judge-questions caption only)"
+                    if "helpfulness" in missing else "")
+            raise RecordError(f"{where}: the judge gives no {', '.join(map(repr, missing))} score (it gives "
+                              f"{sorted(fb.scores)}); --weights may name only those with --inject-scoring judge{hint}")
+        out.append((fb, *weighted_scores(fb.scores, weights, where)))
+    return out
+
+
+def rank_prompts_judged(prompts: list[Prompt], judge, weights: dict[str, float], n_inject: int, kinds: list[str],
+                        include_reference: bool, seed: int, stats: dict[str, Counter]) -> list[list[Response]]:
+    """:func:`rank_prompt` for every prompt with the added responses scored by ``judge``, batched.
+
+    Round 1 collects, over all prompts, the reference and the first candidate copy of every
+    injection slot (as :func:`rank_prompt` tries them) and has the judge annotate them in one
+    call; a copy the judge does not score below its parent is dropped and its slot's next
+    candidate goes into the next round's call, until every slot is filled or out of candidates.
+    """
+    states = [_PromptState(p, seed, kinds, stats) for p in prompts]
+    parents = [st.parents() for st in states]  # the samples only: fixed before anything is added
+    slots = [{k: _candidates(st.p, ps, st.order, k, st.rng, st.texts, stats) for k in range(n_inject)}
+             for st, ps in zip(states, parents)]
+    asks: list[tuple] = []  # (prompt index, slot or None for the reference, kind, parent, injection, item, where)
+    for i, st in enumerate(states):
+        p = st.p
+        if not include_reference:
+            continue
+        if p.reference is None:
+            stats["prompts"]["without_reference"] += 1
+        elif p.reference.strip() in st.texts:
+            stats["duplicates_dropped"]["reference"] += 1
+        else:
+            st.texts.add(p.reference.strip())  # a copy with the reference's text is a duplicate too
+            asks.append((i, None, None, None, None, _item(p, p.reference, f"{p.id}-reference"),
+                         f"{p.where} (reference of prompt {p.id!r})"))
+    rnd = 0
+    while True:
+        rnd += 1
+        for i, st in enumerate(states):
+            for k, cands in list(slots[i].items()):
+                got = next(cands, None)
+                if got is None:  # out of candidates: the prompt is short of this injection
+                    del slots[i][k]
+                    continue
+                kind, parent, inj = got
+                st.texts.add(inj.text.strip())  # pending: another slot's copy must not repeat it
+                asks.append((i, k, kind, parent, inj, _item(st.p, inj.text, f"{st.p.id}-inject{k}-round{rnd}"),
+                             f"{st.p.where} (injected copy of {parent.sample_id!r})"))
+        if not asks:
+            break
+        scored = _judge_scores(judge, [a[5] for a in asks], [a[6] for a in asks], weights)
+        for (i, k, kind, parent, inj, _it, _w), (fb, sc, ov) in zip(asks, scored):
+            st = states[i]
+            if k is None:
+                st.texts.discard(st.p.reference.strip())
+                st.add(Response(st.p.reference, "reference", sc, ov, fb.critique, fb.refinement, judge.name))
+            elif st.below_parent(kind, ov, parent):
+                st.texts.discard(inj.text.strip())
+                st.add(_injected(kind, inj, parent, sc, ov, fb, judge.name))
+                stats["injected"][kind] += 1
+                del slots[i][k]
+            else:
+                st.texts.discard(inj.text.strip())
+        asks = []
+    return [st.ranked(n_inject) for st in states]
+
+
+def _item(p: Prompt, text: str, rid: str) -> FeedbackItem:
+    return FeedbackItem(id=rid, prompt=prompt_text(p.prompt), response=text, image=p.image,
+                        meta={"scene_id": p.scene_id})
 
 
 def pairs_of(p: Prompt, ranked: list[Response], min_margin: float) -> list[dict]:
@@ -278,12 +395,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="hallucination-injected copies of a sample to add per prompt (0 = none; default 2)")
     ap.add_argument("--kinds", nargs="+", choices=INJECTION_KINDS, default=list(INJECTION_KINDS),
                     help="injection kinds to rotate through (default: all)")
-    ap.add_argument("--inject-scoring", choices=("auto", "oracle", "parent"), default="auto",
-                    help="how injected copies are scored: oracle = the world oracle's scores; parent = the parent "
-                         "sample's scores moved by the oracle's change; auto = oracle when the feedback source is "
-                         "the oracle, else parent")
+    ap.add_argument("--inject-scoring", choices=INJECT_SCORING, default="auto",
+                    help="how injected copies (and the reference) are scored: oracle = the world oracle's scores; "
+                         "parent = the parent sample's scores moved by the oracle's change; judge = annotated by "
+                         "the --judge model; auto = oracle when the feedback source is the oracle, judge when it is "
+                         "the judge and --judge is given, else parent")
     ap.add_argument("--include-reference", action="store_true",
-                    help="add the data set's reference answer as a response (scored by the oracle)")
+                    help="add the data set's reference answer as a response (scored like the injected copies: by "
+                         "the oracle, or by the judge with --inject-scoring judge)")
+    ap.add_argument("--judge", type=Path, help="judge checkpoint folder (--inject-scoring judge)")
+    ap.add_argument("--judge-questions", choices=("caption", "lookup", "yesno"), default="caption",
+                    help="how the judge verifies a claim (as in the feedback stage); only 'caption' (the default) "
+                         "also gives helpfulness")
+    ap.add_argument("--judge-class", default=DEFAULT_JUDGE_CLASS,
+                    help=f"feedback source class to load --judge with (default {DEFAULT_JUDGE_CLASS})")
+    ap.add_argument("--trust-remote-code", action="store_true", help="run custom model code from the --judge checkpoint")
     ap.add_argument("--weights", default=DEFAULT_WEIGHTS,
                     help=f"score dimensions and their weights in the overall score (default {DEFAULT_WEIGHTS})")
     ap.add_argument("--min-margin", type=float, default=0.0,
@@ -298,11 +424,19 @@ def main(argv: list[str] | None = None) -> int:
     feedback = args.feedback / "feedback.jsonl" if args.feedback.is_dir() else args.feedback
     if not feedback.is_file():
         ap.error(f"--feedback {args.feedback}: no feedback.jsonl there")
+    if args.inject_scoring == "judge" and args.judge is None:
+        ap.error("--inject-scoring judge needs --judge <checkpoint folder>")
+    if args.judge is not None and not (args.judge / "config.json").exists():
+        ap.error(f"--judge {args.judge}: no config.json there (a Hugging Face checkpoint folder?)")
     config = {"weights": weights, "inject_per_prompt": args.inject_per_prompt, "kinds": args.kinds,
               "inject_scoring": args.inject_scoring, "include_reference": args.include_reference,
               "min_margin": args.min_margin, "val_fraction": args.val_fraction, "seed": args.seed,
               "on_error": args.on_error}
     inputs = [feedback, args.data]
+    if args.judge is not None:  # without --judge the config and inputs are what they always were
+        config["judge"] = {"path": str(args.judge), "class": args.judge_class, "questions": args.judge_questions,
+                           "trust_remote_code": args.trust_remote_code}
+        inputs += [args.judge / "config.json", *sorted(args.judge.glob("*.safetensors"))]
     if not args.force and is_up_to_date(args.out, config, inputs):
         print(f"{STAGE}: {args.out} up to date, skipping (--force to redo)")
         return 0
@@ -310,11 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     from mmalign.oracle import WorldOracle
 
     t0 = time.perf_counter()
-    need_scene = args.inject_per_prompt > 0 or args.include_reference
+    # the injection needs the scene (it picks what is absent from it); scoring needs it unless the judge scores
+    need_scene = args.inject_per_prompt > 0 or (args.include_reference and args.inject_scoring != "judge")
     scenes = load_scenes(args.data) if need_scene else None
     if need_scene and not scenes:
         ap.error(f"injection and --include-reference need scene graphs (<data>/<split>/scenes.jsonl) under {args.data}; "
-                 "use --inject-per-prompt 0 without them")
+                 "use --inject-per-prompt 0 without them (and --inject-scoring judge for the reference)")
     oracle = WorldOracle(scenes) if scenes else None
     with StageOutput(args.out, stage=STAGE, config=config, inputs=inputs) as st:
         rejects: list[dict] = []
@@ -324,12 +459,22 @@ def main(argv: list[str] | None = None) -> int:
         sources = {s.scored_by for p in prompts for s in p.samples}
         scoring = args.inject_scoring
         if scoring == "auto":
-            scoring = "oracle" if sources == {"oracle"} else "parent"
+            scoring = ("oracle" if sources == {"oracle"} else
+                       "judge" if args.judge is not None and sources == {"judge"} else "parent")
         stats: dict[str, Counter] = defaultdict(Counter)
         ranked, pairs = [], {"train": [], "val": []}
-        for p in prompts:
-            rs = rank_prompt(p, oracle, weights, args.inject_per_prompt if oracle else 0, args.kinds,
-                             args.include_reference, scoring, args.seed, stats)
+        n_inject = args.inject_per_prompt if scenes else 0
+        if scoring == "judge":
+            from mmalign.components import load_component
+
+            judge = load_component(args.judge_class, path=str(args.judge), questions=args.judge_questions,
+                                   trust_remote_code=args.trust_remote_code)
+            per_prompt = rank_prompts_judged(prompts, judge, weights, n_inject, args.kinds, args.include_reference,
+                                             args.seed, stats)
+        else:
+            per_prompt = [rank_prompt(p, oracle, weights, n_inject, args.kinds, args.include_reference, scoring,
+                                      args.seed, stats) for p in prompts]
+        for p, rs in zip(prompts, per_prompt):
             split = split_of(p.id, args.val_fraction)
             ranked.append((p, rs, split))
             pairs[split] += pairs_of(p, rs, args.min_margin)
@@ -343,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         rep = build_report(ranked, pairs, stats, rejects, weights, seconds)
         rep["feedback_sources"] = sorted(sources)
         rep["inject_scoring"] = scoring
+        if scoring == "judge":
+            rep.update(judge=str(args.judge), judge_class=args.judge_class, judge_questions=args.judge_questions)
         atomic_write_text(st.path / "report.json", json.dumps(rep, indent=2) + "\n")
         md = report_md(rep)
         atomic_write_text(st.path / "report.md", md)

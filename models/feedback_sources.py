@@ -8,7 +8,10 @@ and live in :mod:`mmalign.oracle`; this module supplies the models that give the
 
 * :class:`VLMJudgeSource` -- any image-text-to-text checkpoint (loaded through
   :class:`models.policy.HFPolicy`) answers each claim's yes/no question about the image,
-  greedily, in left-padded batches; identical (image, question) pairs are asked once.
+  greedily, in left-padded batches; identical (image, question) pairs are asked once. Checking
+  claims against its own description of the image (``questions="caption"``), it also scores
+  helpfulness and names what the answer leaves out, as the oracle does, so every consumer of the
+  oracle's feedback (the nlf and prefs stages) can take the judge's instead.
 * :class:`DetectorSource` -- a zero-shot object detector (OWL-ViT / OWLv2 / Grounding-DINO) checks
   object existence only: each claimed object's category is a text query, the claim holds when
   the detector finds it with score >= ``threshold``. Attribute and relation segments are "n/a".
@@ -41,6 +44,8 @@ from mmalign.feedback import (
 )
 from mmalign.oracle import (
     EVIDENCE_PROMPT,
+    _label_counts,
+    _name,
     caption_verdict,
     coco_claims,
     critique_and_refinement,
@@ -51,7 +56,7 @@ from mmalign.oracle import (
 )
 from mmalign.records import load_image
 from mmalign.segments import DEFAULT_SEGMENTATION, check_segmentation
-from mmalign.world import parse_caption, parse_yes_no
+from mmalign.world import Mention, ParsedCaption, parse_caption, parse_yes_no
 from models.policy import DTYPES
 
 CLAIM_SETS = ("world", "coco")
@@ -80,6 +85,41 @@ def _faithfulness(verdicts: Sequence[bool | None]) -> float:
 
 def _device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def described_objects(evidence: ParsedCaption) -> list[Mention]:
+    """The distinct objects a description names: its non-negated mentions, one per (colour,
+    shape) -- the world's identity of an object -- in order of first mention. A mention without a
+    colour ("the star") is the same object as a coloured one of its shape ("a red star") when the
+    description has one. A counted mention ("two red circles") is one name, so one object here."""
+    first: dict[tuple[str | None, str], Mention] = {}
+    for m in evidence.mentions:
+        if not m.negated:
+            first.setdefault((m.color, m.shape), m)
+    coloured = {shape for color, shape in first if color is not None}
+    return [m for (color, shape), m in first.items() if color is not None or shape not in coloured]
+
+
+def refers_to(mention: Mention, obj: Mention) -> bool:
+    """A response's mention refers to a described object: not negated, the same shape and, where
+    both state a colour, the same colour (size is the free attribute, as in the oracle's coverage)."""
+    return (not mention.negated and mention.shape == obj.shape
+            and (mention.color is None or obj.color is None or mention.color == obj.color))
+
+
+def caption_helpfulness(response: str, evidence: ParsedCaption) -> tuple[float, list[str]]:
+    """The judge's helpfulness of ``response`` against its description of the image, and the
+    described objects the response leaves out, named as the oracle names a scene object ("red
+    circle"; "star" when the description gives no colour), in order of description.
+
+    helpfulness = referred / described objects (:func:`described_objects`, :func:`refers_to`);
+    1.0 when the description names no object -- nothing is known to be missing.
+    """
+    described = described_objects(evidence)
+    said = parse_caption(response).mentions
+    missing = [o for o in described if not any(refers_to(m, o) for m in said)]
+    share = 1.0 - len(missing) / len(described) if described else 1.0
+    return share, [_name({"shape": o.shape, "color": o.color}) for o in missing]
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,8 +154,17 @@ class VLMJudgeSource:
     Per item: ``segments`` (labels from the verdicts: yes = holds, no = hallucinated, an
     unparseable answer = unknown), template ``critique`` / ``refinement``, ``scores`` =
     ``{"faithfulness": share of parsed verdicts that are yes}`` (1.0 with none), and ``meta``
-    ``answers`` (the judge's raw answer per claim, in claim order), ``questions`` and
-    ``unparsed`` (how many answers were neither yes nor no).
+    ``answers`` (the judge's raw answer per claim, in claim order), ``questions``,
+    ``unparsed`` (how many answers were neither yes nor no) and, as the oracle writes them so a
+    consumer reads the same keys from either source, ``hallucinated`` (per type, the claims
+    judged false), ``claims`` (how many) and ``unverifiable`` (how many got no verdict).
+
+    ``questions="caption"`` also gives what the oracle gives and the other modes cannot:
+    ``scores["helpfulness"]`` = the share of the objects in the judge's description that the
+    response refers to (:func:`caption_helpfulness`; 1.0 when the description names none), the
+    described objects it leaves out named in the critique and refinement ("The answer does not
+    mention the red circle."), and ``meta["description"]``. The description is asked for every
+    item in this mode, with claims or without (an answer that says nothing is unhelpful).
     """
 
     name = "judge"
@@ -183,7 +232,8 @@ class VLMJudgeSource:
         check_items(self.name, items, f"the {self.name} feedback source checks claims against the image")
         per_item = [list(self.extract(it.response)) for it in items]
         if self.questions == "caption":
-            plans = [[{"description": EVIDENCE_PROMPT}] if cs else [] for cs in per_item]
+            # every item, claims or not: helpfulness needs the description either way
+            plans = [[{"description": EVIDENCE_PROMPT}] for _ in per_item]
         elif self.questions == "lookup":
             plans = [[lookup_questions(c) for c in cs] for cs in per_item]
         if self.questions != "yesno":
@@ -193,12 +243,17 @@ class VLMJudgeSource:
         answers = iter(self.ask(pairs))
         feedback = []
         for k, (it, cs) in enumerate(zip(items, per_item)):
+            scores: dict[str, float] = {}
+            missing: list[str] = []
+            extra: dict = {}
             if self.questions == "caption":
-                description = next(answers) if cs else ""
+                description = next(answers)
                 evidence = parse_caption(description)
                 verdicts = [caption_verdict(c, evidence) for c in cs]
                 ans = [description] * len(cs)
                 questions = [EVIDENCE_PROMPT] * len(cs)
+                scores["helpfulness"], missing = caption_helpfulness(it.response, evidence)
+                extra["description"] = description
             elif self.questions == "lookup":
                 got = [{key: next(answers) for key in p} for p in plans[k]]
                 verdicts = [lookup_verdict(c, a) for c, a in zip(cs, got)]
@@ -209,14 +264,16 @@ class VLMJudgeSource:
                 verdicts = [parse_yes_no(a) for a in ans]
                 questions = [c.question for c in cs]
             segments = segment_feedback(it.response, cs, verdicts, self.segmentation)
-            critique, refinement = critique_and_refinement(segments)
+            critique, refinement = critique_and_refinement(segments, missing)
+            unknown = sum(v is None for v in verdicts)
             feedback.append(Feedback(
                 id=it.id,
-                scores={"faithfulness": _faithfulness(verdicts)},
+                scores={"faithfulness": _faithfulness(verdicts), **scores},
                 critique=critique,
                 refinement=refinement,
-                meta={"answers": ans, "questions": questions,
-                      "unparsed": sum(v is None for v in verdicts), "judge": self.path},
+                meta={"answers": ans, "questions": questions, "unparsed": unknown, "judge": self.path,
+                      "hallucinated": _label_counts(segments), "claims": len(cs), "unverifiable": unknown,
+                      **extra},
                 segments=segments,
             ))
         return check_feedback(items, feedback, self.name)
@@ -526,7 +583,10 @@ __all__ = [
     "DetectorSource",
     "TeacherCritic",
     "VLMJudgeSource",
+    "caption_helpfulness",
     "claim_category",
+    "described_objects",
     "format_labels",
     "load_teacher_prompts",
+    "refers_to",
 ]
