@@ -10,17 +10,17 @@
 #|                                  |
 #|              +-------------------+
 #| baseline     +-> sft-continued
-#| feedback     +-> sample -+-> feedback/oracle             (the scene-graph oracle's labels)
-#|              |           \-> feedback/judge <- judge <- judge-base (sft + the final vision tower)
-#| MM-RLHF      +-> feedback/oracle -> prefs -+-> rm -> rm-score ---------+
-#|              |                             \-> ref-logps -+-> dpo      |
-#|              |                                            \-> mmdpo <--+  (the RM's margins, by pair id)
+#| feedback     +-> sample -+-> feedback/judge <- judge <- judge-base (sft + the final vision tower)
+#|              |           \-> feedback/oracle             (the scene-graph oracle's labels: control, FEEDBACK=oracle)
+#| MM-RLHF      +-> feedback/$FB -> prefs -+-> rm -> rm-score ---------+   ($FB = FEEDBACK: judge, or oracle)
+#|              |                          \-> ref-logps -+-> dpo      |
+#|              |                                         \-> mmdpo <--+  (the RM's margins, by pair id)
 #| Re-Align     +-> index -> realign-data -> realign, realign-text   (realign-data re-fills with sft)
 #| FGAIF        +-> sample-val -> feedback-val -+
-#|              |   feedback/oracle ------------+-> fg-rm -+-> fg-rm-eval
+#|              |   feedback/$FB ---------------+-> fg-rm -+-> fg-rm-eval
 #|              |                                          \-> fgaif, fgaif-seq
 #|              +-> fgaif-oracle                (the oracle's labels as rewards: no reward model)
-#| DRESS        +-> feedback/oracle -> nlf -> dress
+#| DRESS        +-> feedback/$FB -> nlf -> dress  (nlf's revisions judged by the same source)
 #| evaluation   \-> eval/<run> for sft and every trained run (+ refine/<run>: sft, sft-continued, dress -> refine/compare)
 #|                  -> eval-mmrlhf, eval-realign, eval-fgaif, eval-dress (side by side) -> report
 
@@ -114,7 +114,7 @@ DRESS_SRC   := $(SFT_SRC) mmalign/methods/dress.py $(wildcard mmalign/losses/dre
 
 .PHONY: help install venv deps data vision tiny-model sft eval-sft eval eval-compare sample judge feedback prefs mmrlhf-import mmrlhf-import-pairs \
   rm rm-score ref-logps dpo mmdpo sft-continued eval-mmrlhf index realign-data realign realign-text eval-realign \
-  sample-val feedback-val fg-rm fg-rm-eval fgaif fgaif-seq fgaif-oracle eval-fgaif \
+  sample-val feedback-val fg-rm fg-rm-eval fgaif fgaif-seq fgaif-oracle eval-fgaif oracle-fed \
   nlf dress-import dress eval-dress refine-compare sweep bench bench-dpo bench-index demo demo-full ablations report pipeline test test-slow clean
 
 # `make help`: the usage line, the stage graph (`#|` lines), every target with a `## ` comment on its
@@ -263,7 +263,34 @@ JUDGE_QUESTIONS ?= caption
 ## FGAIF segments: released (Fine-Grained RLHF's splitter, as FGAIF's release), released:<spaCy pipeline>, fine
 SEGMENTATION ?= released
 # One rule for every source (the folder name is the source), so the judge's and the oracle's
-# feedback can both exist: the demo reports the judge's, MM-RLHF's preferences use the oracle's.
+# feedback can both exist.
+#
+# FEEDBACK picks whose feedback every consumer reads: MM-RLHF's ranking and critiques (prefs, and the
+# injected answers' scores), FGAIF's segment labels (fg-rm), DRESS's critiques, refinements and the
+# judging of its revisions (nlf). `judge` is AI feedback, as in the papers (FGAIF's LVLM verification,
+# DRESS's GPT-4 critiques, MM-RLHF's annotation); `oracle` (the scene graphs) is the control, and
+# `make oracle-fed` runs every method on it beside this run. Re-Align's re-fill rule needs no feedback
+# (a sentence-similarity threshold). Evaluation and fg-rm-eval always score against the oracle.
+## whose feedback every consumer reads (prefs, fg-rm, nlf): judge (AI feedback) or oracle (the control)
+FEEDBACK ?= judge
+ifneq ($(filter-out judge oracle,$(FEEDBACK))$(words $(FEEDBACK)),1)
+$(error FEEDBACK=$(FEEDBACK): use judge or oracle)
+endif
+JUDGE_MODEL = $(OUT)/judge/model
+# A make variable that chooses what a stage reads is not a file, so make would keep a stage made under
+# another value: $(OUT)/.vars/NAME holds the variable's value and is rewritten (and so newer than the
+# stage) only when the value changes. Depending on $(call VAR,NAME) redoes the stage then. A new stamp
+# is dated 1970: it records the value without forcing anything (a run made before the stamps existed
+# keeps its stages until a value changes).
+VAR = $(OUT)/.vars/$(1)
+$(OUT)/.vars/%: FORCE
+	@mkdir -p $(@D); if [ ! -f $@ ]; then printf '%s' '$($*)' > $@ && touch -d @0 $@; \
+	  elif [ "$$(cat $@)" != '$($*)' ]; then printf '%s' '$($*)' > $@; fi
+.PHONY: FORCE
+FORCE:
+# the judge's options of a consumer whose source is $(1): its checkpoint and its way of asking
+JUDGE_ARGS = $(if $(filter judge,$(1)),--judge $(JUDGE_MODEL) --judge-questions $(JUDGE_QUESTIONS))
+JUDGE_DEP = $(if $(filter judge,$(1)),$(JUDGE_MODEL)/config.json)
 .SECONDEXPANSION:
 feedback: deps $(OUT)/feedback/$(SOURCE)/manifest.json ## segment labels, scores, critique, refinement by SOURCE -> runs/<RUN>/feedback/<SOURCE>
 $(OUT)/feedback/%/manifest.json: $(OUT)/sample/manifest.json data_pipelines/feedback.py mmalign/segments.py \
@@ -274,17 +301,17 @@ $(OUT)/feedback/%/manifest.json: $(OUT)/sample/manifest.json data_pipelines/feed
 
 # --- MM-RLHF: ranked preferences, reward models, MM-DPO ----------------------------------------
 
-# MM-RLHF's rankings are human annotations; in the synthetic world the scene-graph oracle plays the
-# annotator (PREFS_SOURCE=judge ranks by the judge's verdicts instead; docs/TESTBED.md).
-## whose scores rank the responses: oracle (the annotator's role) or judge
-PREFS_SOURCE ?= oracle
+# MM-RLHF's rankings are annotations; here the judge annotates (FEEDBACK=oracle: the scene-graph
+# oracle, the control; docs/TESTBED.md). The injected answers are scored by the same source.
+## whose scores rank the responses (default FEEDBACK): judge or oracle
+PREFS_SOURCE ?= $(FEEDBACK)
 ## hallucination-injected answers added per prompt
 INJECT ?= 2
 prefs: deps $(OUT)/prefs/manifest.json ## MM-RLHF: ranked responses per prompt and every strict pair -> runs/<RUN>/prefs
-$(OUT)/prefs/manifest.json: $(OUT)/feedback/$(PREFS_SOURCE)/manifest.json data_pipelines/prefs.py mmalign/inject.py mmalign/oracle.py
+$(OUT)/prefs/manifest.json: $(OUT)/feedback/$(PREFS_SOURCE)/manifest.json data_pipelines/prefs.py mmalign/inject.py mmalign/oracle.py \
+    $(call JUDGE_DEP,$(PREFS_SOURCE)) $(call VAR,PREFS_SOURCE)
 	$(TIMED) $(PY) -m data_pipelines.prefs --feedback $(OUT)/feedback/$(PREFS_SOURCE) --data $(OUT)/data \
-	  --inject-per-prompt $(INJECT) --seed $(SEED) --out $(OUT)/prefs \
-	  $(if $(filter oracle,$(PREFS_SOURCE)),,--weights faithfulness=1)
+	  --inject-per-prompt $(INJECT) --seed $(SEED) --out $(OUT)/prefs $(call JUDGE_ARGS,$(PREFS_SOURCE))
 
 # The published MM-RLHF data (unzipped yifanzhang114/MM-RLHF: data.jsonl + short/ long/ mcq/ safety/).
 ## mmrlhf-import: the unzipped published MM-RLHF data
@@ -380,7 +407,7 @@ $(OUT)/index/manifest.json: $(OUT)/data/manifest.json $(OUT)/sft/model/config.js
 # order; the first re-fill whose sentence-embedding cosine to the caption is below 0.95 (packaged
 # all-MiniLM-L6-v2) is the rejected answer, its image the rejected image. REALIGN_REJECTED=injection:
 # the earlier rule-based way (one injected hallucination + the nearest image that makes the caption
-# wrong; switching needs `make -B realign-data`). The re-fill decodes with the policy (~0.33 s per
+# wrong; switching redoes the stage). The re-fill decodes with the policy (~0.33 s per
 # caption on 2 cores), so the quick demo re-fills the first REALIGN_LIMIT captions only.
 ## realign-data: how the rejected answer is made: refill (Re-Align's rule) or injection
 REALIGN_REJECTED ?= refill
@@ -388,7 +415,8 @@ REALIGN_REJECTED ?= refill
 REALIGN_LIMIT ?= $($(SCALE).REALIGN_LIMIT)
 realign-data: deps $(OUT)/realign-data/manifest.json ## caption re-filled by the SFT policy under a retrieved image (Re-Align's rule) -> runs/<RUN>/realign-data
 $(OUT)/realign-data/manifest.json: $(OUT)/data/manifest.json $(OUT)/index/manifest.json $(OUT)/sft/model/config.json \
-    data_pipelines/realign_data.py mmalign/refill.py mmalign/textsim.py mmalign/inject.py mmalign/oracle.py mmalign/retrieval.py
+    data_pipelines/realign_data.py mmalign/refill.py mmalign/textsim.py mmalign/inject.py mmalign/oracle.py mmalign/retrieval.py \
+    $(call VAR,REALIGN_REJECTED) $(call VAR,REALIGN_LIMIT)
 	$(TIMED) $(PY) -m data_pipelines.realign_data --data $(OUT)/data --index $(OUT)/index --split train \
 	  --tasks detailed_caption --k 10 --seed $(SEED) --rejected $(REALIGN_REJECTED) --model $(OUT)/sft/model \
 	  $(if $(REALIGN_LIMIT),--limit $(REALIGN_LIMIT)) --out $(OUT)/realign-data
@@ -427,8 +455,8 @@ $(OUT)/feedback-val/oracle/manifest.json: $(OUT)/sample-val/manifest.json data_p
 # trained on those would be a constant). FG_RM_SHARED=1 trains one model with three heads
 # (.../shared) instead. FG_RM_STEPS (default RM_STEPS) shortens the trainings.
 comma := ,
-## whose segment labels the fine-grained reward models learn: oracle or judge
-FG_SOURCE ?= oracle
+## whose segment labels the fine-grained reward models learn (default FEEDBACK): judge or oracle
+FG_SOURCE ?= $(FEEDBACK)
 ## 1: one fine-grained reward model with three heads instead of three models
 FG_RM_SHARED ?=
 ## fine-grained reward-model training steps (default: RM_STEPS)
@@ -485,11 +513,12 @@ eval-fgaif: deps $(foreach r,$(FGAIF_RUNS),$(OUT)/eval/$(r)/metrics.json)
 
 # Natural-language feedback records for conditional RL: a critique example per sampled response
 # (its critique text, or its rating level with DRESS_CONDITION=rating, + question -> response) and a refinement episode per response with
-# something to fix (response, the oracle's refinement, the SFT policy's revision judged again; every
-# revision kept with its own condition). Score = mean of the oracle's faithfulness and helpfulness,
-# so a revision that drops everything does not pass as "good".
-## whose feedback nlf turns into records
-NLF_SOURCE ?= oracle
+# something to fix (response, NLF_SOURCE's refinement, the SFT policy's revision judged again by the
+# same source; every revision kept with its own condition). Score = mean of the source's faithfulness
+# and helpfulness (the judge's: coverage of its own description), so a revision that drops
+# everything does not pass as "good".
+## whose feedback nlf turns into records and judges the revisions with (default FEEDBACK): judge or oracle
+NLF_SOURCE ?= $(FEEDBACK)
 ## SFT revisions per refinement episode
 NLF_REVISIONS ?= 1
 ## the score that splits "Answer quality: bad." from "good." (nlf and dress; rating condition only)
@@ -498,8 +527,9 @@ NLF_THRESHOLD ?= 0.6
 DRESS_CONDITION ?= feedback
 nlf: deps $(OUT)/nlf/manifest.json ## DRESS: critique examples + refinement episodes with conditions -> runs/<RUN>/nlf
 $(OUT)/nlf/manifest.json: $(OUT)/feedback/$(NLF_SOURCE)/manifest.json $(OUT)/sft/model/config.json \
-    $(OUT)/data/manifest.json data_pipelines/nlf.py mmalign/conditions.py mmalign/nlf_records.py mmalign/oracle.py
-	$(TIMED) $(PY) -m data_pipelines.nlf --feedback $(OUT)/feedback/$(NLF_SOURCE) --data $(OUT)/data \
+    $(OUT)/data/manifest.json data_pipelines/nlf.py mmalign/conditions.py mmalign/nlf_records.py mmalign/oracle.py \
+    $(call JUDGE_DEP,$(NLF_SOURCE)) $(call VAR,NLF_SOURCE) $(call VAR,DRESS_CONDITION)
+	$(TIMED) $(PY) -m data_pipelines.nlf --feedback $(OUT)/feedback/$(NLF_SOURCE) --data $(OUT)/data $(call JUDGE_ARGS,$(NLF_SOURCE)) \
 	  --model $(OUT)/sft/model --out $(OUT)/nlf --revisions $(NLF_REVISIONS) --seed $(SEED) \
 	  --score-weights faithfulness=1,helpfulness=1 --thresholds $(NLF_THRESHOLD) --condition $(DRESS_CONDITION)
 
@@ -596,6 +626,28 @@ ablations: deps $(foreach r,$(ABLATION_RUNS),$(OUT)/eval/$(r)/metrics.json)
 # The SCALE=full demo plus the ablations: the numbers of docs/RESULTS.md's method sections.
 demo-full: ## SCALE=full demo + ablations -> runs/demo-full
 	$(MAKE) demo ablations SCALE=full
+
+# The control of FEEDBACK=judge: every method again on the oracle's feedback, in runs/<RUN>-oracle.
+# The stages that read no feedback (data to SFT, the judge, samples, the index, Re-Align, SFT-continued
+# and their evaluations) are copied from this run with their times, not redone (copies, not hard
+# links: Lightning rewrites checkpoints and logs in place); then `make demo FEEDBACK=oracle` runs the
+# rest there, and eval/compare-feedback puts each method on the judge's feedback beside the same method on
+# the oracle's (paired on the same test scenes; first column SFT).
+## oracle-fed: the run folder of the oracle-fed control (default <RUN>-oracle)
+ORACLE_RUN ?= $(RUN)-oracle
+FEEDBACK_FREE = data vision tiny-model sft judge-base judge sample feedback/judge index realign-data realign \
+  sft-continued sample-val feedback-val eval/sft eval/sft-continued eval/realign refine/sft refine/sft-continued
+FED_RUNS = mmdpo fgaif dress
+oracle-fed: ## control: MM-DPO, FGAIF and DRESS on the oracle's feedback beside this run's -> runs/<RUN>-oracle, eval/compare-feedback
+oracle-fed: deps $(STAGES) $(foreach r,$(FED_RUNS),$(OUT)/eval/$(r)/metrics.json)
+	@test "$(FEEDBACK)" = judge || { echo "oracle-fed: this run's FEEDBACK is $(FEEDBACK); the control is of FEEDBACK=judge"; exit 2; }
+	@mkdir -p runs/$(ORACLE_RUN); for d in $(FEEDBACK_FREE); do \
+	  if [ -e $(OUT)/$$d ] && [ ! -e runs/$(ORACLE_RUN)/$$d ]; then \
+	    mkdir -p runs/$(ORACLE_RUN)/$$(dirname $$d) && cp -a $(OUT)/$$d runs/$(ORACLE_RUN)/$$d; fi; done
+	@[ -e runs/$(ORACLE_RUN)/timings.jsonl ] || cp $(OUT)/timings.jsonl runs/$(ORACLE_RUN)/timings.jsonl
+	$(MAKE) --no-print-directory demo RUN=$(ORACLE_RUN) FEEDBACK=oracle
+	$(EVAL_COMPARE) $(OUT)/eval/sft $(foreach r,$(FED_RUNS),$(OUT)/eval/$(r) runs/$(ORACLE_RUN)/eval/$(r)) \
+	  --names sft $(foreach r,$(FED_RUNS),$(r) $(r)-oracle-fed) --out $(OUT)/eval/compare-feedback
 
 # The refinement comparison the report prints: the REFINE_RUNS side by side, each with its paired
 # difference from sft (refine_bench compare, as eval-dress runs it), into refine/compare/compare.json,

@@ -7,8 +7,11 @@ Sources (one interface, ``mmalign.feedback.FeedbackSource``):
 
 * ``oracle``: checks every claim against the scene graph (``mmalign.oracle.WorldOracle``); exact,
   the ground truth the others are measured against;
-* ``judge``: asks a judge model yes/no questions about each claim
-  (``models.feedback_sources.VLMJudgeSource``; any image-text-to-text checkpoint, ``--judge``);
+* ``judge``: a judge model checks each claim (``models.feedback_sources.VLMJudgeSource``; any
+  image-text-to-text checkpoint, ``--judge``): against its own description of the image
+  (``--judge-questions caption``, the default, which also scores helpfulness: the share of the
+  described objects the answer refers to), by content questions (``lookup``) or yes/no questions
+  (``yesno``);
 * ``detector``: a zero-shot object detector checks object existence
   (``models.feedback_sources.DetectorSource``, ``--detector``).
 

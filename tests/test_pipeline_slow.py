@@ -37,7 +37,7 @@ def test_make_demo_end_to_end():
         assert section in report, section
     stages = {json.loads(x)["stage"] for x in (out / "timings.jsonl").read_text().splitlines()}
     assert {"data", "tiny-model", "sft", "judge", "sample", "feedback/judge", "prefs", "index", "rm/critique",
-            "mmdpo", "realign", "fg-rm/oracle/object", "fgaif", "nlf", "dress", "eval/dress", "refine/dress",
+            "mmdpo", "realign", "fg-rm/judge/object", "fgaif", "nlf", "dress", "eval/dress", "refine/dress",
             "report"} <= stages
     for png in ("report-metrics.png", "report-training.png"):
         assert (out / png).stat().st_size > 20_000, png
@@ -85,7 +85,7 @@ def test_make_demo_end_to_end():
         assert "train/visual_loss" in f.readline()
     # FGAIF: three fine-grained reward models measured on held-out responses, PPO with dense
     # segment rewards, the sequence-reward ablation and the oracle-reward control side by side.
-    fg = json.loads((out / "fg-rm/oracle/eval/metrics.json").read_text())
+    fg = json.loads((out / "fg-rm/judge/eval/metrics.json").read_text())
     assert set(fg["types"]) == {"object", "attribute", "relation"} and fg["responses"] == 800
     for t, m in fg["types"].items():
         assert m["support"]["hallucinated"] > 0, t

@@ -80,8 +80,8 @@ def test_pipeline_dry_run_parses_every_training_config(profile, tmp_path):
                           check=False, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    for stage in ("data", "sft", "judge", "sample", "feedback/oracle", "prefs", "index", "rm/critique", "mmdpo",
-                  "realign", "fg-rm/oracle/object", "fgaif", "nlf", "dress", "eval/dress", "refine/dress", "report"):
+    for stage in ("data", "sft", "judge", "sample", "feedback/judge", "prefs", "index", "rm/critique", "mmdpo",
+                  "realign", "fg-rm/judge/object", "fgaif", "nlf", "dress", "eval/dress", "refine/dress", "report"):
         assert f" {stage} " in out, stage
     assert "tiny-model" not in out  # SFT starts from BASE, not from the tiny model
     assert out.count("config ok") == 12 and "config ERROR" not in out
