@@ -123,7 +123,15 @@ from pathlib import Path
 
 from mmalign.conditions import ConditionScheme, FeedbackCondition
 from mmalign.feedback import HALLUCINATION_TYPES, FeedbackItem, check_feedback, prompt_text
-from mmalign.feedback_io import Prompt, Response, read_feedback, weighted_scores
+from mmalign.feedback_io import (
+    Prompt,
+    Response,
+    add_judge_arguments,
+    judge_stage_config,
+    load_judge,
+    read_feedback,
+    weighted_scores,
+)
 from mmalign.nlf_records import (
     KINDS,
     add_feedback_arguments,
@@ -152,7 +160,6 @@ NOTHING_TO_FIX = ("No change is needed.", "")
 #: the seed of round r, batch b is seed + ROUND_SEED_STRIDE * (r - 1) + b
 ROUND_SEED_STRIDE = 100_003
 DEFAULT_WEIGHTS = "faithfulness=1"
-DEFAULT_JUDGE_CLASS = "models.feedback_sources.VLMJudgeSource"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,15 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="use at most this many feedback records, prompt by prompt in file order (0 = all)")
     ap.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                     help="an unusable feedback line: stop with file:line (raise) or put it in rejects.jsonl (skip)")
-    ap.add_argument("--judge", type=Path,
-                    help="a judge checkpoint folder: it judges the responses before and the revisions after, instead "
-                         "of the world oracle (no scene graphs needed then)")
-    ap.add_argument("--judge-questions", choices=("caption", "lookup", "yesno"), default="caption",
-                    help="how the judge verifies a claim (as in the feedback stage); only 'caption' (the default) "
-                         "also gives helpfulness")
-    ap.add_argument("--judge-class", default=DEFAULT_JUDGE_CLASS,
-                    help=f"feedback source class to load --judge with (default {DEFAULT_JUDGE_CLASS})")
-    ap.add_argument("--trust-remote-code", action="store_true", help="run custom model code from the --judge checkpoint")
+    add_judge_arguments(ap, "a judge checkpoint folder: it judges the responses before and the revisions after, "
+                            "instead of the world oracle (no scene graphs needed then)")
     ap.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, ...")
     ap.add_argument("--force", action="store_true", help="re-run even when the output is up to date")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -348,9 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--revisions > 0 needs --model (the policy that revises); --revisions 0 makes critique examples only")
         if not (args.model / "config.json").exists():
             ap.error(f"--model {args.model}: no config.json there (a Hugging Face checkpoint folder?)")
-        if args.judge is not None and not (args.judge / "config.json").exists():
-            ap.error(f"--judge {args.judge}: no config.json there (a Hugging Face checkpoint folder?)")
     judge_path = args.judge if args.revisions else None  # with no revision there is nothing to judge
+    judge_config, judge_inputs = judge_stage_config(ap, args, judge_path)
     config = {"weights": weights, "scheme": scheme.to_dict(), "val_fraction": args.val_fraction,
               "revisions": args.revisions, "temperature": args.temperature, "top_p": args.top_p,
               "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "seed": args.seed,
@@ -358,14 +357,12 @@ def main(argv: list[str] | None = None) -> int:
               "policy_class": args.policy_class if args.revisions else None}
     if fcond is not None:  # rating mode keeps the config (and so the up-to-date check) it always had
         config["condition"] = fcond.to_dict()
-    if judge_path is not None:  # likewise: without --judge the config is what it always was
-        config["judge"] = {"path": str(judge_path), "class": args.judge_class, "questions": args.judge_questions,
-                           "trust_remote_code": args.trust_remote_code}
+    if judge_config is not None:  # likewise: without --judge the config is what it always was
+        config["judge"] = judge_config
     inputs = [feedback, args.data]
     if args.revisions:
         inputs += [args.model / "config.json", *sorted(args.model.glob("*.safetensors"))]
-    if judge_path is not None:
-        inputs += [judge_path / "config.json", *sorted(judge_path.glob("*.safetensors"))]
+    inputs += judge_inputs
     if not args.force and is_up_to_date(args.out, config, inputs):
         print(f"{STAGE}: {args.out} up to date, skipping (--force to redo)")
         return 0
@@ -427,9 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         if judge_path is None:
             judge = WorldOracle(scenes)
         else:
-            judge = load_component(args.judge_class, path=str(judge_path), questions=args.judge_questions,
-                                   trust_remote_code=args.trust_remote_code, progress=not args.no_progress,
-                                   device=device)
+            judge = load_judge(args, judge_path, progress=not args.no_progress, device=device)
         # the "before" of round 1, judged like the revisions (one call for a model judge)
         befores = judge_texts(judge, [(ep.prompt, ep.sample.text, f"{ep.sample.sample_id}-before",
                                        f"{ep.prompt.where} (response {ep.sample.sample_id!r})") for ep in episodes],

@@ -75,8 +75,16 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from mmalign.feedback import FeedbackItem, check_feedback, prompt_text
-from mmalign.feedback_io import Prompt, Response, read_feedback, weighted_scores
-from mmalign.inject import INJECTION_KINDS, inject
+from mmalign.feedback_io import (
+    Prompt,
+    Response,
+    add_judge_arguments,
+    judge_stage_config,
+    load_judge,
+    read_feedback,
+    weighted_scores,
+)
+from mmalign.inject import INJECTION_KINDS, try_inject
 from mmalign.ranking import (
     distribution,
     overall,
@@ -98,7 +106,6 @@ from mmalign.stage import (
 STAGE = "prefs"
 SOURCES = ("sample", *(f"inject:{k}" for k in INJECTION_KINDS), "reference")
 DEFAULT_WEIGHTS = "faithfulness=0.7,helpfulness=0.3"
-DEFAULT_JUDGE_CLASS = "models.feedback_sources.VLMJudgeSource"
 INJECT_SCORING = ("auto", "oracle", "parent", "judge")
 
 
@@ -118,11 +125,8 @@ def _candidates(p: Prompt, parents: list[Response], order: list[str], k: int, rn
     counted in ``stats["inject_failed"]`` and passed over."""
     for kind in order[k % len(order):] + order[:k % len(order)]:
         for parent in parents:
-            try:
-                inj = inject(parent.text, p.scene, kind, rng)
-            except ValueError as e:
-                why = str(e).split(" (response:")[0].split("hallucination: ", 1)[-1]
-                stats["inject_failed"][f"{kind}: {why}"] += 1
+            inj = try_inject(parent.text, p.scene, kind, rng, stats["inject_failed"])
+            if inj is None:
                 continue
             if inj.text.strip() in texts:
                 stats["inject_failed"][f"{kind}: same text as a response already there"] += 1
@@ -403,13 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--include-reference", action="store_true",
                     help="add the data set's reference answer as a response (scored like the injected copies: by "
                          "the oracle, or by the judge with --inject-scoring judge)")
-    ap.add_argument("--judge", type=Path, help="judge checkpoint folder (--inject-scoring judge)")
-    ap.add_argument("--judge-questions", choices=("caption", "lookup", "yesno"), default="caption",
-                    help="how the judge verifies a claim (as in the feedback stage); only 'caption' (the default) "
-                         "also gives helpfulness")
-    ap.add_argument("--judge-class", default=DEFAULT_JUDGE_CLASS,
-                    help=f"feedback source class to load --judge with (default {DEFAULT_JUDGE_CLASS})")
-    ap.add_argument("--trust-remote-code", action="store_true", help="run custom model code from the --judge checkpoint")
+    add_judge_arguments(ap, "judge checkpoint folder (--inject-scoring judge)")
     ap.add_argument("--weights", default=DEFAULT_WEIGHTS,
                     help=f"score dimensions and their weights in the overall score (default {DEFAULT_WEIGHTS})")
     ap.add_argument("--min-margin", type=float, default=0.0,
@@ -426,17 +424,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--feedback {args.feedback}: no feedback.jsonl there")
     if args.inject_scoring == "judge" and args.judge is None:
         ap.error("--inject-scoring judge needs --judge <checkpoint folder>")
-    if args.judge is not None and not (args.judge / "config.json").exists():
-        ap.error(f"--judge {args.judge}: no config.json there (a Hugging Face checkpoint folder?)")
+    judge_config, judge_inputs = judge_stage_config(ap, args, args.judge)
     config = {"weights": weights, "inject_per_prompt": args.inject_per_prompt, "kinds": args.kinds,
               "inject_scoring": args.inject_scoring, "include_reference": args.include_reference,
               "min_margin": args.min_margin, "val_fraction": args.val_fraction, "seed": args.seed,
               "on_error": args.on_error}
     inputs = [feedback, args.data]
-    if args.judge is not None:  # without --judge the config and inputs are what they always were
-        config["judge"] = {"path": str(args.judge), "class": args.judge_class, "questions": args.judge_questions,
-                           "trust_remote_code": args.trust_remote_code}
-        inputs += [args.judge / "config.json", *sorted(args.judge.glob("*.safetensors"))]
+    if judge_config is not None:  # without --judge the config and inputs are what they always were
+        config["judge"] = judge_config
+        inputs += judge_inputs
     if not args.force and is_up_to_date(args.out, config, inputs):
         print(f"{STAGE}: {args.out} up to date, skipping (--force to redo)")
         return 0
@@ -465,10 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         ranked, pairs = [], {"train": [], "val": []}
         n_inject = args.inject_per_prompt if scenes else 0
         if scoring == "judge":
-            from mmalign.components import load_component
-
-            judge = load_component(args.judge_class, path=str(args.judge), questions=args.judge_questions,
-                                   trust_remote_code=args.trust_remote_code)
+            judge = load_judge(args, args.judge)
             per_prompt = rank_prompts_judged(prompts, judge, weights, n_inject, args.kinds, args.include_reference,
                                              args.seed, stats)
         else:

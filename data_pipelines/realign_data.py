@@ -106,7 +106,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmalign.inject import INJECTION_KINDS, inject
+from mmalign.inject import INJECTION_KINDS, try_inject
 from mmalign.ranking import assistant_message, split_of
 from mmalign.records import (
     MAX_RESPONSE_CHARS,
@@ -333,11 +333,8 @@ def inject_rotating(item: Item, kinds: list[str], seed: int, stats: dict[str, Co
     rng = random.Random(f"{seed}:{item.id}")
     start = rng.randrange(len(kinds))
     for kind in kinds[start:] + kinds[:start]:
-        try:
-            inj = inject(item.chosen, item.scene, kind, rng)
-        except ValueError as e:
-            why = str(e).split(" (response:")[0].split("hallucination: ", 1)[-1]
-            stats["inject_failed"][f"{kind}: {why}"] += 1
+        inj = try_inject(item.chosen, item.scene, kind, rng, stats["inject_failed"])
+        if inj is None:
             continue
         if inj.text.strip() == item.chosen.strip():  # inject guarantees a change; never pair equal texts
             stats["inject_failed"][f"{kind}: the copy equals the answer"] += 1

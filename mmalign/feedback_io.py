@@ -182,3 +182,42 @@ def read_feedback(path: Path, data: Path, weights: dict[str, float], scenes: dic
                 raise
             rejects.append({"line": lineno, "reason": reason, "error": str(e), "record": obj})
     return list(prompts.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# a model judge as a consumer stage's feedback source (prefs' injected copies, nlf's revisions)
+
+#: the feedback source class a stage's ``--judge`` folder is loaded with by default
+DEFAULT_JUDGE_CLASS = "models.feedback_sources.VLMJudgeSource"
+
+
+def add_judge_arguments(ap, judge_help: str) -> None:
+    """``--judge``, ``--judge-questions``, ``--judge-class`` and ``--trust-remote-code``, the same
+    in every stage that can have a model judge score texts."""
+    ap.add_argument("--judge", type=Path, help=judge_help)
+    ap.add_argument("--judge-questions", choices=("caption", "lookup", "yesno"), default="caption",
+                    help="how the judge verifies a claim (as in the feedback stage); only 'caption' (the default) "
+                         "also gives helpfulness")
+    ap.add_argument("--judge-class", default=DEFAULT_JUDGE_CLASS,
+                    help=f"feedback source class to load --judge with (default {DEFAULT_JUDGE_CLASS})")
+    ap.add_argument("--trust-remote-code", action="store_true", help="run custom model code from the --judge checkpoint")
+
+
+def judge_stage_config(ap, args, judge: Path | None) -> tuple[dict | None, list[Path]]:
+    """The stage-config entry and the input files of judge checkpoint ``judge`` (None: none, so a
+    stage without a judge keeps the config it always had); ``ap.error`` when it is no checkpoint."""
+    if judge is None:
+        return None, []
+    if not (judge / "config.json").exists():
+        ap.error(f"--judge {judge}: no config.json there (a Hugging Face checkpoint folder?)")
+    return ({"path": str(judge), "class": args.judge_class, "questions": args.judge_questions,
+             "trust_remote_code": args.trust_remote_code},
+            [judge / "config.json", *sorted(judge.glob("*.safetensors"))])
+
+
+def load_judge(args, judge: Path, **kwargs: Any):
+    """The ``--judge`` checkpoint as a feedback source (``--judge-class``, ``--judge-questions``)."""
+    from mmalign.components import load_component
+
+    return load_component(args.judge_class, path=str(judge), questions=args.judge_questions,
+                          trust_remote_code=args.trust_remote_code, **kwargs)

@@ -254,3 +254,13 @@ def inject(response: str, scene: W.Scene, kind: str, rng: random.Random) -> Inje
     slot = rng.choice(slots)
     e, new_text = rng.choice([(e, t) for e, t in valid if e.slot == slot])
     return Injection(new_text, kind, e.new_start, e.new_end, response[e.start:e.end], new_text[e.new_start:e.new_end])
+
+
+def try_inject(response: str, scene: W.Scene, kind: str, rng: random.Random, failed) -> Injection | None:
+    """:func:`inject`, or None when the kind is impossible here, counting why in ``failed`` (a
+    Counter keyed ``"<kind>: <reason>"``, the stages' ``inject_failed`` report)."""
+    try:
+        return inject(response, scene, kind, rng)
+    except ValueError as e:
+        failed[f"{kind}: {str(e).split(' (response:')[0].split('hallucination: ', 1)[-1]}"] += 1
+        return None

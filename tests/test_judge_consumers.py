@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from data_pipelines import nlf as N
@@ -24,6 +23,7 @@ from mmalign.oracle import WorldOracle, load_world_scenes
 from mmalign.records import RecordError
 from mmalign.stage import StageOutput, atomic_write_jsonl
 from models.feedback_sources import VLMJudgeSource, caption_helpfulness, described_objects
+from tests.test_nlf import SCRIPT  # the scripted reviser's table (its class is loaded by path)
 
 DESCRIPTION = "A red circle is left of a blue square."
 
@@ -127,24 +127,6 @@ def test_yesno_judge_has_the_meta_keys_but_no_helpfulness(caption_judge, world, 
 # nlf --judge
 
 
-#: record id -> the revision ScriptedReviser returns
-SCRIPT: dict[str, str] = {}
-
-
-class ScriptedReviser(torch.nn.Module):
-    """A stand-in Policy whose revisions are scripted by record id (as in tests/test_nlf.py)."""
-
-    def __init__(self, path: str, **_):
-        super().__init__()
-        from models.policy import HFPolicy
-
-        self.processor = HFPolicy(path).processor
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-
-    def generate(self, batch, num_return_sequences=1, **_):
-        return [SCRIPT[m["id"]] for m in batch["meta"]]
-
-
 def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
@@ -189,7 +171,7 @@ def test_nlf_judge_judges_every_round_batched_without_scenes(world, model_dirs, 
         SCRIPT.update({f"{obj['id']}-refine1": wrong[obj["id"]], f"{obj['id']}-refine2": ref["response"],
                        f"{attr['id']}-refine1": ref["response"]})
     base = ["--feedback", str(fb), "--data", str(data), "--model", str(model_dirs["llava"]),
-            "--policy-class", "tests.test_judge_consumers.ScriptedReviser", "--revisions", "2",
+            "--policy-class", "tests.test_nlf.ScriptedReviser", "--revisions", "2",
             "--score-weights", "faithfulness=1,helpfulness=1", "--condition", "rating", "--batch-size", "4",
             "--no-progress"]
     # without --judge the stage still refuses to run episodes without scene graphs, and says what to do
