@@ -20,6 +20,7 @@
 #|              |   feedback/$FB ---------------+-> fg-rm -+-> fg-rm-eval
 #|              |                                          \-> fgaif, fgaif-seq
 #|              +-> fgaif-oracle                (the oracle's labels as rewards: no reward model)
+#|              +-> fgaif-judge                 (the judge's verdicts as rewards, online: no reward model)
 #| DRESS        +-> feedback/$FB -> nlf -> dress  (nlf's revisions judged by the same source)
 #| evaluation   \-> eval/<run> for sft and every trained run (+ refine/<run>: sft, sft-continued, dress -> refine/compare)
 #|                  -> eval-mmrlhf, eval-realign, eval-fgaif, eval-dress (side by side) -> report
@@ -75,7 +76,7 @@ MODEL ?=
 ## the checkpoint folder SFT starts from when MODEL is set
 BASE ?=
 MODEL_DIR = configs/models/$(MODEL)
-# (ablations share their method's file: fgaif-seq and fgaif-oracle use fgaif.yaml, realign-text realign.yaml)
+# (ablations share their method's file: fgaif-seq, fgaif-oracle and fgaif-judge use fgaif.yaml, realign-text realign.yaml)
 OVERLAY_FILE = $(MODEL_DIR)/$(patsubst fgaif-%,fgaif,$(patsubst realign-text,realign,$(1))).yaml
 OVERLAY = $(if $(MODEL),--config $(MODEL_DIR)/common.yaml $(if $(wildcard $(OVERLAY_FILE)),--config $(OVERLAY_FILE)))
 # Every stage command runs through mmalign.timed: one line per run in $(OUT)/timings.jsonl (wall
@@ -114,7 +115,7 @@ DRESS_SRC   := $(SFT_SRC) mmalign/methods/dress.py $(wildcard mmalign/losses/dre
 
 .PHONY: help install venv deps data vision tiny-model sft eval-sft eval eval-compare sample judge feedback prefs mmrlhf-import mmrlhf-import-pairs \
   rm rm-score ref-logps dpo mmdpo sft-continued eval-mmrlhf index realign-data realign realign-text eval-realign \
-  sample-val feedback-val fg-rm fg-rm-eval fgaif fgaif-seq fgaif-oracle eval-fgaif oracle-fed \
+  sample-val feedback-val fg-rm fg-rm-eval fgaif fgaif-seq fgaif-oracle fgaif-judge eval-fgaif oracle-fed \
   nlf dress-import dress eval-dress refine-compare sweep bench bench-dpo bench-index demo demo-full ablations report pipeline test test-slow clean
 
 # `make help`: the usage line, the stage graph (`#|` lines), every target with a `## ` comment on its
@@ -503,8 +504,16 @@ $(eval $(call fit_policy,fgaif-oracle,configs/fgaif/tiny.yaml,$(OUT)/data/manife
   --data.init_args.train_file $(OUT)/data/train/sft.jsonl --data.init_args.data_root $(OUT)/data \
   --model.init_args.segmentation $(SEGMENTATION) \
   --model.init_args.reward_models '{"object": "oracle"$(comma) "attribute": "oracle"$(comma) "relation": "oracle"}'))
-FGAIF_RUNS = sft sft-continued fgaif-seq fgaif fgaif-oracle
-eval-fgaif: ## SFT, SFT-continued, sequence-reward PPO, FGAIF, oracle-reward PPO side by side -> runs/<RUN>/eval/compare-fgaif
+# Control: the same PPO with the judge's own verdicts as rewards, scored online on every rollout (the
+# AI feedback without a reward model in between: the judge verifies by describing the image, which the
+# fine-grained reward models do not learn on the tiny model; docs/RESULTS.md).
+fgaif-judge: ## control: the same PPO with the judge's verdicts as rewards, online (no reward model)
+$(eval $(call fit_policy,fgaif-judge,configs/fgaif/tiny.yaml,$(OUT)/data/manifest.json $(JUDGE_MODEL)/config.json $(FGAIF_SRC),\
+  --data.init_args.train_file $(OUT)/data/train/sft.jsonl --data.init_args.data_root $(OUT)/data \
+  --model.init_args.segmentation $(SEGMENTATION) \
+  --model.init_args.reward_models '{"object": "judge:$(JUDGE_MODEL)"$(comma) "attribute": "judge:$(JUDGE_MODEL)"$(comma) "relation": "judge:$(JUDGE_MODEL)"}'))
+FGAIF_RUNS = sft sft-continued fgaif-seq fgaif fgaif-oracle fgaif-judge
+eval-fgaif: ## SFT, SFT-continued, sequence-reward PPO, FGAIF, oracle- and judge-reward PPO side by side -> runs/<RUN>/eval/compare-fgaif
 eval-fgaif: deps $(foreach r,$(FGAIF_RUNS),$(OUT)/eval/$(r)/metrics.json)
 	$(EVAL_COMPARE) $(foreach r,$(FGAIF_RUNS),$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-fgaif
 	@head -12 $(OUT)/eval/compare-fgaif/compare.md

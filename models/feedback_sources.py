@@ -41,6 +41,7 @@ from mmalign.feedback import (
     check_feedback,
     check_items,
     item_where,
+    prompt_text,
 )
 from mmalign.oracle import (
     EVIDENCE_PROMPT,
@@ -277,6 +278,70 @@ class VLMJudgeSource:
                 segments=segments,
             ))
         return check_feedback(items, feedback, self.name)
+
+
+# --------------------------------------------------------------------------------------------
+# the judge as FGAIF's segment rewards
+
+
+class JudgeSegmentRewards:
+    """The judge's per-segment verdicts as fine-grained rewards, scored online: -1 hallucinated,
+    +1 correct, 0 n/a, for the segments of :func:`mmalign.segments.split_segments` with
+    ``segmentation``. A drop-in for trained fine-grained reward models (it implements
+    :class:`mmalign.rewards.SegmentRewardModel`), so FGAIF's PPO can take its rewards from the AI
+    feedback itself, as the oracle control takes them from the scene graphs.
+
+    Why it exists: a fine-grained reward model reads a verdict off one forward pass at a segment's
+    last token, and a small model may not learn to verify a claim that way (the tiny test model
+    stays at the "always hallucinated" prior; docs/RESULTS.md), while the same judge verifies well
+    by describing the image and comparing the description with the claim (``questions="caption"``).
+    One description per rollout image is generated per scoring call.
+
+    Args:
+        path: the judge checkpoint (as :class:`VLMJudgeSource`).
+        questions, batch_size, max_new_tokens, dtype, trust_remote_code, device: as
+            :class:`VLMJudgeSource`.
+        segmentation: must be the policy's (PPO checks it).
+    """
+
+    types = ("object", "attribute", "relation")
+
+    def __init__(self, path: str, questions: Literal["yesno", "lookup", "caption"] = "caption", batch_size: int = 64,
+                 max_new_tokens: int = 4, dtype: str = "float32", trust_remote_code: bool = False,
+                 device: str | None = None, segmentation: str = DEFAULT_SEGMENTATION):
+        self.judge = VLMJudgeSource(path, questions=questions, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                    dtype=dtype, trust_remote_code=trust_remote_code, progress=False, device=device,
+                                    segmentation=segmentation)
+        self.segmentation = self.judge.segmentation
+        self.path = str(path)
+
+    def segment_rewards(self, items: Sequence, mode: str = "label", batch_size: int = 16,
+                        types: Sequence[str] | None = None) -> list[dict[str, torch.Tensor]]:
+        """Per item and type the judge's ``(S_i,)`` segment rewards, one ``annotate`` call over all
+        items (``mode`` and ``batch_size`` do not apply: the verdicts are labels, and the judge
+        batches by its own ``batch_size``). An empty response has no segment."""
+        from mmalign.rewards import VALUES
+
+        types = list(types or self.types)
+        out: list[dict[str, torch.Tensor]] = [{t: torch.zeros(0) for t in types} for _ in items]
+        live = [(k, it) for k, it in enumerate(items) if it.response.strip()]
+        for k, it in live:
+            if not it.images or not isinstance(it.images[0], (str, Path)):
+                raise FeedbackError(f"judge rewards: item {it.id!r} needs its image as a path (got "
+                                    f"{type(it.images[0]).__name__ if it.images else 'no image'})")
+        prompts = [it.prompt if isinstance(it.prompt, str) else prompt_text(it.prompt) for _, it in live]
+        fbs = self.judge.annotate([FeedbackItem(id=str(it.id or k), prompt=q, response=it.response,
+                                                image=str(it.images[0]))
+                                   for (k, it), q in zip(live, prompts)])
+        for (k, _), fb in zip(live, fbs):
+            out[k] = {t: torch.tensor([VALUES[s.labels[t]] for s in fb.segments], dtype=torch.float32)
+                      for t in types}
+        return out
+
+    def to(self, device) -> JudgeSegmentRewards:
+        self.judge.device = torch.device(device)
+        self.judge.policy.model.to(self.judge.device)
+        return self
 
 
 # --------------------------------------------------------------------------------------------

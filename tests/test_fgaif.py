@@ -363,5 +363,6 @@ def test_value_model_starts_from_the_reward_models_backbone(model_dirs, tmp_path
     with pytest.raises(ValueError, match="value_model='separate'"):
         FGAIFModule(pol, reward_models={"object": str(tmp_path / "rm")}, value_init="reward_model",
                     value_model="shared")
-    with pytest.raises(ValueError, match=r"reward_models\['object'\] is the oracle"):
-        FGAIFModule(pol, reward_models={"object": "oracle"}, value_init="reward_model")
+    for entry in ("oracle", "judge:some/judge"):
+        with pytest.raises(ValueError, match=r"reward_models\['object'\] is '" + entry + "', which has no reward-model"):
+            FGAIFModule(pol, reward_models={"object": entry}, value_init="reward_model")

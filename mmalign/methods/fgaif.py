@@ -56,6 +56,7 @@ import logging
 import math
 import time
 import warnings
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -94,6 +95,10 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 
 #: a reward_models entry that means "the scene-graph oracle's labels" (a control, synthetic world)
 ORACLE = "oracle"
+#: a reward_models entry ``judge:<checkpoint folder>``: that judge's verdicts, scored online
+JUDGE_PREFIX = "judge:"
+#: the class a ``judge:`` entry is loaded with (models/ is never imported by mmalign, only by path)
+JUDGE_REWARDS_CLASS = "models.feedback_sources.JudgeSegmentRewards"
 Placement = Literal["segment", "sequence"]
 ValueModel = Literal["separate", "shared"]
 ValueInit = Literal["policy", "reward_model"]
@@ -154,6 +159,9 @@ class FGAIFModule(PolicyModule):
             object, attribute, relation. ``oracle`` instead of a folder gives the scene-graph
             oracle's labels (synthetic world, scenes from the data module's ``data_root``): PPO
             with perfect fine-grained rewards, the control ``make fgaif-oracle`` runs.
+            ``judge:<folder>`` gives that judge checkpoint's verdicts, scored online on every
+            rollout (``models.feedback_sources.JudgeSegmentRewards``: the AI feedback itself as
+            the reward, no reward model; ``make fgaif-judge``).
         reward_weights: ``w_k`` per type (equal by default: the paper's values were not found).
         reward_placement: "segment" (FGAIF: each segment's reward on its last token) or
             "sequence" (the ablation: the same total on the response's last token).
@@ -285,9 +293,9 @@ class FGAIFModule(PolicyModule):
         """The reward model folder the value model starts from: the object model's, else the first."""
         kind = "object" if "object" in reward_models else next(iter(reward_models))
         path = reward_models[kind]
-        if path == ORACLE:
-            raise ValueError(f"value_init='reward_model': reward_models[{kind!r}] is the oracle, which has no "
-                             "backbone to start the value model from; use value_init='policy'")
+        if path == ORACLE or path.startswith(JUDGE_PREFIX):
+            raise ValueError(f"value_init='reward_model': reward_models[{kind!r}] is {path!r}, which has no "
+                             "reward-model backbone to start the value model from; use value_init='policy'")
         return path
 
     def _load_reward_models(self) -> dict[str, object]:
@@ -297,7 +305,8 @@ class FGAIFModule(PolicyModule):
         out = {}
         for kind, path in self.hparams.reward_models.items():
             if path not in loaded:
-                loaded[path] = self._oracle() if path == ORACLE else load_fg_reward_model(path)
+                loaded[path] = (self._oracle() if path == ORACLE else self._judge(path[len(JUDGE_PREFIX):])
+                                if path.startswith(JUDGE_PREFIX) else load_fg_reward_model(path))
             model = loaded[path]
             if not isinstance(model, SegmentRewardModel):
                 raise TypeError(f"reward model {path}: {type(model).__name__} does not implement "
@@ -320,6 +329,15 @@ class FGAIFModule(PolicyModule):
             raise ValueError("reward_models 'oracle' needs the data module's data_root (the synthetic world's "
                              "scene graphs)")
         return OracleSegmentRewards(load_world_scenes(root), segmentation=self.segmentation)
+
+    def _judge(self, folder: str):
+        """A judge checkpoint's verdicts as the rewards (``judge:<folder>``), segmented as the policy."""
+        from mmalign.components import load_component
+
+        if not folder or not (Path(folder) / "config.json").is_file():
+            raise FileNotFoundError(f"reward_models 'judge:{folder}': no config.json there (a judge checkpoint "
+                                    "folder, e.g. runs/demo/judge/model)")
+        return load_component(JUDGE_REWARDS_CLASS, path=folder, segmentation=self.segmentation)
 
     def on_fit_start(self) -> None:
         for m in {id(m): m for m in self.__dict__["_reward_models"].values()}.values():
