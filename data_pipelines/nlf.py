@@ -122,7 +122,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmalign.conditions import ConditionScheme, FeedbackCondition
-from mmalign.feedback import HALLUCINATION_TYPES, FeedbackItem, check_feedback, prompt_text
+from mmalign.feedback import HALLUCINATION_TYPES, check_feedback
 from mmalign.feedback_io import (
     Prompt,
     Response,
@@ -130,7 +130,7 @@ from mmalign.feedback_io import (
     judge_stage_config,
     load_judge,
     read_feedback,
-    weighted_scores,
+    weigh_feedback,
 )
 from mmalign.nlf_records import (
     KINDS,
@@ -225,27 +225,17 @@ def judge_texts(judge, asks: list[tuple[Prompt, str, str, str]], weights: dict[s
     The oracle (``judge.name == "oracle"``) checks each text against its prompt's scene graph; any
     other feedback source judges all of them in one ``annotate`` call (a model batches them).
     """
-    items = [FeedbackItem(id=rid, prompt=prompt_text(p.prompt), response=text, image=p.image,
-                          meta={"scene_id": p.scene_id}) for p, text, rid, _ in asks]
+    items = [p.feedback_item(text, rid) for p, text, rid, _ in asks]
     if not items:
         return []
     if judge.name == "oracle":
         fbs = [judge.feedback(it, p.scene) for it, (p, *_rest) in zip(items, asks)]
     else:
         fbs = check_feedback(items, judge.annotate(items), judge.name)
-    out = []
-    for fb, (_p, _t, _r, where) in zip(fbs, asks):
-        missing = [d for d in weights if d not in fb.scores]
-        if missing:
-            hint = (" (a VLM judge gives helpfulness with --judge-questions caption only)"
-                    if judge.name == "judge" and "helpfulness" in missing else "")
-            raise RecordError(f"{where}: the revisions' judge ({judge.name}) gives no "
-                              f"{', '.join(map(repr, missing))} score (it gives {sorted(fb.scores)}); "
-                              f"--score-weights may name only those{hint}")
-        scores, score = weighted_scores(fb.scores, weights, where)
-        hal = {t: int(fb.meta.get("hallucinated", {}).get(t, 0)) for t in HALLUCINATION_TYPES}
-        out.append((fb, scores, score, hal))
-    return out
+    weighed = weigh_feedback(fbs, [where for *_rest, where in asks], weights,
+                             f"the revisions' judge ({judge.name})", "--score-weights")
+    return [(fb, scores, score, {t: int(fb.meta.get("hallucinated", {}).get(t, 0)) for t in HALLUCINATION_TYPES})
+            for fb, scores, score in weighed]
 
 
 # ---------------------------------------------------------------------------------------------

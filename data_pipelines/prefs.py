@@ -74,7 +74,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from mmalign.feedback import FeedbackItem, check_feedback, prompt_text
+from mmalign.feedback import FeedbackItem, check_feedback
 from mmalign.feedback_io import (
     Prompt,
     Response,
@@ -82,6 +82,7 @@ from mmalign.feedback_io import (
     judge_stage_config,
     load_judge,
     read_feedback,
+    weigh_feedback,
     weighted_scores,
 )
 from mmalign.inject import INJECTION_KINDS, try_inject
@@ -114,7 +115,7 @@ INJECT_SCORING = ("auto", "oracle", "parent", "judge")
 
 
 def _oracle_feedback(oracle, p: Prompt, text: str, rid: str):
-    return oracle.feedback(_item(p, text, rid), p.scene)
+    return oracle.feedback(p.feedback_item(text, rid), p.scene)
 
 
 def _candidates(p: Prompt, parents: list[Response], order: list[str], k: int, rng: random.Random,
@@ -225,16 +226,8 @@ def _judge_scores(judge, items: list[FeedbackItem], wheres: list[str], weights: 
     """``(feedback, weighted scores, overall)`` of each item by the judge, in one ``annotate`` call."""
     if not items:
         return []
-    out = []
-    for fb, where in zip(check_feedback(items, judge.annotate(items), judge.name), wheres):
-        missing = [d for d in weights if d not in fb.scores]
-        if missing:
-            hint = (" (a VLM judge gives helpfulness with --judge-questions caption only)"
-                    if "helpfulness" in missing else "")
-            raise RecordError(f"{where}: the judge gives no {', '.join(map(repr, missing))} score (it gives "
-                              f"{sorted(fb.scores)}); --weights may name only those with --inject-scoring judge{hint}")
-        out.append((fb, *weighted_scores(fb.scores, weights, where)))
-    return out
+    return weigh_feedback(check_feedback(items, judge.annotate(items), judge.name), wheres, weights,
+                          "the judge", "--weights with --inject-scoring judge")
 
 
 def rank_prompts_judged(prompts: list[Prompt], judge, weights: dict[str, float], n_inject: int, kinds: list[str],
@@ -261,7 +254,7 @@ def rank_prompts_judged(prompts: list[Prompt], judge, weights: dict[str, float],
             stats["duplicates_dropped"]["reference"] += 1
         else:
             st.texts.add(p.reference.strip())  # a copy with the reference's text is a duplicate too
-            asks.append((i, None, None, None, None, _item(p, p.reference, f"{p.id}-reference"),
+            asks.append((i, None, None, None, None, p.feedback_item(p.reference, f"{p.id}-reference"),
                          f"{p.where} (reference of prompt {p.id!r})"))
     rnd = 0
     while True:
@@ -274,7 +267,7 @@ def rank_prompts_judged(prompts: list[Prompt], judge, weights: dict[str, float],
                     continue
                 kind, parent, inj = got
                 st.texts.add(inj.text.strip())  # pending: another slot's copy must not repeat it
-                asks.append((i, k, kind, parent, inj, _item(st.p, inj.text, f"{st.p.id}-inject{k}-round{rnd}"),
+                asks.append((i, k, kind, parent, inj, st.p.feedback_item(inj.text, f"{st.p.id}-inject{k}-round{rnd}"),
                              f"{st.p.where} (injected copy of {parent.sample_id!r})"))
         if not asks:
             break
@@ -293,11 +286,6 @@ def rank_prompts_judged(prompts: list[Prompt], judge, weights: dict[str, float],
                 st.texts.discard(inj.text.strip())
         asks = []
     return [st.ranked(n_inject) for st in states]
-
-
-def _item(p: Prompt, text: str, rid: str) -> FeedbackItem:
-    return FeedbackItem(id=rid, prompt=prompt_text(p.prompt), response=text, image=p.image,
-                        meta={"scene_id": p.scene_id})
 
 
 def pairs_of(p: Prompt, ranked: list[Response], min_margin: float) -> list[dict]:

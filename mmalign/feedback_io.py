@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmalign.feedback import FeedbackError, feedback_from_json
+from mmalign.feedback import FeedbackError, FeedbackItem, feedback_from_json, prompt_text
 from mmalign.ranking import overall
 from mmalign.records import (
     AnnotatedResponse,
@@ -76,6 +76,11 @@ class Prompt:
     reference: str | None
     where: str  # file:line of the first sample
     samples: list[Response] = field(default_factory=list)
+
+    def feedback_item(self, text: str, rid: str) -> FeedbackItem:
+        """Another answer ``text`` to this prompt as an item for a feedback source (id ``rid``)."""
+        return FeedbackItem(id=rid, prompt=prompt_text(self.prompt), response=text, image=self.image,
+                            meta={"scene_id": self.scene_id})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +218,23 @@ def judge_stage_config(ap, args, judge: Path | None) -> tuple[dict | None, list[
     return ({"path": str(judge), "class": args.judge_class, "questions": args.judge_questions,
              "trust_remote_code": args.trust_remote_code},
             [judge / "config.json", *sorted(judge.glob("*.safetensors"))])
+
+
+def weigh_feedback(fbs: list, wheres: list[str], weights: dict[str, float], who: str,
+                   option: str) -> list[tuple[Any, dict[str, float], float]]:
+    """``(feedback, weighted scores, overall)`` of each feedback (:func:`weighted_scores`), after
+    checking that ``who`` (the source, for the message) gave every dimension ``weights`` names:
+    a missing one is a :class:`RecordError` at ``where`` naming it and the ``option`` that set it."""
+    out = []
+    for fb, where in zip(fbs, wheres):
+        missing = [d for d in weights if d not in fb.scores]
+        if missing:
+            hint = (" (a VLM judge gives helpfulness with --judge-questions caption only)"
+                    if "helpfulness" in missing else "")
+            raise RecordError(f"{where}: {who} gives no {', '.join(map(repr, missing))} score (it gives "
+                              f"{sorted(fb.scores)}); {option} may name only those{hint}")
+        out.append((fb, *weighted_scores(fb.scores, weights, where)))
+    return out
 
 
 def load_judge(args, judge: Path, **kwargs: Any):

@@ -45,7 +45,7 @@ from mmalign.feedback import (
     FeedbackItem,
     SegmentFeedback,
 )
-from mmalign.rewards import VALUES, RewardForm, SegmentItem
+from mmalign.rewards import RewardForm, SegmentItem, rewards_from_labels
 from mmalign.segments import DEFAULT_SEGMENTATION, check_segmentation, split_segments
 
 __all__ = [
@@ -684,7 +684,7 @@ class OracleSegmentRewards:
                 out.append({t: torch.zeros(0) for t in types})
                 continue
             fb = self.oracle.feedback(item, self.oracle.scene_for(item))
-            out.append({t: torch.tensor([VALUES[s.labels[t]] for s in fb.segments]) for t in types})
+            out.append(rewards_from_labels(fb.segments, types))
         return out
 
     def to(self, device: Any) -> OracleSegmentRewards:

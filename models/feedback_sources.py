@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 
 from mmalign.feedback import (
+    HALLUCINATION_TYPES,
     Claim,
     Feedback,
     FeedbackError,
@@ -304,7 +305,7 @@ class JudgeSegmentRewards:
         segmentation: must be the policy's (PPO checks it).
     """
 
-    types = ("object", "attribute", "relation")
+    types = HALLUCINATION_TYPES
 
     def __init__(self, path: str, questions: Literal["yesno", "lookup", "caption"] = "caption", batch_size: int = 64,
                  max_new_tokens: int = 4, dtype: str = "float32", trust_remote_code: bool = False,
@@ -320,7 +321,7 @@ class JudgeSegmentRewards:
         """Per item and type the judge's ``(S_i,)`` segment rewards, one ``annotate`` call over all
         items (``mode`` and ``batch_size`` do not apply: the verdicts are labels, and the judge
         batches by its own ``batch_size``). An empty response has no segment."""
-        from mmalign.rewards import VALUES
+        from mmalign.rewards import rewards_from_labels
 
         types = list(types or self.types)
         out: list[dict[str, torch.Tensor]] = [{t: torch.zeros(0) for t in types} for _ in items]
@@ -334,8 +335,7 @@ class JudgeSegmentRewards:
                                                 image=str(it.images[0]))
                                    for (k, it), q in zip(live, prompts)])
         for (k, _), fb in zip(live, fbs):
-            out[k] = {t: torch.tensor([VALUES[s.labels[t]] for s in fb.segments], dtype=torch.float32)
-                      for t in types}
+            out[k] = rewards_from_labels(fb.segments, types)
         return out
 
     def to(self, device) -> JudgeSegmentRewards:

@@ -112,6 +112,15 @@ def value_vector(device: torch.device | None = None) -> torch.Tensor:
     return torch.tensor([VALUES[c] for c in CLASSES], dtype=torch.float32, device=device)
 
 
+def rewards_from_labels(segments: Sequence[Any], types: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per type the :data:`VALUES` of labelled segments (each with ``labels[type]``, as
+    :class:`mmalign.feedback.SegmentFeedback`): ``(S,)`` float32. The segment rewards of a source
+    that gives labels, not probabilities (the oracle, a judge)."""
+    import torch
+
+    return {t: torch.tensor([VALUES[s.labels[t]] for s in segments], dtype=torch.float32) for t in types}
+
+
 def rewards_from_probs(probs: torch.Tensor, mode: RewardForm = "label") -> torch.Tensor:
     """Class probabilities ``(..., 3)`` -> segment rewards ``(...)``.
 
