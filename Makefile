@@ -506,10 +506,11 @@ $(eval $(call fit_policy,fgaif-oracle,configs/fgaif/tiny.yaml,$(OUT)/data/manife
   --model.init_args.reward_models '{"object": "oracle"$(comma) "attribute": "oracle"$(comma) "relation": "oracle"}'))
 # Control: the same PPO with the judge's own verdicts as rewards, scored online on every rollout (the
 # AI feedback without a reward model in between: the judge verifies by describing the image, which the
-# fine-grained reward models do not learn on the tiny model; docs/RESULTS.md).
+# fine-grained reward models do not learn on the tiny model; docs/RESULTS.md). Its lr, 2e-5, is the
+# point its own val sweep chose (6e-5, FGAIF's, lengthened its captions and raised CHAIR_i).
 fgaif-judge: ## control: the same PPO with the judge's verdicts as rewards, online (no reward model)
 $(eval $(call fit_policy,fgaif-judge,configs/fgaif/tiny.yaml,$(OUT)/data/manifest.json $(JUDGE_MODEL)/config.json $(FGAIF_SRC),\
-  --data.init_args.train_file $(OUT)/data/train/sft.jsonl --data.init_args.data_root $(OUT)/data \
+  --data.init_args.train_file $(OUT)/data/train/sft.jsonl --data.init_args.data_root $(OUT)/data --model.init_args.optim.lr 2.0e-5 \
   --model.init_args.segmentation $(SEGMENTATION) \
   --model.init_args.reward_models '{"object": "judge:$(JUDGE_MODEL)"$(comma) "attribute": "judge:$(JUDGE_MODEL)"$(comma) "relation": "judge:$(JUDGE_MODEL)"}'))
 FGAIF_RUNS = sft sft-continued fgaif-seq fgaif fgaif-oracle fgaif-judge
