@@ -132,16 +132,19 @@ def make_module(model_dirs, **kw):
     return mod
 
 
-@pytest.mark.parametrize("placement", ["segment", "sequence"])
-def test_rollout_places_the_segment_rewards_and_conserves_them(model_dirs, placement):
+@pytest.mark.parametrize("placement,aggregation", [("segment", "sum"), ("sequence", "sum"), ("segment", "mean")])
+def test_rollout_places_the_segment_rewards_and_conserves_them(model_dirs, placement, aggregation):
     torch.manual_seed(0)
-    mod = make_module(model_dirs, reward_placement=placement, kl_coef=0.0, max_new_tokens=24, value_model="shared")
+    mod = make_module(model_dirs, reward_placement=placement, reward_aggregation=aggregation, kl_coef=0.0, max_new_tokens=24, value_model="shared")
     batch = VisionChatCollator(mod.policy.processor, mode="generate")(prompts(3))
     ro = mod.rollout(batch)
     tok = mod.policy.processor.tokenizer
     placed_total = 0.0
     for i, text in enumerate(ro["texts"]):
-        expected = sum(-1.0 if "red" in s.text else 1.0 for s in split_segments(text))
+        segs = split_segments(text)
+        # mean: each segment's reward divided by the response's number of segments
+        scale = 1.0 / max(len(segs), 1) if aggregation == "mean" else 1.0
+        expected = sum(-1.0 if "red" in s.text else 1.0 for s in segs) * scale
         row_rewards = ro["rewards_placed"][i]
         assert row_rewards.sum().item() == pytest.approx(expected)
         nz = row_rewards.nonzero().flatten().tolist()
@@ -153,8 +156,8 @@ def test_rollout_places_the_segment_rewards_and_conserves_them(model_dirs, place
             _, ends = segment_token_ends(tok.decode(ids, skip_special_tokens=True), token_char_ends(tok, ids))
             want = torch.zeros(row_rewards.shape[0])
             for seg, j in zip(split_segments(text), ends):
-                want[j] += -1.0 if "red" in seg.text else 1.0
-            assert torch.equal(row_rewards.cpu(), want)
+                want[j] += (-1.0 if "red" in seg.text else 1.0) * scale
+            assert torch.allclose(row_rewards.cpu(), want)
         placed_total += expected
     assert ro["stats"]["reward/total"] == pytest.approx(placed_total / len(ro["texts"]))
 
@@ -363,6 +366,8 @@ def test_value_model_starts_from_the_reward_models_backbone(model_dirs, tmp_path
     with pytest.raises(ValueError, match="value_model='separate'"):
         FGAIFModule(pol, reward_models={"object": str(tmp_path / "rm")}, value_init="reward_model",
                     value_model="shared")
+    with pytest.raises(ValueError, match="reward_aggregation must be 'sum' or 'mean', not 'median'"):
+        FGAIFModule(pol, reward_models={"object": str(tmp_path / "rm")}, reward_aggregation="median")
     for entry in ("oracle", "judge:some/judge"):
         with pytest.raises(ValueError, match=r"reward_models\['object'\] is '" + entry + "', which has no reward-model"):
             FGAIFModule(pol, reward_models={"object": entry}, value_init="reward_model")

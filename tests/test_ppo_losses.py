@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmalign.losses import (
+    aggregate_segment_rewards,
     combine_type_rewards,
     gae,
     kl_penalty,
@@ -131,6 +132,24 @@ def test_combine_type_rewards_errors():
                              {"object": 1.0, "relation": 1.0})
     with pytest.raises(ValueError, match="empty"):
         combine_type_rewards({}, {"object": 1.0})
+
+
+def test_aggregate_segment_rewards_sum_and_mean_by_hand():
+    """Row 0: 3 valid segments (+2, -1, +1; padding NaN) -> sum keeps them, mean divides by 3 (total 2/3).
+    Row 1: 1 valid segment (-2) -> -2 either way. Row 2: no valid segment -> zeros, not NaN."""
+    values = torch.tensor([[2.0, -1.0, 1.0, NAN], [-2.0, 5.0, NAN, NAN], [NAN, 7.0, 1.0, 1.0]])
+    valid = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    assert approx(aggregate_segment_rewards(values, valid, "sum"),
+                  [[2.0, -1.0, 1.0, 0.0], [-2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    out = aggregate_segment_rewards(values, valid, "mean")
+    assert approx(out, [[2 / 3, -1 / 3, 1 / 3, 0.0], [-2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    # length-neutral: three correct segments earn what one does
+    three = aggregate_segment_rewards(torch.ones(1, 3), torch.ones(1, 3, dtype=torch.bool), "mean")
+    assert three.sum().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="'sum' or 'mean'"):
+        aggregate_segment_rewards(values, valid, "max")
+    with pytest.raises(ValueError, match="one \\(B, S\\) shape"):
+        aggregate_segment_rewards(values, valid[:, :3], "sum")
 
 
 def test_place_sequence_reward_on_last_real_token():

@@ -9,6 +9,7 @@ from mmalign.losses.dpo import (
     nll_anchored_dpo_loss,
 )
 from mmalign.losses.ppo import (
+    aggregate_segment_rewards,
     combine_type_rewards,
     gae,
     kl_penalty,
@@ -33,6 +34,7 @@ __all__ = [
     "RDPOOutput",
     "all_pairs",
     "bradley_terry_loss",
+    "aggregate_segment_rewards",
     "combine_type_rewards",
     "dpo_sigmoid_loss",
     "dynamic_beta",

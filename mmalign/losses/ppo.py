@@ -160,6 +160,37 @@ def combine_type_rewards(values: dict[str, torch.Tensor], weights: dict[str, flo
     return sum(float(weights[k]) * v for k, v in values.items())
 
 
+def aggregate_segment_rewards(values: torch.Tensor, valid: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+    """Scale each response's segment rewards so that their total is the sum or the mean over its segments.
+
+    ``mode="sum"`` is FGAIF's (and Fine-Grained RLHF's) reward: every segment keeps its reward, so a
+    response's total grows with its number of segments. With +1 for every correct segment that
+    total pays for *saying more*: PPO on the judge's right verdicts lengthened the captions and
+    raised CHAIR_i (docs/RESULTS.md, "FGAIF with the judge's verdicts as rewards").
+    ``mode="mean"`` divides the rewards of a response by its number of valid segments, so its total
+    is the mean segment reward: length-neutral (not in the paper; the option that measures the
+    length incentive). Rows with no valid segment stay 0.
+
+    Args:
+        values: ``(B, S)`` segment rewards (e.g. from :func:`combine_type_rewards`).
+        valid: ``(B, S)`` bool, False on padding entries; those come out 0 (NaN included).
+        mode: "sum" or "mean".
+
+    Returns:
+        ``(B, S)``, to pass as ``values`` to :func:`place_segment_rewards`.
+    """
+    if mode not in ("sum", "mean"):
+        raise ValueError(f"mode must be 'sum' or 'mean', not {mode!r}")
+    if values.shape != valid.shape or values.ndim != 2:
+        raise ValueError(f"expected values and valid of one (B, S) shape, got {tuple(values.shape)} and "
+                         f"{tuple(valid.shape)}")
+    ok = valid.bool()
+    out = torch.where(ok, values, torch.zeros_like(values))
+    if mode == "mean":
+        out = out / ok.sum(dim=1, keepdim=True).clamp(min=1).to(values.dtype)
+    return out
+
+
 def place_sequence_reward(total: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One reward per response on its last real token (the sequence-level reward / ablation).
 

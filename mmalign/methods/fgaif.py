@@ -19,6 +19,8 @@ iteration (one ``training_step``) over a batch of prompts:
 
    with ``T_j`` the last policy token of segment ``j``. ``reward_placement: sequence`` is the
    paper's sparse ablation: the same total ``sum_j sum_k w_k R_k(j)`` on the response's last token.
+   ``reward_aggregation: mean`` (not in the paper) divides a response's segment rewards by its
+   number of segments, so the total no longer grows with the number of correct segments.
 4. **Advantages.** Values ``V_t`` from a value head; GAE (``gamma`` = ``lam`` = 1 by default, as
    the release); advantages whitened over the rollout.
 5. **PPO.** ``ppo_epochs`` passes over the rollout in shuffled minibatches: clipped policy loss,
@@ -66,6 +68,7 @@ from mmalign.collators import select_rows
 from mmalign.feedback import HALLUCINATION_TYPES
 from mmalign.health import collapsed, generation_health
 from mmalign.losses.ppo import (
+    aggregate_segment_rewards,
     combine_type_rewards,
     gae,
     masked_entropy,
@@ -165,6 +168,9 @@ class FGAIFModule(PolicyModule):
         reward_weights: ``w_k`` per type (equal by default: the paper's values were not found).
         reward_placement: "segment" (FGAIF: each segment's reward on its last token) or
             "sequence" (the ablation: the same total on the response's last token).
+        reward_aggregation: "sum" (FGAIF: every segment's reward as it is) or "mean" (each
+            divided by the response's number of segments: the total is the mean segment reward,
+            length-neutral; not in the paper, see :func:`mmalign.losses.ppo.aggregate_segment_rewards`).
         reward_form: "label" (-1 hallucinated / 0 n/a / +1 correct, of the most probable class)
             or "expected" (those values weighed by the model's class probabilities).
         kl_coef: weight of the per-token KL penalty to the reference (FGAIF's script: 0.1).
@@ -209,7 +215,8 @@ class FGAIFModule(PolicyModule):
 
     def __init__(self, policy: Policy, reward_models: dict[str, str],
                  reward_weights: dict[str, float] | None = None, reward_placement: Placement = "segment",
-                 reward_form: RewardForm = "label", kl_coef: float = 0.1,
+                 reward_form: RewardForm = "label", reward_aggregation: Literal["sum", "mean"] = "sum",
+                 kl_coef: float = 0.1,
                  kl_estimator: Literal["k1", "abs", "mse", "k3"] = "k1", gamma: float = 1.0, lam: float = 1.0,
                  clip_range: float = 0.2, clip_range_value: float | None = 0.2, vf_coef: float = 0.1,
                  value_model: ValueModel = "separate", value_init: ValueInit = "policy",
@@ -234,6 +241,8 @@ class FGAIFModule(PolicyModule):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         if reward_placement not in ("segment", "sequence"):
             raise ValueError(f"reward_placement must be 'segment' or 'sequence', not {reward_placement!r}")
+        if reward_aggregation not in ("sum", "mean"):
+            raise ValueError(f"reward_aggregation must be 'sum' or 'mean', not {reward_aggregation!r}")
         if reward_form not in ("label", "expected"):
             raise ValueError(f"reward_form must be 'label' or 'expected', not {reward_form!r}")
         if value_model not in ("separate", "shared"):
@@ -414,7 +423,8 @@ class FGAIFModule(PolicyModule):
                                      f"{len(ends[i])} segments: {texts[i]!r}")
                 v[i, :r.numel()] = r.cpu()
             values[kind] = v
-        seg_total = combine_type_rewards(values, self.weights)                          # (B, S)
+        seg_total = aggregate_segment_rewards(combine_type_rewards(values, self.weights), valid,
+                                              hp.reward_aggregation)                     # (B, S)
         if hp.reward_placement == "segment":
             placed = place_segment_rewards(end_index, seg_total, valid, length)
         else:
