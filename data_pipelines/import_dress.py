@@ -1,7 +1,7 @@
 """Import DRESS's released natural-language-feedback data as conditioned SFT records.
 
     python -m data_pipelines.import_dress --input DRESS/LVLM_NLF --images coco/train2017 \\
-        --out runs/dress/import [--max-rating 5] [--val-fraction 0.05] [--condition feedback|rating] \\
+        --out runs/dress/import [--max-rating 5] [--val-fraction 0.05] [--condition feedback|rating|none] \\
         [--feedback-template "Feedback: {feedback}"] [--good-feedback TEXT] [--thresholds 0.75] \\
         [--names bad good] [--template "Answer quality: {name}."] [--on-error raise|skip]
 
@@ -52,7 +52,8 @@ text inference asks with is derived from the train split's critique examples
 critiques share, else the most frequent top-rated critique) unless ``--good-feedback`` gives it;
 with free-form human critiques this is rarely a useful text, so look at ``report.md`` and give
 one. ``rating`` puts the level of the turn's rating instead (``--thresholds`` / ``--names`` /
-``--template``).
+``--template``). ``none`` puts nothing (the unconditioned ablation: every message as published,
+``condition: null``; like ``rating`` it keeps the turns without a critique).
 
 Output (atomic, with ``manifest.json``; image paths stay relative to ``--images``, which the
 manifest records; read with ``read_records(path, "sft", data_root=<--images>)``):
@@ -70,7 +71,8 @@ manifest records; read with ``read_records(path, "sft", data_root=<--images>)``)
   ``caption``, ``turn``. Ids: ``dress-<dimension>-<line>-critique`` / ``...-refine<k>``.
   Split by image: ``val`` when sha256 of the image id, as a fraction of 2^64, is below
   ``--val-fraction``, so every record of an image (over all files) is in one split.
-* ``condition.json``: the condition scheme used (with the good-feedback text in feedback mode);
+* ``condition.json``: the condition scheme used (with the good-feedback text in feedback mode;
+  ``{"mode": "none"}`` with ``--condition none``);
   ``report.json`` / ``report.md``: records per
   kind, split and condition level, rating distributions per file, the rating scale, how often a
   revision is rated higher than the answer it revises (95% bootstrap interval), rejects by kind.
@@ -95,7 +97,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmalign.conditions import ConditionScheme, FeedbackCondition
+from mmalign.conditions import ConditionScheme, FeedbackCondition, NoCondition
 from mmalign.nlf_records import (
     add_feedback_arguments,
     add_scheme_arguments,
@@ -316,10 +318,10 @@ def read_input(path: Path, images: Path, check_images: str, on_error: str, rejec
 
 
 def records_of(it: Interaction, lo: float, hi: float, scheme: ConditionScheme,
-               feedback: FeedbackCondition | None = None) -> list[dict]:
+               feedback: FeedbackCondition | NoCondition | None = None) -> list[dict]:
     """Turn 0 -> a critique example; turn k > 0 -> a refinement episode up to k (module docstring).
-    With ``feedback``, each is conditioned on its turn's critique, and a turn without one makes
-    no record."""
+    With a feedback condition, each is conditioned on its turn's critique, and a turn without one
+    makes no record; with :class:`NoCondition` none is conditioned."""
     scores = []
     for k, t in enumerate(it.turns):
         if not lo <= t.rating <= hi:
@@ -332,7 +334,7 @@ def records_of(it: Interaction, lo: float, hi: float, scheme: ConditionScheme,
     t0 = it.turns[0]
     prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t0.user}]}]
     def usable(t: Turn) -> bool:
-        return feedback is None or bool((t.critique or "").strip())
+        return not isinstance(feedback, FeedbackCondition) or bool((t.critique or "").strip())
 
     out = []
     if usable(t0):
@@ -376,6 +378,9 @@ def report_md(rep: dict, scheme: ConditionScheme) -> str:
         lines += ["", (f"Condition: the turn's critique ({cond['template']!r}); {rep['skipped_without_critique']} "
                        f"turn(s) without a critique made no record. Inference asks with the good feedback "
                        f"{cond['good_feedback']!r} ({how}). Rating levels below are for the report only.")]
+    elif cond.get("mode") == "none":
+        lines += ["", ("Condition: none (--condition none, the unconditioned ablation): no condition text in any "
+                       "message. Rating levels below are for the report only.")]
     lines += ["", *summary_md(rep, scheme), ""]
     keys = ", ".join(f"{k!r}: {v}" for k, v in rep["critique_keys"].items()) or "none"
     lines += [f"Critique key spellings: {keys}; turns without a critique: {rep['turns_without_critique']}.",
@@ -391,12 +396,12 @@ def report_md(rep: dict, scheme: ConditionScheme) -> str:
 def run(inputs: list[Path], images: Path, out: Path, scheme: ConditionScheme | None = None,
         max_rating: float | None = None, min_rating: float = 0.0, val_fraction: float = 0.05,
         on_error: str = "raise", check_images: str = "decode", force: bool = False,
-        feedback: FeedbackCondition | None = None) -> dict[str, Any] | None:
+        feedback: FeedbackCondition | NoCondition | None = None) -> dict[str, Any] | None:
     """Import ``inputs`` into ``out``; the report, or None when ``out`` was up to date.
 
-    ``feedback`` conditions on the critiques (module docstring); None (the default of this
-    function; the command line's default is ``--condition feedback``) on the rating levels of
-    ``scheme``.
+    ``feedback`` conditions on the critiques (module docstring), :class:`NoCondition` on
+    nothing; None (the default of this function; the command line's default is ``--condition
+    feedback``) on the rating levels of ``scheme``.
 
     Raises :class:`RecordError` at the first bad line (``on_error="raise"``) and whenever no line
     at all could be imported; ``out`` is then left as it was.
@@ -464,10 +469,12 @@ def run(inputs: list[Path], images: Path, out: Path, scheme: ConditionScheme | N
     kinds = Counter(r["kind"] for r in rejects)
     condition: dict[str, Any] = {"mode": "rating", **scheme.to_dict()}
     extra: dict[str, Any] = {}
-    if feedback is not None:
+    if isinstance(feedback, FeedbackCondition):
         feedback, how = resolve_good_feedback(feedback, splits)
         condition = feedback.to_dict()
         extra = {"good_feedback": how, "skipped_without_critique": skipped}
+    elif feedback is not None:  # none
+        condition = feedback.to_dict()
     rep = {"inputs": config["inputs"], "images": config["images"], "scheme": scheme.to_dict(),
            "condition": condition, **extra,
            "val_fraction": val_fraction, "files": per_file,
@@ -521,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         scheme = scheme_from(args.thresholds, args.names, args.template)
         feedback = (FeedbackCondition(args.feedback_template, args.good_feedback) if args.condition == "feedback"
-                    else None)
+                    else NoCondition() if args.condition == "none" else None)
     except ValueError as e:
         ap.error(str(e))
     try:

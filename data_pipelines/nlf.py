@@ -2,7 +2,7 @@
 
     python -m data_pipelines.nlf --feedback runs/demo/feedback/oracle --data runs/demo/data \\
         --model runs/demo/sft/model --out runs/demo/nlf [--val-fraction 0.05] \\
-        [--score-weights faithfulness=1] [--condition feedback|rating] \\
+        [--score-weights faithfulness=1] [--condition feedback|rating|none] \\
         [--feedback-template "Feedback: {feedback}"] [--good-feedback TEXT] [--thresholds 0.75] \\
         [--names bad good] [--template "Answer quality: {name}."] [--revisions 1] [--max-new-tokens 96] \\
         [--batch-size 32] [--seed 0] [--limit 0] [--judge runs/demo/judge/model [--judge-questions caption]]
@@ -24,6 +24,13 @@ The condition (``--condition``, :mod:`mmalign.conditions`):
   the trainer derives the same from the same records and saves it beside the model.
 * ``rating``: the level of the record's score (:class:`ConditionScheme`, ``--thresholds`` /
   ``--names`` / ``--template``), e.g. "Answer quality: good.".
+* ``none``: no condition (:class:`~mmalign.conditions.NoCondition`), DRESS's *unconditioned
+  ablation*: the same critique examples and refinement episodes (same ids and meta) with no
+  condition text in any message and ``condition: null``, so a DRESS model trained on them
+  (``condition: none``) measures what conditioning on the feedback adds. Like ``rating`` it
+  needs no critique text; a ``feedback`` run drops records without one (``rejects.jsonl``),
+  so the two have the same records only when every feedback record has a critique (the
+  oracle's always do).
 
 Records:
 
@@ -89,14 +96,15 @@ Output (atomic, with ``manifest.json``; an unchanged re-run is skipped, ``--forc
   Meta of a critique example: ``kind: "critique"``, ``score``, ``scores``, ``level`` (the
   rating level of the score, in both modes: the report counts it), ``condition`` (the text in
   the messages), ``critique``, ``refinement``, ``source_id`` (the feedback record), ``prompt_id``,
-  ``scene_id``, ``task``, ``feedback_source``. Of a refinement episode: ``kind: "refinement"``,
+  ``scene_id``, ``task``, ``feedback_source`` (with ``--condition none``: ``condition`` null,
+  the rest the same). Of a refinement episode: ``kind: "refinement"``,
   ``round``, ``score_before``, ``score_after``, ``scores_after``, ``success``, ``fixed``,
   ``hallucinated_before`` / ``hallucinated_after`` (per type), ``level``, ``condition``,
   ``refinement`` (the feedback the revision answers), ``critique`` (the judge's critique of the
   revision), ``checkable_claims_after``, ``judged_by`` (``"oracle"``, or the judge source's name,
   ``"judge"``), ``policy`` and the ids above.
 * ``condition.json``: the condition scheme (``to_dict()``: ``{"mode": "feedback", "template",
-  "good_feedback"}``, or the rating scheme); the DRESS trainer must be given the same mode and
+  "good_feedback"}``, the rating scheme, or ``{"mode": "none"}``); the DRESS trainer must be given the same mode and
   template (``condition``, ``feedback_template``, or ``condition_thresholds`` /
   ``condition_names`` / ``condition_template``); it checks every record's condition.
 * ``report.json`` / ``report.md``: the condition mode (and the good-feedback text with how it
@@ -121,7 +129,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmalign.conditions import ConditionScheme, FeedbackCondition
+from mmalign.conditions import ConditionScheme, FeedbackCondition, NoCondition
 from mmalign.feedback import HALLUCINATION_TYPES, check_feedback
 from mmalign.feedback_io import (
     Prompt,
@@ -268,6 +276,9 @@ def report_md(rep: dict, scheme: ConditionScheme) -> str:
                if g.get("rule") else "given with --good-feedback")
         cond_line = (f"Condition: the critique text ({cond['template']!r}); inference asks with the good feedback "
                      f"{cond['good_feedback']!r} ({how}). Rating levels below are for the report only.")
+    elif cond.get("mode") == "none":
+        cond_line = ("Condition: none (--condition none, the unconditioned ablation): no condition text in any "
+                     "message. Rating levels below are for the report only.")
     else:
         cond_line = f"Condition: the rating level ({scheme.template!r})."
     lines = ["# DRESS natural-language-feedback data", "",
@@ -322,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         weights = parse_weights(args.score_weights)
         scheme = scheme_from(args.thresholds, args.names, args.template)
+        # fcond: the feedback condition, NoCondition for none, None for rating (the rating scheme)
         fcond = (FeedbackCondition(args.feedback_template, args.good_feedback) if args.condition == "feedback"
-                 else None)
+                 else NoCondition() if args.condition == "none" else None)
     except ValueError as e:
         ap.error(str(e).replace("--weights", "--score-weights"))
     if args.revisions < 0 or args.limit < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
@@ -386,10 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         split = split_of(str(key), args.val_fraction)
         ids = {"source_id": s.sample_id, "prompt_id": p.id, "scene_id": p.scene_id, "task": p.task,
                "feedback_source": s.scored_by}
-        if fcond is not None and not (s.critique or "").strip():
+        if isinstance(fcond, FeedbackCondition) and not (s.critique or "").strip():
             msg = f"{p.where} (response {s.sample_id!r}): no critique text, and --condition feedback conditions on it"
             if args.on_error == "raise":
-                raise RecordError(msg + " (--condition rating does not need one; --on-error skip drops it)")
+                raise RecordError(msg + " (--condition rating or none does not need one; --on-error skip drops it)")
             rejects.append({"id": s.sample_id, "reason": "no critique", "where": msg})
             continue
         splits[split].append(critique_record(
@@ -472,10 +484,13 @@ def main(argv: list[str] | None = None) -> int:
     if judge_path is not None:
         extra.update(judge=str(judge_path), judge_class=args.judge_class, judge_questions=args.judge_questions)
     condition = scheme.to_dict()
-    if fcond is not None:
+    if isinstance(fcond, FeedbackCondition):
         fcond, how = resolve_good_feedback(fcond, splits)
         condition = fcond.to_dict()
         extra.update(condition=condition, good_feedback=how)
+    elif fcond is not None:  # none: condition.json says so; the rating levels stay in the report only
+        condition = fcond.to_dict()
+        extra.update(condition=condition)
     else:
         extra.update(condition={"mode": "rating", **condition})
     seconds = time.perf_counter() - t0

@@ -6,7 +6,8 @@ trains the model "to produce corresponding responses conditioned on the NLF usin
 modeling loss on the responses" (project page, dresslvlm.github.io). Its released NLF data
 (huggingface.co/datasets/YangyiYY/LVLM_NLF) gives every model turn a ``rating`` and a critique.
 Two ways to turn feedback into the condition, each a small frozen scheme with the same interface
-(``best()``, ``to_dict()``), saved beside a trained model as ``dress_condition.json``:
+(``best()``, ``to_dict()``), saved beside a trained model as ``dress_condition.json``, and a third
+mode, no condition, for the ablation that measures them:
 
 * :class:`FeedbackCondition` (``mode: feedback``, the default of the data stage and the trainer):
   the paper's reading, "conditioned on the NLF": the condition is the critique text itself,
@@ -20,6 +21,11 @@ Two ways to turn feedback into the condition, each a small frozen scheme with th
   per interval (``names``, worst first); the condition is ``template.format(name=...)``; at
   inference the model gets the best level's condition. How a rating becomes a condition is not
   in the sources we could read, so this choice is explicit and configurable.
+* :class:`NoCondition` (``mode: none``): no condition text at all, the *unconditioned ablation*:
+  the same records trained as plain SFT on the responses, which measures what conditioning on
+  the feedback adds (DRESS's claim). Nothing is saved beside such a model (no
+  ``dress_condition.json``; :func:`load_scheme` also reads a file of mode none as no scheme),
+  so evaluation asks it plainly.
 
 Either condition text goes before the first text part of a user turn (:func:`with_condition`).
 Everything here is pure: the data stage, the trainer and the evaluation call the same functions,
@@ -41,7 +47,7 @@ from pathlib import Path
 from typing import ClassVar, Union
 
 __all__ = ["CONDITION_FILE", "CONDITION_MODES", "Condition", "ConditionScheme", "FeedbackCondition",
-           "derive_good_feedback", "load_scheme", "scheme_from_dict", "split_sentences", "with_condition"]
+           "NoCondition", "derive_good_feedback", "load_scheme", "scheme_from_dict", "split_sentences", "with_condition"]
 
 #: written beside an exported conditioned model (DRESSModule); evaluation reads it to ask the model
 #: with its best condition, as at inference
@@ -152,25 +158,56 @@ class FeedbackCondition:
         return cls(template=d["template"], good_feedback=d.get("good_feedback"))
 
 
-#: a condition scheme of either mode
-Condition = Union[ConditionScheme, FeedbackCondition]  # noqa: UP007 (a runtime alias)
-CONDITION_MODES = ("feedback", "rating")
+@dataclass(frozen=True)
+class NoCondition:
+    """No condition (``mode: none``): DRESS's unconditioned ablation.
+
+    The records keep every message as the policy saw it (no condition text anywhere) and carry
+    ``condition: null``; the trainer fits them as plain SFT on the responses (revisions), so
+    comparing it with a conditioned model on the same records isolates what the condition adds.
+    Inference asks with nothing (:meth:`best` is empty).
+    """
+
+    mode: ClassVar[str] = "none"
+
+    def best(self) -> str:
+        """The condition inference asks with: none."""
+        return ""
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NoCondition:
+        extra = sorted(set(d) - {"mode"})
+        if extra:  # a stray field would mean someone expected it to do something
+            raise ValueError(f"condition mode none takes no settings, got {extra}")
+        return cls()
+
+
+#: a condition scheme of any mode
+Condition = Union[ConditionScheme, FeedbackCondition, NoCondition]  # noqa: UP007 (a runtime alias)
+CONDITION_MODES = ("feedback", "rating", "none")
 
 
 def scheme_from_dict(d: dict) -> Condition:
-    """The scheme of a ``to_dict()`` (``mode`` "feedback", or "rating" / absent)."""
+    """The scheme of a ``to_dict()`` (``mode`` "feedback", "none", or "rating" / absent)."""
     mode = d.get("mode", "rating")
     if mode == "feedback":
         return FeedbackCondition.from_dict(d)
     if mode == "rating":
         return ConditionScheme.from_dict(d)
+    if mode == "none":
+        return NoCondition.from_dict(d)
     raise ValueError(f"unknown condition mode {mode!r}; modes are {list(CONDITION_MODES)}")
 
 
-def load_scheme(model_dir: str | os.PathLike) -> Condition | None:
+def load_scheme(model_dir: str | os.PathLike) -> ConditionScheme | FeedbackCondition | None:
     """The condition scheme saved with a conditioned model (``dress_condition.json``), or None
-    for a model trained without conditions. A malformed file, or a feedback scheme without its
-    good-feedback text (inference could not ask it), is a ValueError naming it."""
+    for a model trained without conditions: no such file (what a DRESS export with ``condition:
+    none`` leaves), or a file of mode none (read the same way, so every reader asks such a model
+    plainly). A malformed file, or a feedback scheme without its good-feedback text (inference
+    could not ask it), is a ValueError naming it."""
     path = Path(model_dir) / CONDITION_FILE
     if not path.is_file():
         return None
@@ -178,6 +215,8 @@ def load_scheme(model_dir: str | os.PathLike) -> Condition | None:
         scheme = scheme_from_dict(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a condition scheme: {e}") from None
+    if isinstance(scheme, NoCondition):
+        return None
     if isinstance(scheme, FeedbackCondition) and scheme.good_feedback is None:
         raise ValueError(f"{path}: a feedback condition without good_feedback; inference has no text to ask with")
     return scheme

@@ -6,11 +6,13 @@ policy's own samples) and ``data_pipelines.import_dress`` (DRESS's released LVLM
 build them here:
 
 * :func:`critique_record`: a critique example, its condition before the question: the critique
-  text itself (``feedback`` given, :class:`~mmalign.conditions.FeedbackCondition`) or the
-  level of its score (:class:`~mmalign.conditions.ConditionScheme`);
+  text itself (``feedback`` a :class:`~mmalign.conditions.FeedbackCondition`), the level of its
+  score (``feedback`` None, :class:`~mmalign.conditions.ConditionScheme`), or nothing
+  (``feedback`` a :class:`~mmalign.conditions.NoCondition`: the unconditioned ablation, the
+  same record with no condition text and ``condition: null``);
 * :func:`refinement_record`: a refinement episode, the revision's condition in the last user
   turn, before the refinement feedback (hindsight relabelling): the oracle's critique of the
-  revision, or the level of the revision's score;
+  revision, or the level of the revision's score (or, likewise, nothing);
 * :func:`add_scheme_arguments` / :func:`scheme_from`: the rating scheme's command line;
   :func:`add_feedback_arguments`: the condition mode and the feedback condition's;
 * :func:`summarize` / :func:`summary_md`: the part of the report both stages share (records per
@@ -28,6 +30,7 @@ from mmalign.conditions import (
     CONDITION_MODES,
     ConditionScheme,
     FeedbackCondition,
+    NoCondition,
     derive_good_feedback,
     with_condition,
 )
@@ -65,12 +68,13 @@ def add_scheme_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def add_feedback_arguments(ap: argparse.ArgumentParser) -> None:
-    """``--condition feedback|rating`` (default feedback), ``--feedback-template``,
+    """``--condition feedback|rating|none`` (default feedback), ``--feedback-template``,
     ``--good-feedback``: which condition the records carry (:mod:`mmalign.conditions`)."""
     d = FeedbackCondition()
     ap.add_argument("--condition", choices=CONDITION_MODES, default="feedback",
                     help="what conditions a response: its critique text (feedback, DRESS's 'conditioned on the NLF'; "
-                         "default) or its rating level (rating: --thresholds / --names / --template)")
+                         "default), its rating level (rating: --thresholds / --names / --template), or nothing "
+                         "(none: the unconditioned ablation, the same records with no condition text)")
     ap.add_argument("--feedback-template", default=d.template,
                     help=f"--condition feedback: the condition text, with {{feedback}} (default {d.template!r})")
     ap.add_argument("--good-feedback", metavar="TEXT",
@@ -95,15 +99,25 @@ def resolve_good_feedback(cond: FeedbackCondition, splits: dict[str, list[dict]]
     return FeedbackCondition(cond.template, good), how
 
 
+def condition_text(feedback: FeedbackCondition | NoCondition | None, scheme: ConditionScheme, critique: str | None,
+                   score: float) -> str | None:
+    """The condition of a response: ``feedback.text(critique)`` for a feedback condition (a missing
+    critique is a ValueError), None for :class:`NoCondition`, else the rating level of ``score``."""
+    if isinstance(feedback, NoCondition):
+        return None
+    return feedback.text(critique) if feedback is not None else scheme.for_score(score)
+
+
 def critique_record(rid: str, images: list[str], prompt: list[dict], response: str, score: float,
                     scheme: ConditionScheme, meta: dict[str, Any],
-                    feedback: FeedbackCondition | None = None) -> dict[str, Any]:
+                    feedback: FeedbackCondition | NoCondition | None = None) -> dict[str, Any]:
     """A critique example: its condition before the first user turn's text, then the response as
     the (loss-bearing) assistant turn. The condition is ``feedback.text(meta["critique"])`` when
-    ``feedback`` is given (a missing critique is a ValueError), else the level of ``score``;
-    ``level`` is the rating level of ``score`` either way (the reports count it)."""
-    cond = feedback.text(meta.get("critique")) if feedback is not None else scheme.for_score(score)
-    row = {"id": rid, "images": list(images), "messages": with_condition(prompt, cond, "first") + [
+    ``feedback`` is a feedback condition (a missing critique is a ValueError), none at all (the
+    prompt unchanged, ``condition: None``) when it is :class:`NoCondition`, else the level of
+    ``score``; ``level`` is the rating level of ``score`` in every mode (the reports count it)."""
+    cond = condition_text(feedback, scheme, meta.get("critique"), score)
+    row = {"id": rid, "images": list(images), "messages": with_condition(prompt, cond or "", "first") + [
         text_turn("assistant", response)], "kind": "critique", "score": score, "level": scheme.name(score),
         "condition": cond, **meta}
     return checked(row)
@@ -111,13 +125,14 @@ def critique_record(rid: str, images: list[str], prompt: list[dict], response: s
 
 def refinement_record(rid: str, images: list[str], conversation: list[dict], revision: str, score_before: float,
                       score_after: float, rnd: int, scheme: ConditionScheme, meta: dict[str, Any],
-                      feedback: FeedbackCondition | None = None) -> dict[str, Any]:
+                      feedback: FeedbackCondition | NoCondition | None = None) -> dict[str, Any]:
     """A refinement episode: ``conversation`` (ending with the user turn holding the refinement
     feedback) with the revision's condition before that last user turn's text, then the
     revision. The condition is ``feedback.text(meta["critique"])`` (the critique *of the
-    revision*) when ``feedback`` is given, else the level of ``score_after``."""
-    cond = feedback.text(meta.get("critique")) if feedback is not None else scheme.for_score(score_after)
-    row = {"id": rid, "images": list(images), "messages": with_condition(conversation, cond, "last") + [
+    revision*) for a feedback condition, none (``conversation`` unchanged) for
+    :class:`NoCondition`, else the level of ``score_after``."""
+    cond = condition_text(feedback, scheme, meta.get("critique"), score_after)
+    row = {"id": rid, "images": list(images), "messages": with_condition(conversation, cond or "", "last") + [
         text_turn("assistant", revision)], "kind": "refinement", "round": rnd, "score_before": score_before,
         "score_after": score_after, "success": score_after > score_before, "level": scheme.name(score_after),
         "condition": cond, **meta}

@@ -197,8 +197,10 @@ def resolve_condition(model: Path, condition: str | None, no_condition: bool) ->
     """(condition text, where it came from) for a model: ``--condition`` when given, nothing with
     ``--no-condition``, else the best condition of the scheme saved beside the model
     (:func:`mmalign.conditions.load_scheme`; ``best()``: a feedback scheme's good-feedback text in
-    its template, a rating scheme's best level), else nothing. The source is "" when there is no
-    condition to speak of (no flag, no scheme). A malformed scheme file is a ValueError."""
+    its template, a rating scheme's best level), else nothing -- as for a DRESS model trained with
+    ``condition: none`` (the unconditioned ablation), which is exported without a scheme. The
+    source is "" when there is no condition to speak of (no flag, no scheme). A malformed scheme
+    file is a ValueError."""
     from mmalign.conditions import load_scheme
 
     if condition is not None and no_condition:

@@ -19,6 +19,13 @@ The condition ``c(r)`` (``condition``, :mod:`mmalign.conditions`):
   revision). The condition text is in the prompt and carries no loss; the response's tokens do.
 * ``rating``: the level of r's feedback score (:class:`~mmalign.conditions.ConditionScheme`:
   e.g. "Answer quality: good." / "... bad.").
+* ``none``: no condition (:class:`~mmalign.conditions.NoCondition`), the *unconditioned
+  ablation*: the same records (``make nlf`` with ``--condition none``: same responses,
+  revisions, ids, kinds and weights, no condition text in any message) fitted with the same
+  loss, i.e. plain SFT on the responses and revisions. Comparing it with a ``feedback`` (or
+  ``rating``) model measures DRESS's claim that conditioning on the feedback helps: with
+  ``none`` every response, good or bad, is learnt as an answer to the bare question, so any
+  gain of the conditioned model over it is the condition's.
 
 With ``lp_b`` the per-token log-probs of example ``b``'s last assistant turn (the response, or the
 revision), ``n_b`` its token count and ``w_b = kind_weights[kind_b]``:
@@ -28,7 +35,8 @@ revision), ``n_b`` its token count and ``w_b = kind_weights[kind_b]``:
 
 Inference asks for a good answer with the scheme's best condition, saved beside the exported
 model (``dress_condition.json``), which ``mmalign eval`` and the refinement benchmark read
-(:func:`mmalign.eval.cli.resolve_condition`). For ``rating`` that is the best level's text. For
+(:func:`mmalign.eval.cli.resolve_condition`). With ``none`` no file is written, so they ask the
+model plainly, as any model trained without conditions. For ``rating`` that is the best level's text. For
 ``feedback`` it is the *good-feedback text*: ``good_feedback`` when the config gives one, else
 derived when fitting starts from the training records' critique examples by
 :func:`mmalign.conditions.derive_good_feedback` (the sentences that more than half of the
@@ -59,6 +67,7 @@ from mmalign.conditions import (
     CONDITION_MODES,
     ConditionScheme,
     FeedbackCondition,
+    NoCondition,
     derive_good_feedback,
 )
 from mmalign.losses.dress import dress_loss, dress_loss_terms
@@ -75,8 +84,10 @@ class DRESSModule(SFTModule):
     """Conditional RL on critique examples and refinement episodes (module docstring).
 
     Args:
-        condition: "feedback" (condition on the critique text; default) or "rating" (on the
-            rating level).
+        condition: "feedback" (condition on the critique text; default), "rating" (on the
+            rating level) or "none" (no condition: the unconditioned ablation, which measures what
+            conditioning adds; trained on records made with ``--condition none``, exported
+            without ``dress_condition.json`` so evaluation asks it plainly).
         feedback_template: ``condition: feedback``: the condition text, with ``{feedback}`` (the
             data stage's ``--feedback-template``).
         good_feedback: ``condition: feedback``: the feedback text inference asks with; None
@@ -90,12 +101,12 @@ class DRESSModule(SFTModule):
 
     The data are SFT records (``make nlf``) read with ``train_on: last``; every record's
     ``condition`` must be this scheme's text for it (feedback: the template filled with the
-    record's ``critique``; rating: one of the levels' texts), so a record made with another
-    scheme is an error naming it. ``optim`` defaults to lr 1e-4, warm-up 20 steps; the export
+    record's ``critique``; rating: one of the levels' texts; none: null), so a record made with
+    another scheme is an error naming it. ``optim`` defaults to lr 1e-4, warm-up 20 steps; the export
     option is :class:`~mmalign.methods.base.PolicyModule`'s (``**kwargs``).
     """
 
-    def __init__(self, policy: Policy, condition: Literal["feedback", "rating"] = "feedback",
+    def __init__(self, policy: Policy, condition: Literal["feedback", "rating", "none"] = "feedback",
                  feedback_template: str = "Feedback: {feedback}", good_feedback: str | None = None,
                  condition_thresholds: Sequence[float] = (0.75,),
                  condition_names: Sequence[str] = ("bad", "good"),
@@ -114,7 +125,8 @@ class DRESSModule(SFTModule):
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"kind_weights[{k}] must be a finite number >= 0, got {v}")
         super().__init__(policy, loss_normalization="example", optim=optim, **kwargs)
-        self.scheme: ConditionScheme | FeedbackCondition = feedback if condition == "feedback" else rating
+        self.scheme: ConditionScheme | FeedbackCondition | NoCondition = (
+            feedback if condition == "feedback" else NoCondition() if condition == "none" else rating)
         #: how the good-feedback text was found (derive_good_feedback's info), once fitting started
         self.good_feedback_info: dict | None = {"given": True} if good_feedback is not None else None
         self.kind_weights = {k: weights.get(k, 0.0) for k in KINDS}
@@ -137,7 +149,16 @@ class DRESSModule(SFTModule):
             where = record_where(m)
             if kind not in KINDS:
                 raise RecordError(f"{where}: record kind {kind!r} is not one of {list(KINDS)} (make nlf writes them)")
-            if cond is None or cond != self._expected(m):
+            if isinstance(self.scheme, NoCondition):
+                if cond is not None:
+                    raise RecordError(f"{where}: condition {cond!r}, but condition: none trains without any "
+                                      "condition; the data were made with another condition scheme (the data "
+                                      "stage's condition.json says which; make them with --condition none)")
+            elif cond is None:
+                raise RecordError(f"{where}: no condition, but condition: {self.scheme.mode} needs one; the data "
+                                  "were made with another condition scheme (--condition none? the data stage's "
+                                  "condition.json says which)")
+            elif cond != self._expected(m):
                 want = (f"the {self.scheme.mode} scheme's {self.scheme.template!r} of the record's critique"
                         if isinstance(self.scheme, FeedbackCondition) else
                         f"one of this scheme's {sorted(self._texts)}")
@@ -183,6 +204,11 @@ class DRESSModule(SFTModule):
         return loss
 
     def export(self, out_dir: str) -> None:
+        if isinstance(self.scheme, NoCondition):
+            # no dress_condition.json: load_scheme then gives None and every reader (mmalign eval,
+            # the refinement benchmark) asks the model plainly, as it was trained
+            export_policy(self.policy, out_dir, self.export_args.merge_lora, what="dress")
+            return
         # the scheme goes with the model: evaluation asks it with the best condition
         config = self.scheme.to_dict()
         if isinstance(self.scheme, FeedbackCondition):
