@@ -22,6 +22,7 @@
 #|              +-> fgaif-oracle                (the oracle's labels as rewards: no reward model)
 #|              +-> fgaif-judge                 (the judge's verdicts as rewards, online: no reward model)
 #| DRESS        +-> feedback/$FB -> nlf -> dress  (nlf's revisions judged by the same source)
+#|              \-> feedback/$FB -> nlf-uncond -> dress-uncond   (the same records without conditions: ablation)
 #| evaluation   \-> eval/<run> for sft and every trained run (+ refine/<run>: sft, sft-continued, dress -> refine/compare)
 #|                  -> eval-mmrlhf, eval-realign, eval-fgaif, eval-dress (side by side) -> report
 
@@ -76,8 +77,9 @@ MODEL ?=
 ## the checkpoint folder SFT starts from when MODEL is set
 BASE ?=
 MODEL_DIR = configs/models/$(MODEL)
-# (ablations share their method's file: fgaif-seq, fgaif-oracle and fgaif-judge use fgaif.yaml, realign-text realign.yaml)
-OVERLAY_FILE = $(MODEL_DIR)/$(patsubst fgaif-%,fgaif,$(patsubst realign-text,realign,$(1))).yaml
+# (ablations share their method's file: fgaif-seq, fgaif-oracle and fgaif-judge use fgaif.yaml, realign-text realign.yaml,
+# dress-uncond dress.yaml)
+OVERLAY_FILE = $(MODEL_DIR)/$(patsubst dress-%,dress,$(patsubst fgaif-%,fgaif,$(patsubst realign-text,realign,$(1)))).yaml
 OVERLAY = $(if $(MODEL),--config $(MODEL_DIR)/common.yaml $(if $(wildcard $(OVERLAY_FILE)),--config $(OVERLAY_FILE)))
 # Every stage command runs through mmalign.timed: one line per run in $(OUT)/timings.jsonl (wall
 # time including interpreter start and imports), read by the report.
@@ -116,7 +118,7 @@ DRESS_SRC   := $(SFT_SRC) mmalign/methods/dress.py $(wildcard mmalign/losses/dre
 .PHONY: help install venv deps data vision tiny-model sft eval-sft eval eval-compare sample judge feedback prefs mmrlhf-import mmrlhf-import-pairs \
   rm rm-score ref-logps dpo mmdpo sft-continued eval-mmrlhf index realign-data realign realign-text eval-realign \
   sample-val feedback-val fg-rm fg-rm-eval fgaif fgaif-seq fgaif-oracle fgaif-judge eval-fgaif oracle-fed \
-  nlf dress-import dress eval-dress refine-compare sweep bench bench-dpo bench-index demo demo-full ablations report pipeline test test-slow clean
+  nlf dress-import dress eval-dress nlf-uncond dress-uncond eval-dress-uncond refine-compare sweep bench bench-dpo bench-index demo demo-full ablations report pipeline test test-slow clean
 
 # `make help`: the usage line, the stage graph (`#|` lines), every target with a `## ` comment on its
 # line under its section (`# --- ` lines), then every variable with a `## ` line above its `?=`, with
@@ -559,6 +561,22 @@ $(eval $(call fit_policy,dress,configs/dress/tiny.yaml,$(OUT)/nlf/manifest.json 
   --data.init_args.data_root $(OUT)/data --model.init_args.condition $(DRESS_CONDITION) \
   --model.init_args.condition_thresholds '[$(NLF_THRESHOLD)]'))
 
+# The unconditioned ablation of DRESS: the same records with no condition text (nlf --condition none,
+# the same seed, model and judge as nlf), fitted with the same loss and config (condition: none) and
+# exported without dress_condition.json, so evaluation asks it plainly. eval-dress-uncond's paired
+# difference of dress against it is what the condition adds (DRESS's claim).
+nlf-uncond: deps $(OUT)/nlf-uncond/manifest.json ## DRESS ablation: nlf's records without conditions -> runs/<RUN>/nlf-uncond
+$(OUT)/nlf-uncond/manifest.json: $(OUT)/feedback/$(NLF_SOURCE)/manifest.json $(OUT)/sft/model/config.json \
+    $(OUT)/data/manifest.json data_pipelines/nlf.py mmalign/conditions.py mmalign/nlf_records.py mmalign/oracle.py \
+    $(call JUDGE_DEP,$(NLF_SOURCE)) $(call VAR,NLF_SOURCE)
+	$(TIMED) $(PY) -m data_pipelines.nlf --feedback $(OUT)/feedback/$(NLF_SOURCE) --data $(OUT)/data $(call JUDGE_ARGS,$(NLF_SOURCE)) \
+	  --model $(OUT)/sft/model --out $(OUT)/nlf-uncond --revisions $(NLF_REVISIONS) --seed $(SEED) \
+	  --score-weights faithfulness=1,helpfulness=1 --thresholds $(NLF_THRESHOLD) --condition none
+dress-uncond: ## DRESS ablation: the same training without conditions (condition: none) -> runs/<RUN>/dress-uncond/model
+$(eval $(call fit_policy,dress-uncond,configs/dress/tiny.yaml,$(OUT)/nlf-uncond/manifest.json $(DRESS_SRC),\
+  --data.init_args.train_file $(OUT)/nlf-uncond/train/sft.jsonl --data.init_args.val_file $(OUT)/nlf-uncond/val/sft.jsonl \
+  --data.init_args.data_root $(OUT)/data --model.init_args.condition none))
+
 # Held-out evaluation (a DRESS model is asked with its best condition, read from its folder, before the
 # caption prompts: its feedback is written on captions), and the
 # refinement benchmark: answer, get the oracle's refinement, answer again (REFINE_OPTS, per scale
@@ -575,6 +593,13 @@ eval-dress: deps $(foreach r,$(DRESS_RUNS),$(OUT)/eval/$(r)/metrics.json $(OUT)/
 	$(EVAL_COMPARE) $(foreach r,$(DRESS_RUNS),$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-dress
 	$(REFINE) compare $(foreach r,$(DRESS_RUNS),$(OUT)/refine/$(r)) --names $(DRESS_RUNS) --out $(OUT)/refine/compare
 	@head -12 $(OUT)/eval/compare-dress/compare.md; cat $(OUT)/refine/compare/compare.md
+DRESS_UNCOND_RUNS = dress-uncond dress
+eval-dress-uncond: ## DRESS against its unconditioned ablation (the difference is the condition's), + refinement benchmark
+eval-dress-uncond: deps $(foreach r,$(DRESS_UNCOND_RUNS),$(OUT)/eval/$(r)/metrics.json $(OUT)/refine/$(r)/manifest.json)
+	$(EVAL_COMPARE) $(foreach r,$(DRESS_UNCOND_RUNS),$(OUT)/eval/$(r)) --out $(OUT)/eval/compare-dress-uncond
+	$(REFINE) compare $(foreach r,$(DRESS_UNCOND_RUNS),$(OUT)/refine/$(r)) --names $(DRESS_UNCOND_RUNS) \
+	  --out $(OUT)/refine/compare-dress-uncond
+	@head -12 $(OUT)/eval/compare-dress-uncond/compare.md; cat $(OUT)/refine/compare-dress-uncond/compare.md
 
 # --- tuning on the validation scenes ---------------------------------------------------------------
 
@@ -621,14 +646,14 @@ bench-dpo: deps $(OUT)/sft/model/config.json $(OUT)/sample/manifest.json
 CORE_RUNS = sft sft-continued mmdpo realign fgaif dress
 # Ablations and controls (`make ablations`): plain DPO, text-only rDPO, sequence-reward PPO,
 # oracle-reward PPO. The report adds whichever of them have been evaluated.
-ABLATION_RUNS = dpo realign-text fgaif-seq fgaif-oracle
+ABLATION_RUNS = dpo realign-text fgaif-seq fgaif-oracle dress-uncond
 REFINE_RUNS = sft sft-continued dress
 STAGES = data $(if $(MODEL),,vision tiny-model) sft judge sample feedback prefs index rm rm-score ref-logps \
   sft-continued mmdpo realign-data realign sample-val feedback-val fg-rm fg-rm-eval fgaif nlf dress
 demo: $(STAGES) report ## every stage of the core pipeline, then the report (SCALE=quick ~28 min on 2 cores; full ~1 h)
 	@echo "demo done ($(SCALE) scale): $(OUT)/report.md (report-metrics.png, report-training.png beside it)"
 
-ablations: ## plain DPO, text-only rDPO, sequence-reward PPO, oracle-reward PPO (+ evaluations, report)
+ablations: ## plain DPO, text-only rDPO, sequence-reward PPO, oracle-reward PPO, unconditioned DRESS (+ evaluations, report)
 ablations: deps $(foreach r,$(ABLATION_RUNS),$(OUT)/eval/$(r)/metrics.json)
 	@# a fresh make sees the new evaluations and adds them to the report
 	@$(MAKE) --no-print-directory report

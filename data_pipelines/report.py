@@ -1,7 +1,7 @@
 """The demo's one report: ``runs/<RUN>/report.md`` with report-metrics.png and report-training.png.
 
     python -m data_pipelines.report --run runs/demo --runs sft sft-continued mmdpo realign fgaif dress \\
-        --ablations dpo realign-text fgaif-seq fgaif-oracle --refine sft sft-continued dress
+        --ablations dpo realign-text fgaif-seq fgaif-oracle dress-uncond --refine sft sft-continued dress
 
 What it reads (all written by earlier stages; nothing is recomputed from the models):
 
@@ -40,7 +40,8 @@ STAGE = "report"
 #: Display names of the runs the Makefile produces.
 NAMES = {"sft": "SFT", "sft-continued": "SFT-continued", "mmdpo": "MM-DPO (MM-RLHF)", "realign": "rDPO (Re-Align)",
          "fgaif": "FGAIF-PPO", "dress": "DRESS", "dpo": "DPO (ablation)", "realign-text": "text-only DPO (ablation)",
-         "fgaif-seq": "PPO sequence reward (ablation)", "fgaif-oracle": "PPO oracle rewards (control)"}
+         "fgaif-seq": "PPO sequence reward (ablation)", "fgaif-oracle": "PPO oracle rewards (control)",
+         "dress-uncond": "DRESS unconditioned (ablation)"}
 
 #: The table's columns: (section, metric, header). POPE is the existence split of the yes/no
 #: benchmark; "helpfulness" here is object coverage (share of the scene's objects the caption

@@ -30,7 +30,7 @@ def test_make_demo_end_to_end():
     table = report.split("## Every method vs SFT and SFT-continued", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| **")]
     for name in ("SFT", "SFT-continued", "MM-DPO", "rDPO", "FGAIF-PPO", "DRESS", "DPO (ablation)",
-                 "text-only DPO", "PPO sequence reward", "PPO oracle rewards"):
+                 "text-only DPO", "PPO sequence reward", "PPO oracle rewards", "DRESS unconditioned"):
         assert any(name in r for r in rows), name
     assert all(r.count("Δ SFT") == 8 for r in rows[1:]) and all(r.count("Δ cont.") == 8 for r in rows[2:])
     for section in ("## Refinement benchmark", "## Reward models", "## Training curves", "## Wall time per stage"):
@@ -104,6 +104,9 @@ def test_make_demo_end_to_end():
     # oracle's top-rated critiques, its verdict for an answer without a false claim
     assert nlf["condition"]["mode"] == "feedback"
     assert dress["settings"]["condition"] == "Feedback: There is no hallucination in the answer."
+    # the unconditioned ablation: the same records without condition text, asked plainly
+    assert json.loads((out / "nlf-uncond/report.json").read_text())["condition"]["mode"] == "none"
+    assert not json.loads((out / "eval/dress-uncond/metrics.json").read_text())["settings"].get("condition")
     refine = json.loads((out / "refine/dress/metrics.json").read_text())
     assert len(refine["turns"]) == 3 and refine["scenes"] == 50
     # Unchanged inputs: a second `make demo` redoes nothing.
