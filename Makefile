@@ -22,7 +22,7 @@
 #|              +-> fgaif-oracle                (the oracle's labels as rewards: no reward model)
 #|              +-> fgaif-judge                 (the judge's verdicts as rewards, online: no reward model)
 #| DRESS        +-> feedback/$FB -> nlf -> dress  (nlf's revisions judged by the same source)
-#|              \-> feedback/$FB -> nlf-uncond -> dress-uncond   (the same records without conditions: ablation)
+#|              +-> feedback/$FB -> nlf-uncond -> dress-uncond   (the same records without conditions: ablation)
 #| evaluation   \-> eval/<run> for sft and every trained run (+ refine/<run>: sft, sft-continued, dress -> refine/compare)
 #|                  -> eval-mmrlhf, eval-realign, eval-fgaif, eval-dress (side by side) -> report
 
