@@ -30,8 +30,9 @@ SHELL := /bin/bash
 # SCALE=quick (default): `make demo` in ~28 minutes on 2 CPU cores at ~140 GFLOP/s (shorter reward-model
 # and alignment trainings, 150 sampled prompts, 100 held-out scenes; vision, SFT and judge keep their
 # steps: 10 of those minutes are vision + SFT, 4 the judge). SCALE=full: the configs' own step
-# counts, 500 prompts, all 500 held-out scenes (about an hour; the result tables of docs/RESULTS.md),
-# in runs/demo-full. Any variable below can still be set on the command line.
+# counts (each method's val-chosen point), 500 prompts, all 500 held-out scenes (with the ablations
+# 45 min at 190 GFLOP/s; the result table of docs/RESULTS.md), in runs/demo-full. Any variable below
+# can still be set on the command line.
 ## quick (the demo: short reward-model and alignment trainings) or full (the configs' own step counts)
 SCALE ?= quick
 # Per-scale defaults: one block per SCALE, each read by the one `?=` line of its variable below (a
