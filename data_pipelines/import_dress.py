@@ -99,8 +99,10 @@ from typing import Any
 
 from mmalign.conditions import ConditionScheme, FeedbackCondition, NoCondition
 from mmalign.nlf_records import (
+    NO_CONDITION_LINE,
     add_feedback_arguments,
     add_scheme_arguments,
+    condition_from,
     critique_record,
     refinement_record,
     resolve_good_feedback,
@@ -379,8 +381,7 @@ def report_md(rep: dict, scheme: ConditionScheme) -> str:
                        f"turn(s) without a critique made no record. Inference asks with the good feedback "
                        f"{cond['good_feedback']!r} ({how}). Rating levels below are for the report only.")]
     elif cond.get("mode") == "none":
-        lines += ["", ("Condition: none (--condition none, the unconditioned ablation): no condition text in any "
-                       "message. Rating levels below are for the report only.")]
+        lines += ["", NO_CONDITION_LINE]
     lines += ["", *summary_md(rep, scheme), ""]
     keys = ", ".join(f"{k!r}: {v}" for k, v in rep["critique_keys"].items()) or "none"
     lines += [f"Critique key spellings: {keys}; turns without a critique: {rep['turns_without_critique']}.",
@@ -527,8 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         scheme = scheme_from(args.thresholds, args.names, args.template)
-        feedback = (FeedbackCondition(args.feedback_template, args.good_feedback) if args.condition == "feedback"
-                    else NoCondition() if args.condition == "none" else None)
+        feedback = condition_from(args)
     except ValueError as e:
         ap.error(str(e))
     try:

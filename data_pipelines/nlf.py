@@ -129,7 +129,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmalign.conditions import ConditionScheme, FeedbackCondition, NoCondition
+from mmalign.conditions import ConditionScheme, FeedbackCondition
 from mmalign.feedback import HALLUCINATION_TYPES, check_feedback
 from mmalign.feedback_io import (
     Prompt,
@@ -142,8 +142,10 @@ from mmalign.feedback_io import (
 )
 from mmalign.nlf_records import (
     KINDS,
+    NO_CONDITION_LINE,
     add_feedback_arguments,
     add_scheme_arguments,
+    condition_from,
     critique_record,
     refinement_record,
     resolve_good_feedback,
@@ -277,8 +279,7 @@ def report_md(rep: dict, scheme: ConditionScheme) -> str:
         cond_line = (f"Condition: the critique text ({cond['template']!r}); inference asks with the good feedback "
                      f"{cond['good_feedback']!r} ({how}). Rating levels below are for the report only.")
     elif cond.get("mode") == "none":
-        cond_line = ("Condition: none (--condition none, the unconditioned ablation): no condition text in any "
-                     "message. Rating levels below are for the report only.")
+        cond_line = NO_CONDITION_LINE
     else:
         cond_line = f"Condition: the rating level ({scheme.template!r})."
     lines = ["# DRESS natural-language-feedback data", "",
@@ -334,8 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         weights = parse_weights(args.score_weights)
         scheme = scheme_from(args.thresholds, args.names, args.template)
         # fcond: the feedback condition, NoCondition for none, None for rating (the rating scheme)
-        fcond = (FeedbackCondition(args.feedback_template, args.good_feedback) if args.condition == "feedback"
-                 else NoCondition() if args.condition == "none" else None)
+        fcond = condition_from(args)
     except ValueError as e:
         ap.error(str(e).replace("--weights", "--score-weights"))
     if args.revisions < 0 or args.limit < 0 or args.batch_size < 1 or args.max_new_tokens < 1:

@@ -82,6 +82,20 @@ def add_feedback_arguments(ap: argparse.ArgumentParser) -> None:
                          "train split's top-rated critiques, mmalign.conditions.derive_good_feedback)")
 
 
+def condition_from(args: argparse.Namespace) -> FeedbackCondition | NoCondition | None:
+    """The condition :func:`add_feedback_arguments`' options name: a :class:`FeedbackCondition`
+    (``--condition feedback``), :class:`NoCondition` (``none``), or None for ``rating`` (the rating
+    scheme of :func:`scheme_from`). A bad template is a ValueError."""
+    if args.condition == "feedback":
+        return FeedbackCondition(args.feedback_template, args.good_feedback)
+    return NoCondition() if args.condition == "none" else None
+
+
+#: the reports' line for records made with ``--condition none`` (both stages write it)
+NO_CONDITION_LINE = ("Condition: none (--condition none, the unconditioned ablation): no condition text in any "
+                     "message. Rating levels below are for the report only.")
+
+
 def resolve_good_feedback(cond: FeedbackCondition, splits: dict[str, list[dict]]
                           ) -> tuple[FeedbackCondition, dict[str, Any]]:
     """``cond`` with its good-feedback text, and how it was found (for the stage's report).
