@@ -538,13 +538,18 @@ NLF_REVISIONS ?= 1
 NLF_THRESHOLD ?= 0.6
 ## DRESS condition: feedback (the critique text, the paper's reading) or rating (its rating level)
 DRESS_CONDITION ?= feedback
-nlf: deps $(OUT)/nlf/manifest.json ## DRESS: critique examples + refinement episodes with conditions -> runs/<RUN>/nlf
-$(OUT)/nlf/manifest.json: $(OUT)/feedback/$(NLF_SOURCE)/manifest.json $(OUT)/sft/model/config.json \
+# The nlf stage into $(OUT)/$(1) with --condition $(2); $(3): its other prerequisites (the stamp of
+# the variable that sets $(2)). nlf and its unconditioned ablation nlf-uncond are this one rule.
+define nlf_stage
+$(OUT)/$(1)/manifest.json: $(OUT)/feedback/$(NLF_SOURCE)/manifest.json $(OUT)/sft/model/config.json \
     $(OUT)/data/manifest.json data_pipelines/nlf.py mmalign/conditions.py mmalign/nlf_records.py mmalign/oracle.py \
-    $(call JUDGE_DEP,$(NLF_SOURCE)) $(call VAR,NLF_SOURCE) $(call VAR,DRESS_CONDITION)
-	$(TIMED) $(PY) -m data_pipelines.nlf --feedback $(OUT)/feedback/$(NLF_SOURCE) --data $(OUT)/data $(call JUDGE_ARGS,$(NLF_SOURCE)) \
-	  --model $(OUT)/sft/model --out $(OUT)/nlf --revisions $(NLF_REVISIONS) --seed $(SEED) \
-	  --score-weights faithfulness=1,helpfulness=1 --thresholds $(NLF_THRESHOLD) --condition $(DRESS_CONDITION)
+    $(call JUDGE_DEP,$(NLF_SOURCE)) $(call VAR,NLF_SOURCE) $(3)
+	$$(TIMED) $$(PY) -m data_pipelines.nlf --feedback $$(OUT)/feedback/$$(NLF_SOURCE) --data $$(OUT)/data $$(call JUDGE_ARGS,$$(NLF_SOURCE)) \
+	  --model $$(OUT)/sft/model --out $$(OUT)/$(1) --revisions $$(NLF_REVISIONS) --seed $$(SEED) \
+	  --score-weights faithfulness=1,helpfulness=1 --thresholds $$(NLF_THRESHOLD) --condition $(2)
+endef
+nlf: deps $(OUT)/nlf/manifest.json ## DRESS: critique examples + refinement episodes with conditions -> runs/<RUN>/nlf
+$(eval $(call nlf_stage,nlf,$$(DRESS_CONDITION),$(call VAR,DRESS_CONDITION)))
 
 # DRESS's released NLF data (unzipped YangyiYY/LVLM_NLF) + COCO train2017 images.
 ## dress-import: the unzipped LVLM_NLF folder
@@ -567,12 +572,7 @@ $(eval $(call fit_policy,dress,configs/dress/tiny.yaml,$(OUT)/nlf/manifest.json 
 # exported without dress_condition.json, so evaluation asks it plainly. eval-dress-uncond's paired
 # difference of dress against it is what the condition adds (DRESS's claim).
 nlf-uncond: deps $(OUT)/nlf-uncond/manifest.json ## DRESS ablation: nlf's records without conditions -> runs/<RUN>/nlf-uncond
-$(OUT)/nlf-uncond/manifest.json: $(OUT)/feedback/$(NLF_SOURCE)/manifest.json $(OUT)/sft/model/config.json \
-    $(OUT)/data/manifest.json data_pipelines/nlf.py mmalign/conditions.py mmalign/nlf_records.py mmalign/oracle.py \
-    $(call JUDGE_DEP,$(NLF_SOURCE)) $(call VAR,NLF_SOURCE)
-	$(TIMED) $(PY) -m data_pipelines.nlf --feedback $(OUT)/feedback/$(NLF_SOURCE) --data $(OUT)/data $(call JUDGE_ARGS,$(NLF_SOURCE)) \
-	  --model $(OUT)/sft/model --out $(OUT)/nlf-uncond --revisions $(NLF_REVISIONS) --seed $(SEED) \
-	  --score-weights faithfulness=1,helpfulness=1 --thresholds $(NLF_THRESHOLD) --condition none
+$(eval $(call nlf_stage,nlf-uncond,none,))
 dress-uncond: ## DRESS ablation: the same training without conditions (condition: none) -> runs/<RUN>/dress-uncond/model
 $(eval $(call fit_policy,dress-uncond,configs/dress/tiny.yaml,$(OUT)/nlf-uncond/manifest.json $(DRESS_SRC),\
   --data.init_args.train_file $(OUT)/nlf-uncond/train/sft.jsonl --data.init_args.val_file $(OUT)/nlf-uncond/val/sft.jsonl \
